@@ -1,0 +1,131 @@
+"""Frozen configuration built once at the edge (CLI or caller) and passed into constructors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_TAGS = {"ViT-B-32": "laion2b_s34b_b79k"}
+HF_HUB = "hf-hub:"
+LOCAL_DIR = "local-dir:"
+DEFAULT_INDEX = "default"
+
+
+def index_root(explicit: str | os.PathLike | None = None) -> Path:
+    """--index-dir, else $MMSEARCH_HOME, else ./indexes."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("MMSEARCH_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path("indexes")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which open_clip model: a built-in name with a weights tag, an hf-hub id or a local directory.
+
+    `str(spec)` is the canonical form stored in manifests: `NAME:TAG`, `hf-hub:org/repo` or
+    `local-dir:/absolute/path`.
+    """
+
+    name: str
+    pretrained: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        text = text.strip()
+        if not text:
+            raise UsageError("empty model spec")
+        if text.startswith(HF_HUB):
+            if not text[len(HF_HUB) :]:
+                raise UsageError("model spec 'hf-hub:' needs a repository id, e.g. hf-hub:org/repo")
+            return cls(text)
+        if text.startswith(LOCAL_DIR):
+            return cls._local(text[len(LOCAL_DIR) :])
+        expanded = Path(text).expanduser()
+        looks_like_path = text.startswith((".", "/", "~")) or os.sep in text
+        if expanded.is_dir() or looks_like_path:
+            return cls._local(text)
+        name, sep, tag = text.partition(":")
+        if sep and not tag:
+            raise UsageError(f"model spec {text!r} has an empty weights tag")
+        return cls(name, tag or DEFAULT_TAGS.get(name))
+
+    @classmethod
+    def _local(cls, path: str) -> ModelSpec:
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise UsageError(f"model directory not found: {path}")
+        if not (p / "open_clip_config.json").is_file():
+            raise UsageError(f"{path} is not a model directory (no open_clip_config.json in it)")
+        return cls(LOCAL_DIR + str(p.resolve()))
+
+    @property
+    def is_local(self) -> bool:
+        return self.name.startswith(LOCAL_DIR)
+
+    @property
+    def local_path(self) -> Path | None:
+        return Path(self.name[len(LOCAL_DIR) :]) if self.is_local else None
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.pretrained}" if self.pretrained else self.name
+
+
+@dataclass(frozen=True)
+class ImagePrep:
+    """How an image becomes the model's input; mirrors open_clip's PreprocessCfg (eval mode)."""
+
+    size: tuple[int, int] = (224, 224)  # (height, width)
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+    draft: bool = True  # let JPEG decoding downscale in the DCT domain, to >= 2x the target size
+
+    def to_dict(self) -> dict:
+        return {
+            "size": list(self.size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+            "fill_color": self.fill_color,
+        }
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    model: ModelSpec | None = None  # None: the index's own model (or the default for a new index)
+    device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
+    audio_model: str | None = None
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    roots: tuple[Path, ...]
+    name: str = DEFAULT_INDEX
+    root_dir: Path = field(default_factory=index_root)
+    encoder: EncoderOptions = field(default_factory=EncoderOptions)
+    batch_size: int = 32
+    workers: int | None = None  # None: picked from the core count
+    hidden: bool = False
+    follow_links: bool = False
+    rebuild: bool = False
+    commit_every: int = 256  # files per committed chunk
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    name: str = DEFAULT_INDEX
+    root_dir: Path = field(default_factory=index_root)
+    k: int = 10
+    modality: str = "any"  # image | text | audio | any
+    device: str = "auto"

@@ -1,0 +1,74 @@
+"""The encoder interface: towers that embed one modality each, joined into one vector space."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import UnsupportedModalityError
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class Tower(ABC):
+    """Embeds batches of one modality. Subclasses implement `embed_batch`; batching,
+    float32 conversion and L2 normalisation are inherited."""
+
+    batch_size: int = 32
+
+    @abstractmethod
+    def embed_batch(self, batch: Sequence[Any]) -> np.ndarray:
+        """(len(batch), dim) array of unnormalised embeddings."""
+
+    def embed(self, items: Sequence[Any], batch_size: int | None = None) -> np.ndarray:
+        n = batch_size or self.batch_size
+        parts = [self.embed_batch(items[i : i + n]) for i in range(0, len(items), n)]
+        if not parts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return l2_normalize(np.concatenate(parts))
+
+    dim: int = 0
+
+
+@dataclass
+class Encoder:
+    """One vector space: a text tower plus optional image and audio towers mapped into it.
+
+    `identity` is what an index's manifest records; two encoders with equal `identity["key"]`
+    produce the same vectors.
+    """
+
+    identity: dict
+    dim: int
+    text: Tower | None = None
+    image: Tower | None = None
+    audio: Tower | None = None
+    extras: dict = field(default_factory=dict)  # e.g. the image preprocessing config
+
+    def _tower(self, modality: str) -> Tower:
+        tower = getattr(self, modality)
+        if tower is None:
+            raise UnsupportedModalityError(
+                f"model {self.identity.get('spec', '?')} cannot embed {modality}"
+            )
+        return tower
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) float32, L2-normalised."""
+        return self._tower("text").embed(list(texts))
+
+    def encode_image(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Images as uint8 (H, W, 3) arrays already resized to the model's input size."""
+        return self._tower("image").embed(list(images))
+
+    def encode_audio(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        """Mono float32 waveforms at the audio tower's sample rate, one window each."""
+        return self._tower("audio").embed(list(windows))

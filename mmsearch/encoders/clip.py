@@ -1,0 +1,238 @@
+"""open_clip image and text towers (torch). Imported only where torch is needed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..config import EncoderOptions, ImagePrep, ModelSpec
+from ..errors import ModelError
+from .base import Encoder, Tower
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ModelError("--device cuda was asked for, but torch sees no CUDA device")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise ModelError("--device mps was asked for, but torch sees no MPS device")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(device: str, precision: str):
+    import torch
+
+    if precision == "auto":
+        if device == "cuda":
+            precision = "fp16"
+        elif device == "cpu" and cpu_has_native_bf16():
+            precision = "bf16"
+        else:
+            precision = "fp32"
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def checkpoint_path(spec: ModelSpec) -> Path | None:
+    """The weights file open_clip will load for this spec (downloading it if needed)."""
+    from open_clip import factory, pretrained
+
+    if spec.is_local:
+        found = factory._find_checkpoint_in_dir(spec.local_path)
+        return Path(found) if found else None
+    if spec.name.startswith("hf-hub:"):
+        return Path(pretrained.download_pretrained_from_hf(spec.name[len("hf-hub:") :]))
+    if spec.pretrained is None:
+        tags = pretrained.list_pretrained_tags_by_model(spec.name)
+        raise ModelError(
+            f"model {spec.name} needs a weights tag (NAME:TAG); known tags: {', '.join(tags) or 'none'}"
+        )
+    cfg = pretrained.get_pretrained_cfg(spec.name, spec.pretrained)
+    if cfg:
+        return Path(pretrained.download_pretrained(cfg))
+    if Path(spec.pretrained).is_file():
+        return Path(spec.pretrained)
+    tags = pretrained.list_pretrained_tags_by_model(spec.name)
+    raise ModelError(
+        f"unknown weights tag {spec.pretrained!r} for {spec.name}; known tags: {', '.join(tags) or 'none'}"
+    )
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _prep_from(cfg: dict) -> ImagePrep:
+    size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"],) * 2
+    return ImagePrep(
+        size=(int(size[0]), int(size[1])),
+        mean=tuple(float(x) for x in cfg["mean"]),
+        std=tuple(float(x) for x in cfg["std"]),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        resize_mode=cfg.get("resize_mode", "shortest"),
+        fill_color=int(cfg.get("fill_color", 0)),
+    )
+
+
+class ClipTextTower(Tower):
+    def __init__(self, model, tokenizer, device: str, dtype):
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        self.context_length = int(getattr(model, "context_length", 77) or 77)
+        # open_clip pads every text to the context length. With a causal mask and argmax pooling
+        # the padding cannot influence the pooled token, so the batch is cut to its longest text.
+        self.trim = (
+            getattr(model, "text_pool_type", None) == "argmax"
+            and getattr(model, "attn_mask", None) is not None
+            and hasattr(model, "positional_embedding")
+        )
+
+    def embed_batch(self, batch: Sequence[str]) -> np.ndarray:
+        import torch
+
+        tokens = self.tokenizer(list(batch)).to(self.device)
+        with torch.inference_mode():
+            if self.trim:
+                x = self._encode_trimmed(tokens)
+            else:
+                x = self.model.encode_text(tokens)
+        return x.float().cpu().numpy()
+
+    def _encode_trimmed(self, tokens):
+        import torch
+
+        m = self.model
+        length = int((tokens != 0).sum(dim=1).max())
+        tokens = tokens[:, :length]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:length].to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        if isinstance(m.text_projection, torch.nn.Linear):
+            return m.text_projection(x)
+        return x @ m.text_projection if m.text_projection is not None else x
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the text occupies, without start/end tokens."""
+        tok = self.tokenizer
+        if hasattr(tok, "encode"):
+            return len(tok.encode(text))
+        return int((tok([text]) != 0).sum()) - 2
+
+
+class ClipImageTower(Tower):
+    def __init__(self, model, prep: ImagePrep, device: str, dtype):
+        import torch
+
+        self.model, self.prep, self.device, self.dtype = model, prep, device, dtype
+        self.mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1) * 255
+
+    def embed_batch(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.stack(batch)).to(self.device).permute(0, 3, 1, 2).float()
+        x = ((x - self.mean) / self.std).to(self.dtype)
+        with torch.inference_mode():
+            y = self.model.encode_image(x)
+        return y.float().cpu().numpy()
+
+
+def load_clip(spec: ModelSpec, options: EncoderOptions = EncoderOptions()) -> Encoder:
+    """Build the open_clip towers for `spec`; weights load from safetensors (no pickle)."""
+    import open_clip
+    import torch
+
+    device = pick_device(options.device)
+    dtype = pick_dtype(device, options.precision)
+    try:
+        ckpt = checkpoint_path(spec)
+        model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(spec.name)
+    except ModelError:
+        raise
+    except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError for unreachable models
+        raise ModelError(f"could not load model {spec}: {e}") from e
+    model.eval()
+    if dtype != torch.float32:
+        model.to(dtype)
+    prep = _prep_from(model.visual.preprocess_cfg)
+    model_cfg = _model_cfg(spec)
+    dim = int(model.text_projection.shape[1]) if _is_param(model, "text_projection") else None
+    text = ClipTextTower(model, tokenizer, device, dtype)
+    image = ClipImageTower(model, prep, device, dtype)
+    if dim is None:
+        dim = int(text.embed_batch(["a"]).shape[1])
+    text.dim = image.dim = dim
+    identity = {
+        "spec": str(spec),
+        "arch": hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:16],
+        "weights": file_digest(ckpt)[:16] if ckpt else "random-init",
+        "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
+        "preprocess": prep.to_dict(),
+        "context_length": text.context_length,
+        "dim": dim,
+    }
+    identity["key"] = f"{identity['arch']}-{identity['weights']}"
+    return Encoder(
+        identity=identity,
+        dim=dim,
+        text=text,
+        image=image,
+        extras={"model": model, "tokenizer": tokenizer, "prep": prep, "device": device},
+    )
+
+
+def _is_param(model, name: str) -> bool:
+    import torch
+
+    p = getattr(model, name, None)
+    return isinstance(p, torch.Tensor) and p.ndim == 2
+
+
+def _model_cfg(spec: ModelSpec) -> dict:
+    from open_clip import factory
+
+    if spec.is_local:
+        return json.loads((spec.local_path / "open_clip_config.json").read_text())["model_cfg"]
+    if spec.name.startswith("hf-hub:"):
+        return factory._get_hf_config(spec.name[len("hf-hub:") :])["model_cfg"]
+    return factory.get_model_config(spec.name) or {}
+
+
+def save_model_dir(model, model_cfg: dict, out: Path, preprocess_cfg: dict | None = None) -> Path:
+    """Write `model` in open_clip's local-dir layout: open_clip_config.json + safetensors weights.
+
+    The result loads with `open_clip.create_model("local-dir:OUT")` and with `--model OUT`.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    return out

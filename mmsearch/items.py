@@ -1,0 +1,93 @@
+"""Plain records passed between stages: what was found on disk, what a search returns."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+IMAGE = "image"
+TEXT = "text"
+AUDIO = "audio"
+MODALITIES = (IMAGE, TEXT, AUDIO)
+
+
+def show_path(path: bytes) -> str:
+    """A stored path as text; bytes that are not valid UTF-8 become surrogate escapes."""
+    return os.fsdecode(path)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file found on disk under one of the roots being indexed."""
+
+    path: bytes  # absolute, os.fsencode'd: names that are not UTF-8 survive exactly
+    modality: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One embedded unit of a file: the whole file, or a line range / time range of it."""
+
+    start: float | None = None
+    end: float | None = None
+    text: str | None = None  # the text of a note chunk (what gets embedded)
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    path: bytes
+    modality: str
+    start: float | None = None
+    end: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {
+            "rank": self.rank,
+            "score": round(float(self.score), 6),
+            "path": show_path(self.path),
+            "modality": self.modality,
+        }
+        if self.start is not None:
+            d["start"] = _number(self.start)
+            d["end"] = _number(self.end)
+        return d
+
+
+def _number(x: float | None):
+    if x is None:
+        return None
+    return int(x) if float(x).is_integer() else round(float(x), 3)
+
+
+@dataclass
+class IndexReport:
+    """What an `index` run did; the CLI prints it, scripts read its --json form."""
+
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    moved: int = 0
+    unchanged: int = 0
+    failed: int = 0  # files currently failing in the index
+    failed_now: int = 0  # failures recorded by this run
+    files: int = 0  # files now in the index
+    vectors: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) from this run
+
+    def to_dict(self) -> dict:
+        return {
+            "added": self.added,
+            "updated": self.updated,
+            "removed": self.removed,
+            "moved": self.moved,
+            "unchanged": self.unchanged,
+            "failed": self.failed,
+            "files": self.files,
+            "vectors": self.vectors,
+            "seconds": round(self.seconds, 3),
+        }
