@@ -1,0 +1,122 @@
+"""Decode an image file into the model's input: uint8 (H, W, 3), resized and cropped like open_clip.
+
+Runs in worker processes, so it imports only PIL and numpy.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..config import ImagePrep
+from ..errors import LoadError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+# Refuse images whose header claims more pixels than this before decoding any of them.
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 178_956_970
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def load_image(path, prep: ImagePrep) -> np.ndarray:
+    """Open, orient, convert to RGB and resize `path`; raises LoadError with a reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise LoadError(f"image too large: {w}x{h} pixels (limit {MAX_PIXELS})")
+                if w == 0 or h == 0:
+                    raise LoadError("image has zero width or height")
+                if prep.draft and img.format == "JPEG":
+                    # DCT-domain downscaling; keep >= 2x the target so the bicubic pass that
+                    # follows stays within the fidelity bound of the reference preprocessing.
+                    img.draft("RGB", (2 * prep.size[1], 2 * prep.size[0]))
+                img.seek(0)  # first frame of animations
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                rgb = to_rgb(img)
+    except LoadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise LoadError(f"image too large: {e}") from None
+    except Image.DecompressionBombWarning as e:
+        raise LoadError(f"image too large: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise LoadError("not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise LoadError(f"cannot decode image: {e}") from None
+    return resize_crop(rgb, prep)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with alpha composited onto white, 16/32-bit scaled (not clipped) to 8-bit, CMYK converted."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            a = a / 257.0
+        elif mode == "I":
+            a = a / 257.0 if a.max(initial=0) > 255 else a
+        else:  # float images: assume 0..1 when they fit, else scale by the maximum
+            top = a.max(initial=0)
+            a = a * 255.0 if top <= 1.0 else a * (255.0 / top)
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode in ("L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "CMYK":
+        return img.convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, prep: ImagePrep) -> np.ndarray:
+    """open_clip's eval transform (resize_mode shortest/longest/squash, then centre crop or pad)."""
+    th, tw = prep.size
+    w, h = img.size
+    resample = _RESAMPLE.get(prep.interpolation, Image.Resampling.BICUBIC)
+    if prep.resize_mode == "squash":
+        return np.asarray(img.resize((tw, th), resample), dtype=np.uint8)
+    if prep.resize_mode == "longest":
+        ratio = max(h / th, w / tw)
+        nh, nw = round(h / ratio), round(w / ratio)
+    elif th == tw:
+        # torchvision Resize(int): shortest side to size, long side truncated like torchvision
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(th * long / short)
+        nw, nh = (th, new_long) if w <= h else (new_long, th)
+    else:
+        ratio = min(h / th, w / tw)
+        nh, nw = round(h / ratio), round(w / ratio)
+    if (nw, nh) != (w, h):
+        img = img.resize((max(nw, 1), max(nh, 1)), resample)
+    return _center_crop_or_pad(np.asarray(img, dtype=np.uint8), th, tw, prep.fill_color)
+
+
+def _center_crop_or_pad(a: np.ndarray, th: int, tw: int, fill: int) -> np.ndarray:
+    h, w = a.shape[:2]
+    if h < th or w < tw:
+        out = np.full((max(h, th), max(w, tw), 3), fill, dtype=np.uint8)
+        top, left = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+        out[top : top + h, left : left + w] = a
+        a, h, w = out, out.shape[0], out.shape[1]
+    top = int(round((h - th) / 2.0))
+    left = int(round((w - tw) / 2.0))
+    return np.ascontiguousarray(a[top : top + th, left : left + tw])
