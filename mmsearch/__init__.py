@@ -1,0 +1,43 @@
+"""mmsearch: search photos, recordings and notes across modalities in one CLIP space.
+
+Library use::
+
+    from mmsearch import IndexOptions, SearchOptions, index_paths, search
+    index_paths(IndexOptions(roots=(Path("~/Pictures").expanduser(),)))
+    for hit in search("a dog on a beach", SearchOptions(k=5)):
+        print(hit.score, hit.path)
+"""
+
+from __future__ import annotations
+
+from .config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions
+from .errors import MMSearchError
+from .items import Hit, IndexReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EncoderOptions",
+    "Hit",
+    "IndexOptions",
+    "IndexReport",
+    "MMSearchError",
+    "ModelSpec",
+    "SearchOptions",
+    "index_paths",
+    "search",
+    "Searcher",
+]
+
+
+def __getattr__(name: str):
+    # Lazy: importing mmsearch must stay cheap (the CLI's cold search depends on it).
+    if name == "index_paths":
+        from .indexer import index_paths
+
+        return index_paths
+    if name in ("search", "Searcher"):
+        from . import search as _search
+
+        return getattr(_search, name)
+    raise AttributeError(name)

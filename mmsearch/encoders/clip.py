@@ -160,11 +160,12 @@ class ClipImageTower(Tower):
         return y.float().cpu().numpy()
 
 
-def load_clip(spec: ModelSpec, options: EncoderOptions = EncoderOptions()) -> Encoder:
+def load_clip(spec: ModelSpec, options: EncoderOptions | None = None) -> Encoder:
     """Build the open_clip towers for `spec`; weights load from safetensors (no pickle)."""
     import open_clip
     import torch
 
+    options = options or EncoderOptions()
     device = pick_device(options.device)
     dtype = pick_dtype(device, options.precision)
     try:
@@ -173,7 +174,9 @@ def load_clip(spec: ModelSpec, options: EncoderOptions = EncoderOptions()) -> En
         tokenizer = open_clip.get_tokenizer(spec.name)
     except ModelError:
         raise
-    except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError for unreachable models
+    except (
+        Exception
+    ) as e:  # open_clip raises RuntimeError/ValueError/OSError for unreachable models
         raise ModelError(f"could not load model {spec}: {e}") from e
     model.eval()
     if dtype != torch.float32:

@@ -13,9 +13,6 @@ from PIL import Image, ImageOps
 from ..config import ImagePrep
 from ..errors import LoadError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-)
 # Refuse images whose header claims more pixels than this before decoding any of them.
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 178_956_970
 
@@ -78,7 +75,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
             a = a * 255.0 if top <= 1.0 else a * (255.0 / top)
         a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode in ("L", "RGB") and "transparency" in img.info):
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        mode in ("L", "RGB") and "transparency" in img.info
+    ):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

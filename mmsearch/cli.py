@@ -1,0 +1,369 @@
+"""The command line: parses arguments, calls the library, renders results. Nothing else.
+
+Heavy modules (torch, open_clip) are imported only by the commands that need them, so a text
+search starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .config import (
+    DEFAULT_INDEX,
+    EncoderOptions,
+    IndexOptions,
+    ModelSpec,
+    SearchOptions,
+    index_root,
+)
+from .errors import MMSearchError
+
+app = typer.Typer(
+    name="mmsearch",
+    help="Search your photos, recordings and notes by text, image or sound.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+IndexName = Annotated[str, typer.Option("--index", "-i", help="Index name.")]
+IndexDir = Annotated[
+    Path | None,
+    typer.Option("--index-dir", help="Index root (default: $MMSEARCH_HOME, else ./indexes)."),
+]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON lines).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _emit_json(obj) -> None:
+    text = json.dumps(obj, ensure_ascii=False)
+    # Undecodable bytes of file names arrive as lone surrogates: print them as \udcXX escapes so
+    # the line stays valid UTF-8 and json.loads gives back the str os.fsencode turns into the bytes.
+    text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    sys.stdout.write(text + "\n")
+
+
+def _say(text: str, err: bool = False) -> None:
+    stream = sys.stderr if err else sys.stdout
+    try:
+        stream.write(text + "\n")
+    except UnicodeEncodeError:
+        stream.buffer.write(text.encode("utf-8", "surrogateescape") + b"\n")
+        stream.flush()
+
+
+def _fail(message: str, code: int = 1):
+    _say(f"mmsearch: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """Library errors become one line on stderr and a non-zero exit; --debug shows tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False) or os.environ.get("MMSEARCH_DEBUG")
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except MMSearchError as e:
+            if debug:
+                raise
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _say("mmsearch: interrupted; everything committed so far is kept", err=True)
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
+            if debug:
+                raise
+            _fail(f"{type(e).__name__}: {e} (run with --debug for a traceback)")
+
+    return wrapper
+
+
+def _root(index_dir: Path | None) -> Path:
+    return index_root(index_dir)
+
+
+# --- index ------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def index(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Folders or files to index.", show_default=False)
+    ],
+    index_name: IndexName = DEFAULT_INDEX,
+    index_dir: IndexDir = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="open_clip model: NAME, NAME:TAG, hf-hub:org/repo, local-dir:PATH or a "
+            "directory. Default: the index's model, else ViT-B-32:laion2b_s34b_b79k.",
+        ),
+    ] = None,
+    audio_model: Annotated[
+        str | None, typer.Option("--audio-model", help="CLAP model for audio files.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-w", min=0, help="Decoding processes.")
+    ] = None,
+    hidden: Annotated[bool, typer.Option("--hidden", help="Include hidden files.")] = False,
+    follow_links: Annotated[
+        bool, typer.Option("--follow-links", help="Follow directory symlinks.")
+    ] = False,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Re-embed everything (e.g. with a new --model).")
+    ] = False,
+    device: Device = "auto",
+    as_json: Json = False,
+    debug: Debug = False,
+):
+    """Index folders of images, notes and audio (incremental: only new/changed files are embedded)."""
+    from .indexer import index_paths
+
+    options = IndexOptions(
+        roots=tuple(paths),
+        name=index_name,
+        root_dir=_root(index_dir),
+        encoder=EncoderOptions(
+            model=ModelSpec.parse(model) if model else None,
+            device=device,
+            audio_model=audio_model,
+        ),
+        batch_size=batch_size,
+        workers=workers,
+        hidden=hidden,
+        follow_links=follow_links,
+        rebuild=rebuild,
+    )
+    show_bar = not as_json and sys.stderr.isatty()
+    with _progress(show_bar) as progress:
+        report = index_paths(options, progress=progress)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    for path, reason in report.failures[:20]:
+        _say(f"skipped {path}: {reason}", err=True)
+    if len(report.failures) > 20:
+        _say(f"... and {len(report.failures) - 20} more (see: mmsearch failures)", err=True)
+    r = report
+    _say(
+        f"index {index_name!r}: {r.added} added, {r.updated} updated, {r.removed} removed, "
+        f"{r.moved} moved, {r.unchanged} unchanged, {r.failed} failed; "
+        f"{r.files} files, {r.vectors} vectors ({r.seconds:.1f}s)"
+    )
+
+
+class _progress:
+    """A rich progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} files/s"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self.bar.__enter__()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if self.task is None or stage != self._stage:
+            self._stage = stage
+            label = {"scan": "scanning", "embed": "embedding"}.get(stage, stage)
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(label, total=total or None, rate="-")
+        task = self.bar.tasks[-1]
+        speed = task.speed
+        self.bar.update(
+            self.task, completed=done, total=total or None, rate=f"{speed:.1f}" if speed else "-"
+        )
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+# --- search -----------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def search(
+    query: Annotated[
+        str | None,
+        typer.Argument(
+            help="Text query; supports 'a + b - c' and weights '2:a'.", show_default=False
+        ),
+    ] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Query by example image.")] = None,
+    audio: Annotated[Path | None, typer.Option("--audio", help="Query by example sound.")] = None,
+    k: Annotated[int, typer.Option("-k", "--top", help="Number of results.")] = 10,
+    kind: Annotated[str, typer.Option("--type", "-t", help="image, text, audio or any.")] = "any",
+    index_name: IndexName = DEFAULT_INDEX,
+    index_dir: IndexDir = None,
+    device: Device = "auto",
+    as_json: Json = False,
+    debug: Debug = False,
+):
+    """Search an index by text, image or sound."""
+    from .search import Searcher
+
+    options = SearchOptions(
+        name=index_name, root_dir=_root(index_dir), k=k, modality=kind, device=device
+    )
+    with Searcher(options) as searcher:
+        hits = searcher.search(query, image=image, audio=audio)
+    if as_json:
+        for hit in hits:
+            _emit_json(hit.to_dict())
+        return
+    if not hits:
+        _say("no results", err=True)
+        return
+    for hit in hits:
+        d = hit.to_dict()
+        where = ""
+        if hit.start is not None:
+            if hit.modality == "audio":
+                where = f"  [{_clock(hit.start)}-{_clock(hit.end)}]"
+            else:
+                where = f"  [lines {d['start']}-{d['end']}]"
+        _say(f"{hit.rank:>3}  {hit.score:6.3f}  {hit.modality:<5}  {d['path']}{where}")
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(float(seconds), 60)
+    return f"{int(m)}:{s:04.1f}"
+
+
+# --- info, failures, list ---------------------------------------------------------------------
+@app.command()
+@handle_errors
+def info(
+    index_name: IndexName = DEFAULT_INDEX,
+    index_dir: IndexDir = None,
+    as_json: Json = False,
+    debug: Debug = False,
+):
+    """Show an index's model, size and counts."""
+    from .collection import Collection
+
+    with Collection.open_reader(_root(index_dir), index_name) as col:
+        counts = col.catalog.counts()
+        enc = col.encoder_identity or {}
+        audio = col.manifest.get("audio_encoder")
+        data = {
+            "name": index_name,
+            "path": str(col.dir.resolve()),
+            "model": enc.get("spec"),
+            "weights": enc.get("weights"),
+            "dim": enc.get("dim"),
+            "audio_model": audio.get("spec") if audio else None,
+            "files": counts["files"],
+            "vectors": counts["vectors"],
+            "failures": counts["failures"],
+            "modalities": counts["by_modality"],
+            "index_type": col.manifest.get("index_type", "IDMap2,FlatIP"),
+            "created": col.manifest.get("created"),
+            "updated": col.manifest.get("updated"),
+            "format_version": col.manifest.get("format_version"),
+        }
+    if as_json:
+        _emit_json(data)
+        return
+    for key, value in data.items():
+        if key == "modalities":
+            for m, c in value.items():
+                _say(f"{m + ':':<15}{c['files']} files, {c['vectors']} vectors")
+        elif value is not None:
+            _say(f"{key + ':':<15}{value}")
+
+
+@app.command()
+@handle_errors
+def failures(
+    index_name: IndexName = DEFAULT_INDEX,
+    index_dir: IndexDir = None,
+    as_json: Json = False,
+    debug: Debug = False,
+):
+    """List files that could not be indexed, with the reason."""
+    from .collection import Collection
+    from .items import show_path
+
+    with Collection.open_reader(_root(index_dir), index_name) as col:
+        rows = col.catalog.failures()
+    for path, reason, modality in rows:
+        if as_json:
+            _emit_json({"path": show_path(path), "reason": reason, "modality": modality})
+        else:
+            _say(f"{show_path(path)}: {reason}")
+
+
+@app.command("list")
+@handle_errors
+def list_(index_dir: IndexDir = None, as_json: Json = False, debug: Debug = False):
+    """List the indexes under the index root."""
+    from .collection import Collection, list_indexes
+
+    root = _root(index_dir)
+    for name in list_indexes(root):
+        with Collection.open_reader(root, name) as col:
+            counts = col.catalog.counts()
+            model = (col.encoder_identity or {}).get("spec")
+        if as_json:
+            _emit_json(
+                {
+                    "name": name,
+                    "model": model,
+                    "files": counts["files"],
+                    "vectors": counts["vectors"],
+                }
+            )
+        else:
+            _say(f"{name}\t{counts['files']} files\t{model}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

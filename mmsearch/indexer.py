@@ -1,0 +1,276 @@
+"""Incremental indexing: walk the roots, embed new and changed files, drop vanished ones.
+
+files -> loaders (worker processes) -> encoders -> catalog + vectors, committed in chunks so a run
+killed at any point keeps what it committed and the next run resumes without duplicates.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .collection import Collection, model_cache_dir
+from .config import DEFAULT_MODEL, IndexOptions, ModelSpec
+from .encoders import Encoder, create_encoder, export_query_tower
+from .errors import LoadError
+from .files import check_roots, walk
+from .items import AUDIO, IMAGE, TEXT, FileEntry, IndexReport, Segment, show_path
+from .loaders import Loaded, LoadSettings, load_file
+from .loaders.text import chunk_note
+from .store import FileRow
+
+Progress = Callable[..., None]
+
+
+@dataclass
+class Plan:
+    todo: list[tuple[FileEntry, FileRow | None]]  # new or changed files, with their old row
+    unchanged: int
+    still_failing: int
+    vanished: dict[bytes, FileRow]  # indexed files under the roots that are gone
+    vanished_failures: list[bytes]
+
+
+def default_workers() -> int:
+    # Encoding takes the cores; one decoder per spare core keeps it fed (more starves the encoder).
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def index_paths(options: IndexOptions, progress: Progress | None = None) -> IndexReport:
+    """Bring the index `options.name` up to date with the files under `options.roots`."""
+    started = time.perf_counter()
+    progress = progress or (lambda *a, **k: None)
+    roots = check_roots(list(options.roots))
+    col = Collection.open_writer(options.root_dir, options.name)
+    try:
+        encoder = _encoder_for(col, options)
+        report = _run(col, encoder, roots, options, progress)
+    finally:
+        col.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _encoder_for(col: Collection, options: IndexOptions) -> Encoder:
+    requested = options.encoder.model
+    if requested is None:
+        known = col.encoder_identity
+        requested = ModelSpec.parse(known["spec"]) if known else ModelSpec.parse(DEFAULT_MODEL)
+    encoder = create_encoder(requested, options.encoder)
+    if options.rebuild:
+        col.reset()
+    else:
+        col.check_encoder(encoder.identity)
+    if not col.exists or "encoder" not in col.manifest:
+        col.write_manifest(encoder=encoder.identity, name=col.name)
+    export_query_tower(encoder, model_cache_dir(col.root_dir, encoder.identity["key"]))
+    return encoder
+
+
+def plan(col: Collection, entries: list[FileEntry], roots: list[bytes]) -> Plan:
+    known = col.catalog.files_under(roots)
+    failing = col.catalog.failures_under(roots)
+    todo, unchanged, still_failing = [], 0, 0
+    present = set()
+    for e in entries:
+        present.add(e.path)
+        row = known.get(e.path)
+        if row and row.size == e.size and row.mtime_ns == e.mtime_ns and row.modality == e.modality:
+            unchanged += 1
+        elif not row and failing.get(e.path) == (e.size, e.mtime_ns):
+            still_failing += 1
+        else:
+            todo.append((e, row))
+    vanished = {p: r for p, r in known.items() if p not in present}
+    gone_failures = [p for p in failing if p not in present]
+    return Plan(todo, unchanged, still_failing, vanished, gone_failures)
+
+
+def _run(col: Collection, encoder: Encoder, roots, options: IndexOptions, progress) -> IndexReport:
+    progress("scan", 0, 0)
+    entries = list(walk(roots, hidden=options.hidden, follow_links=options.follow_links))
+    p = plan(col, entries, roots)
+    report = IndexReport(unchanged=p.unchanged)
+    vectors = col.vectors
+    settings = LoadSettings(
+        image_prep=encoder.extras.get("prep"),
+        audio=encoder.extras.get("audio_load"),
+        modalities=frozenset(m for m in (IMAGE, TEXT, AUDIO) if getattr(encoder, m) is not None),
+    )
+    total = len(p.todo)
+    progress("embed", 0, total)
+    done = 0
+    try:
+        for loaded in _load_chunks(p.todo, settings, options):
+            _commit_chunk(col, encoder, loaded, p, report, options)
+            done += len(loaded)
+            progress("embed", done, total)
+        with col.catalog.transaction():
+            removed_ids = []
+            for row in p.vanished.values():
+                removed_ids += col.catalog.delete_file(row.id)
+                report.removed += 1
+            for path in p.vanished_failures:
+                col.catalog.clear_failure(path)
+        vectors.remove(removed_ids)
+    finally:
+        col.save_vectors()
+    counts = col.catalog.counts()
+    report.files, report.vectors, report.failed = (
+        counts["files"],
+        counts["vectors"],
+        counts["failures"],
+    )
+    return report
+
+
+def _load_chunks(todo, settings: LoadSettings, options: IndexOptions) -> Iterator[list[Loaded]]:
+    """Decoded chunks in order; the next chunk decodes in worker processes while one is encoded."""
+    size = max(1, options.commit_every)
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    workers = default_workers() if options.workers is None else options.workers
+    if workers <= 0 or len(todo) < 8:
+        for chunk in chunks:
+            yield [load_file(e, settings) for e, _ in chunk]
+        return
+    # spawn, not fork: the parent holds torch's thread pools, which do not survive a fork.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        pending = None
+        for i, chunk in enumerate(chunks):
+            if pending is None:
+                pending = pool.starmap_async(load_file, [(e, settings) for e, _ in chunk], 4)
+            nxt = None
+            if i + 1 < len(chunks):
+                nxt = pool.starmap_async(load_file, [(e, settings) for e, _ in chunks[i + 1]], 4)
+            yield pending.get()
+            pending = nxt
+
+
+def _commit_chunk(col, encoder: Encoder, loaded: list[Loaded], p: Plan, report, options):
+    catalog = col.catalog
+    old_rows = {e.path: row for e, row in p.todo}
+    ok = [x for x in loaded if x.error is None]
+    # 1. Reuse vectors of identical content already in the index (copies, moves, touched files).
+    reuse: dict[int, FileRow] = {}
+    for i, x in enumerate(ok):
+        old = old_rows.get(x.entry.path)
+        if old is not None and old.hash == x.hash:
+            reuse[i] = old
+            continue
+        src = catalog.file_with_hash(x.hash, x.entry.modality)
+        if src is not None:
+            reuse[i] = src
+    # 2. Embed the rest; identical files within the chunk are embedded once.
+    fresh: dict[str, tuple[list[Segment], np.ndarray]] = {}
+    failed: dict[int, str] = {}
+    to_embed = [i for i in range(len(ok)) if i not in reuse]
+    first_of_hash = {}
+    for i in to_embed:
+        first_of_hash.setdefault(ok[i].hash, i)
+    try:
+        embedded = _embed(encoder, [ok[i] for i in first_of_hash.values()], options.batch_size)
+    except LoadError as e:  # pragma: no cover - defensive: _embed records per-file problems
+        raise RuntimeError(str(e)) from e
+    for (digest, _i), result in zip(first_of_hash.items(), embedded, strict=True):
+        if isinstance(result, str):
+            failed[_i] = result
+        else:
+            fresh[digest] = result
+    # 3. Write the chunk in one transaction, then mirror it in the vector index.
+    added_ids, removed_ids = [], []
+    with catalog.transaction():
+        for x in loaded:
+            if x.error is not None:
+                _fail(catalog, x.entry, x.error, old_rows.get(x.entry.path), removed_ids, report)
+        for i, x in enumerate(ok):
+            e, old = x.entry, old_rows.get(x.entry.path)
+            if i in failed or (i not in reuse and x.hash not in fresh):
+                reason = failed.get(i) or failed.get(first_of_hash.get(x.hash), "embedding failed")
+                _fail(catalog, e, reason, old, removed_ids, report)
+                continue
+            catalog.clear_failure(e.path)
+            src = reuse.get(i)
+            if src is not None and old is not None and src.id == old.id:
+                catalog.update_file(old.id, e, x.hash)  # touched, same content: nothing to embed
+                report.unchanged += 1
+                continue
+            if src is not None and src.path in p.vanished and old is None:
+                # a move: the old row takes the new path and keeps its vectors and ids
+                catalog.update_file(src.id, e, x.hash)
+                del p.vanished[src.path]
+                report.moved += 1
+                continue
+            if src is not None:
+                units = catalog.units_of(src.id)
+                segments = [s for s, _ in units]
+                vecs = np.stack([v for _, v in units]) if units else np.zeros((0, encoder.dim))
+            else:
+                segments, vecs = fresh[x.hash]
+            if old is None:
+                file_id = catalog.add_file(e, x.hash)
+                report.added += 1
+            else:
+                catalog.update_file(old.id, e, x.hash)
+                file_id = old.id
+                report.updated += 1
+            gone, new = catalog.replace_units(file_id, segments, vecs)
+            removed_ids += gone
+            added_ids.append((new, vecs))
+    col.vectors.remove(removed_ids)
+    for ids, vecs in added_ids:
+        col.vectors.add(ids, vecs)
+
+
+def _fail(catalog, entry: FileEntry, reason: str, old: FileRow | None, removed_ids, report):
+    if old is not None:  # the file changed into something we cannot read: its old vectors go
+        removed_ids += catalog.delete_file(old.id)
+    catalog.record_failure(entry, reason)
+    report.failed_now += 1
+    report.failures.append((show_path(entry.path), reason))
+
+
+def _embed(encoder: Encoder, items: list[Loaded], batch_size: int) -> list:
+    """(segments, vectors) per item, or a reason string for an item that could not be embedded."""
+    out: list = [None] * len(items)
+    images = [i for i, x in enumerate(items) if x.entry.modality == IMAGE]
+    if images:
+        vecs = encoder.image.embed([items[i].payload for i in images], batch_size)
+        for j, i in enumerate(images):
+            out[i] = ([Segment()], vecs[j : j + 1])
+    notes = [i for i, x in enumerate(items) if x.entry.modality == TEXT]
+    if notes:
+        tower = encoder.text
+        limit = tower.context_length - 2
+        texts, owners = [], []
+        for i in notes:
+            chunks = chunk_note(items[i].payload, tower.count_tokens, limit)
+            if not chunks:
+                out[i] = "empty note (no text)"
+                continue
+            if len(chunks) == 1:  # a one-chunk note is the whole file
+                c = chunks[0]
+                chunks = [Segment(c.start, c.end, c.text)]
+            out[i] = (chunks, None)
+            texts += [c.text for c in chunks]
+            owners += [i] * len(chunks)
+        if texts:
+            vecs = encoder.text.embed(texts, batch_size)
+            owners_arr = np.array(owners)
+            for i in set(owners):
+                segs = [Segment(s.start, s.end) for s in out[i][0]]
+                out[i] = (segs, vecs[owners_arr == i])
+    sounds = [i for i, x in enumerate(items) if x.entry.modality == AUDIO]
+    for i in sounds:
+        windows = items[i].payload.windows
+        if not windows:
+            out[i] = "no audio samples"
+            continue
+        vecs = encoder.audio.embed([w for _, _, w in windows], batch_size)
+        out[i] = ([Segment(s, e) for s, e, _ in windows], vecs)
+    return out

@@ -1,0 +1,200 @@
+"""Queries: parse query arithmetic, embed the terms, rank the index's vectors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .collection import Collection, model_cache_dir
+from .config import EncoderOptions, ModelSpec, SearchOptions
+from .errors import ModelMismatchError, UsageError
+from .items import AUDIO, IMAGE, MODALITIES, TEXT, Hit
+
+_SPLIT = re.compile(r"\s+([+-])\s+")
+_WEIGHT = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:\s*(.+)$", re.S)
+
+
+@dataclass(frozen=True)
+class Term:
+    weight: float
+    text: str
+
+
+def parse_query(query: str) -> list[Term]:
+    """'beach + sunset - people', '2:sunset + beach', '-0.5:night'.
+
+    Terms are separated by ' + ' and ' - ' with spaces around the operator (so 't-shirt' is one
+    term); 'W:term' sets a float weight; '-' multiplies the weight by -1.
+    """
+    parts = _SPLIT.split(" " + query.strip() + " ")
+    terms, sign = [], 1.0
+    for i, part in enumerate(parts):
+        if i % 2 == 1:
+            sign = -1.0 if part == "-" else 1.0
+            continue
+        text = part.strip()
+        if not text:
+            if i > 0:
+                raise UsageError(f"empty term in query {query!r}")
+            continue
+        weight = 1.0
+        m = _WEIGHT.match(text)
+        if m:
+            weight, text = float(m.group(1)), m.group(2).strip()
+        terms.append(Term(sign * weight, text))
+    return terms
+
+
+def combine(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Normalised weighted sum of unit vectors, so scores stay cosines."""
+    q = np.zeros_like(vectors[0], dtype=np.float32)
+    for v, w in zip(vectors, weights, strict=True):
+        q += np.float32(w) * (v / max(float(np.linalg.norm(v)), 1e-12))
+    norm = float(np.linalg.norm(q))
+    if norm < 1e-6:
+        raise UsageError("the query terms cancel each other out (their weighted sum is zero)")
+    return q / norm
+
+
+class Searcher:
+    """Answers queries against one index; keeps the index and towers loaded between queries."""
+
+    def __init__(self, options: SearchOptions):
+        self.options = options
+        self.col = Collection.open_reader(options.root_dir, options.name)
+        identity = self.col.encoder_identity
+        if identity is None:
+            raise UsageError(f"index {options.name!r} is empty: index some files first")
+        self.identity = identity
+        self._text = None
+        self._full = None
+
+    def close(self) -> None:
+        self.col.close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- towers -------------------------------------------------------------------------------
+    def _full_encoder(self):
+        """The torch encoder of the index's model (for image/audio queries, or no fast tower)."""
+        if self._full is None:
+            from .encoders import create_encoder
+
+            spec = ModelSpec.parse(self.identity["spec"])
+            enc = create_encoder(spec, EncoderOptions(device=self.options.device))
+            if enc.identity["key"] != self.identity["key"]:
+                raise ModelMismatchError(
+                    f"the model at {self.identity['spec']} changed since index "
+                    f"{self.options.name!r} was built (weights {enc.identity['weights']}, index "
+                    f"has {self.identity['weights']}); rebuild it with --rebuild"
+                )
+            audio = self.col.manifest.get("audio_encoder")
+            if audio:
+                from .encoders.audio import attach_audio_tower
+
+                attach_audio_tower(
+                    enc, audio, model_cache_dir(self.col.root_dir, enc.identity["key"])
+                )
+            self._full = enc
+        return self._full
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        if self._text is None and self._full is None:
+            from .encoders import query_text_tower
+
+            self._text = query_text_tower(model_cache_dir(self.col.root_dir, self.identity["key"]))
+        if self._text is not None:
+            return self._text.embed(texts)
+        return self._full_encoder().encode_text(texts)
+
+    def embed_image(self, path: Path) -> np.ndarray:
+        from .errors import LoadError
+        from .loaders.image import load_image
+
+        enc = self._full_encoder()
+        try:
+            arr = load_image(path, enc.extras["prep"])
+        except LoadError as e:
+            raise UsageError(f"cannot use {path} as a query image: {e.reason}") from None
+        return enc.encode_image([arr])[0]
+
+    def embed_audio(self, path: Path) -> np.ndarray:
+        from .errors import LoadError
+        from .loaders.audio import load_audio
+
+        enc = self._full_encoder()
+        if enc.audio is None:
+            raise UsageError(f"index {self.options.name!r} has no audio tower; index audio first")
+        try:
+            windows = load_audio(path, **enc.extras["audio_load"]).windows
+        except LoadError as e:
+            raise UsageError(f"cannot use {path} as a query sound: {e.reason}") from None
+        return combine(list(enc.encode_audio([w for _, _, w in windows])), [1.0] * len(windows))
+
+    # --- search -------------------------------------------------------------------------------
+    def query_vector(
+        self, query: str | None, image: Path | None = None, audio: Path | None = None
+    ) -> np.ndarray:
+        terms = parse_query(query) if query and query.strip() else []
+        vectors, weights = [], []
+        if terms:
+            vectors += list(self.embed_texts([t.text for t in terms]))
+            weights += [t.weight for t in terms]
+        for path, embed in ((image, self.embed_image), (audio, self.embed_audio)):
+            if path is not None:
+                if not Path(path).is_file():
+                    raise UsageError(f"query file not found: {path}")
+                vectors.append(embed(Path(path)))
+                weights.append(1.0)
+        if not vectors:
+            raise UsageError("nothing to search for: give a query text, --image or --audio")
+        return combine(vectors, weights)
+
+    def search(
+        self,
+        query: str | None = None,
+        image: Path | None = None,
+        audio: Path | None = None,
+        k: int | None = None,
+        modality: str | None = None,
+    ) -> list[Hit]:
+        k = self.options.k if k is None else k
+        if k < 1:
+            raise UsageError("-k must be at least 1")
+        modality = modality or self.options.modality
+        if modality not in (*MODALITIES, "any"):
+            raise UsageError(f"unknown --type {modality!r}; use image, text, audio or any")
+        q = self.query_vector(query, image, audio)
+        return self.rank(q, k, modality)
+
+    def rank(self, q: np.ndarray, k: int, modality: str = "any") -> list[Hit]:
+        allowed = None
+        if modality != "any":
+            allowed = self.col.catalog.unit_ids_with_modality(modality)
+        scores, ids = self.col.vectors.search(q, k, allowed)
+        rows = self.col.catalog.units(ids)
+        hits = []
+        for score, uid in zip(scores, ids, strict=True):
+            row = rows.get(int(uid))
+            if row is None:  # vector without catalog row: a writer is mid-commit
+                continue
+            hits.append(
+                Hit(len(hits) + 1, float(score), row.path, row.modality, row.start, row.end)
+            )
+        return hits
+
+
+def search(query: str | None = None, options: SearchOptions | None = None, **kw) -> list[Hit]:
+    """One-shot search (opens the index, answers, closes)."""
+    with Searcher(options or SearchOptions()) as s:
+        return s.search(query, **kw)
+
+
+__all__ = ["Searcher", "search", "parse_query", "combine", "Term", "IMAGE", "TEXT", "AUDIO"]

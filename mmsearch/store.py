@@ -1,0 +1,235 @@
+"""The catalog: one SQLite database per index holding files, their embedded units (with vectors)
+and failures. SQLite unit ids are the FAISS ids; the vectors kept here are the source of truth the
+FAISS file is rebuilt from after a crash."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .items import FileEntry, Segment
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    path BLOB NOT NULL UNIQUE,
+    modality TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_hash ON files(hash);
+CREATE TABLE IF NOT EXISTS units (
+    id INTEGER PRIMARY KEY,
+    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    start REAL,
+    end REAL,
+    vector BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS units_file ON units(file_id);
+CREATE TABLE IF NOT EXISTS failures (
+    path BLOB PRIMARY KEY,
+    modality TEXT,
+    size INTEGER,
+    mtime_ns INTEGER,
+    reason TEXT NOT NULL,
+    time REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    path: bytes
+    modality: str
+    size: int
+    mtime_ns: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class UnitRow:
+    id: int
+    path: bytes
+    modality: str
+    start: float | None
+    end: float | None
+
+
+def _prefix_clause(roots: list[bytes]) -> tuple[str, list]:
+    """SQL matching paths equal to or below any root (BLOB comparison is bytewise)."""
+    parts, args = [], []
+    for r in roots:
+        base = r.rstrip(b"/")
+        parts.append("(path = ? OR (path >= ? AND path < ?))")
+        args += [r, base + b"/", base + b"0"]  # '0' is the byte after '/'
+    return " OR ".join(parts) or "0", args
+
+
+class Catalog:
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            uri = f"file:{self.path}?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None)
+        else:
+            self.db = sqlite3.connect(str(self.path), isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        self.db.execute("PRAGMA foreign_keys=ON")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES('generation', '1') ON CONFLICT(key) "
+            "DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+        self.db.execute("COMMIT")
+
+    # --- metadata -------------------------------------------------------------------------
+    def generation(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    # --- reading --------------------------------------------------------------------------
+    def files_under(self, roots: list[bytes]) -> dict[bytes, FileRow]:
+        where, args = _prefix_clause(roots)
+        rows = self.db.execute(
+            f"SELECT id, path, modality, size, mtime_ns, hash FROM files WHERE {where}", args
+        )
+        return {r[1]: FileRow(*r) for r in rows}
+
+    def failures_under(self, roots: list[bytes]) -> dict[bytes, tuple[int, int]]:
+        where, args = _prefix_clause(roots)
+        rows = self.db.execute(f"SELECT path, size, mtime_ns FROM failures WHERE {where}", args)
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def file_with_hash(self, digest: str, modality: str) -> FileRow | None:
+        row = self.db.execute(
+            "SELECT id, path, modality, size, mtime_ns, hash FROM files "
+            "WHERE hash = ? AND modality = ? LIMIT 1",
+            (digest, modality),
+        ).fetchone()
+        return FileRow(*row) if row else None
+
+    def units_of(self, file_id: int) -> list[tuple[Segment, np.ndarray]]:
+        rows = self.db.execute(
+            "SELECT start, end, vector FROM units WHERE file_id = ? ORDER BY id", (file_id,)
+        )
+        return [(Segment(s, e), np.frombuffer(v, dtype=np.float32)) for s, e, v in rows]
+
+    def unit_ids_of(self, file_id: int) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT id FROM units WHERE file_id = ?", (file_id,))]
+
+    def all_vectors(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.db.execute("SELECT id, vector FROM units ORDER BY id").fetchall()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, dim)
+        return ids, vecs
+
+    def units(self, ids: Iterable[int]) -> dict[int, UnitRow]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(
+            "SELECT u.id, f.path, f.modality, u.start, u.end FROM units u "
+            f"JOIN files f ON f.id = u.file_id WHERE u.id IN ({marks})",
+            ids,
+        )
+        return {r[0]: UnitRow(*r) for r in rows}
+
+    def unit_ids_with_modality(self, modality: str) -> np.ndarray:
+        rows = self.db.execute(
+            "SELECT u.id FROM units u JOIN files f ON f.id = u.file_id WHERE f.modality = ?",
+            (modality,),
+        ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def counts(self) -> dict:
+        files = dict(self.db.execute("SELECT modality, COUNT(*) FROM files GROUP BY modality"))
+        units = dict(
+            self.db.execute(
+                "SELECT f.modality, COUNT(*) FROM units u JOIN files f ON f.id = u.file_id "
+                "GROUP BY f.modality"
+            )
+        )
+        failures = self.db.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
+        return {
+            "files": sum(files.values()),
+            "vectors": sum(units.values()),
+            "failures": failures,
+            "by_modality": {m: {"files": files[m], "vectors": units.get(m, 0)} for m in files},
+        }
+
+    def failures(self) -> list[tuple[bytes, str, str | None]]:
+        return list(self.db.execute("SELECT path, reason, modality FROM failures ORDER BY path"))
+
+    # --- writing (inside transaction()) -------------------------------------------------
+    def add_file(self, entry: FileEntry, digest: str) -> int:
+        cur = self.db.execute(
+            "INSERT INTO files(path, modality, size, mtime_ns, hash) VALUES (?,?,?,?,?)",
+            (entry.path, entry.modality, entry.size, entry.mtime_ns, digest),
+        )
+        return cur.lastrowid
+
+    def update_file(self, file_id: int, entry: FileEntry, digest: str) -> None:
+        self.db.execute(
+            "UPDATE files SET path=?, modality=?, size=?, mtime_ns=?, hash=? WHERE id=?",
+            (entry.path, entry.modality, entry.size, entry.mtime_ns, digest, file_id),
+        )
+
+    def delete_file(self, file_id: int) -> list[int]:
+        ids = self.unit_ids_of(file_id)
+        self.db.execute("DELETE FROM units WHERE file_id = ?", (file_id,))
+        self.db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        return ids
+
+    def replace_units(
+        self, file_id: int, segments: list[Segment], vectors: np.ndarray
+    ) -> tuple[list[int], list[int]]:
+        """Drop the file's old units and store new ones; returns (removed ids, added ids)."""
+        old = self.unit_ids_of(file_id)
+        self.db.execute("DELETE FROM units WHERE file_id = ?", (file_id,))
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        new = []
+        for seg, vec in zip(segments, vectors, strict=True):
+            cur = self.db.execute(
+                "INSERT INTO units(file_id, start, end, vector) VALUES (?,?,?,?)",
+                (file_id, seg.start, seg.end, vec.tobytes()),
+            )
+            new.append(cur.lastrowid)
+        return old, new
+
+    def record_failure(self, entry: FileEntry, reason: str) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO failures(path, modality, size, mtime_ns, reason, time) "
+            "VALUES (?,?,?,?,?,?)",
+            (entry.path, entry.modality, entry.size, entry.mtime_ns, reason, time.time()),
+        )
+
+    def clear_failure(self, path: bytes) -> None:
+        self.db.execute("DELETE FROM failures WHERE path = ?", (path,))
+
+    def clear(self) -> None:
+        self.db.execute("DELETE FROM units")
+        self.db.execute("DELETE FROM files")
+        self.db.execute("DELETE FROM failures")
