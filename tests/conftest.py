@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny random-weight open_clip model written in local-dir layout (the same path
+users load fine-tuned models from), an isolated index root, and small media files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_model(out: Path, seed: int = 0, cfg: dict | None = None) -> Path:
+    import open_clip
+    import torch
+
+    from mmsearch.encoders.clip import save_model_dir
+
+    cfg = json.loads(json.dumps(cfg or TINY_CFG))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    return save_model_dir(model, cfg, out, {"size": cfg["vision_cfg"]["image_size"]})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "other", seed=1)
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own index root through $MMSEARCH_HOME."""
+    root = tmp_path / "mmhome"
+    monkeypatch.setenv("MMSEARCH_HOME", str(root))
+    return root
+
+
+def make_image(path: Path, color=(255, 0, 0), size=(48, 40), pattern: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if pattern is None:
+        img = Image.new("RGB", size, color)
+    else:
+        rng = np.random.default_rng(pattern)
+        img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    img.save(path)
+    return path
+
+
+def make_note(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def media(tmp_path) -> Path:
+    """A small folder: four distinct photos, a note, a broken image."""
+    root = tmp_path / "media"
+    for i in range(4):
+        make_image(root / "photos" / f"p{i}.jpg", pattern=i, size=(64 + 8 * i, 48))
+    make_image(root / "photos" / "nested" / "deep.png", pattern=9)
+    make_note(root / "notes" / "trip.md", "# Trip\nWe went to the beach.\nThe dog ran after a ball.\n")
+    (root / "photos" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return root
+
+
+def bump_mtime(path: Path, seconds: int = 10) -> None:
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))

@@ -1,0 +1,120 @@
+"""Image decoding: what the model sees for odd images, and agreement with open_clip's transform."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmsearch.config import ImagePrep
+from mmsearch.errors import LoadError
+from mmsearch.loaders import image as image_loader
+from mmsearch.loaders.image import load_image
+
+PREP = ImagePrep(size=(32, 32))
+
+
+def _save(img: Image.Image, tmp_path, name: str, **kw):
+    p = tmp_path / name
+    img.save(p, **kw)
+    return p
+
+
+def test_alpha_is_composited_onto_white(tmp_path):
+    p = _save(Image.new("RGBA", (40, 40), (0, 0, 0, 0)), tmp_path, "clear.png")
+    assert (load_image(p, PREP) == 255).all()
+
+
+def test_palette_with_transparency(tmp_path):
+    img = Image.new("P", (20, 20), 0)
+    img.putpalette([0, 0, 0] * 256)
+    img.info["transparency"] = 0
+    p = _save(img, tmp_path, "pal.png", transparency=0)
+    assert (load_image(p, PREP) == 255).all()
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    a = np.full((20, 20), 32896, dtype=np.uint16)  # half of 65535
+    p = _save(Image.fromarray(a), tmp_path, "deep.png")
+    out = load_image(p, PREP)
+    assert out.shape == (32, 32, 3)
+    assert abs(int(out.mean()) - 128) <= 1
+
+
+def test_cmyk_becomes_rgb(tmp_path):
+    p = _save(Image.new("CMYK", (30, 30), (0, 255, 255, 0)), tmp_path, "cmyk.jpg")
+    out = load_image(p, PREP)
+    assert out.shape == (32, 32, 3)
+    assert out[..., 0].mean() > 200 and out[..., 1].mean() < 60  # red
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # a wide image tagged "rotate 90": the model must see it tall (left half red -> top half)
+    img = Image.new("RGB", (64, 32), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    p = _save(img, tmp_path, "rot.jpg", exif=exif)
+    prep = ImagePrep(size=(32, 32), resize_mode="squash")
+    out = load_image(p, prep)
+    # after a 90 degree clockwise rotation the red (left) half ends up on top
+    assert out[:12, :, 0].mean() > 200 and out[-12:, :, 2].mean() > 200
+
+
+def test_gif_first_frame(tmp_path):
+    frames = [Image.new("RGB", (20, 20), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    p = tmp_path / "anim.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    out = load_image(p, PREP)
+    assert out[..., 0].mean() > 200 and out[..., 1].mean() < 60
+
+
+@pytest.mark.parametrize("ext", ["bmp", "tiff", "webp", "png", "jpeg"])
+def test_formats(tmp_path, ext):
+    p = _save(Image.new("RGB", (30, 20), (0, 200, 0)), tmp_path, f"x.{ext}")
+    assert load_image(p, PREP).shape == (32, 32, 3)
+
+
+def test_grayscale(tmp_path):
+    p = _save(Image.new("L", (30, 20), 100), tmp_path, "g.png")
+    assert load_image(p, PREP).shape == (32, 32, 3)
+
+
+def test_truncated_and_garbage_give_reasons(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 200), (9, 9, 9)).save(buf, "JPEG")
+    trunc = tmp_path / "t.jpg"
+    trunc.write_bytes(buf.getvalue()[:300])
+    garbage = tmp_path / "g.jpg"
+    garbage.write_bytes(b"hello")
+    empty = tmp_path / "e.png"
+    empty.write_bytes(b"")
+    for p in (trunc, garbage, empty):
+        with pytest.raises(LoadError) as e:
+            load_image(p, PREP)
+        assert e.value.reason
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_loader, "MAX_PIXELS", 1000)
+    p = _save(Image.new("RGB", (100, 100)), tmp_path, "big.png")
+    with pytest.raises(LoadError, match="too large"):
+        load_image(p, PREP)
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
+def test_matches_open_clip_transform(tmp_path, mode):
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    rng = np.random.default_rng(0)
+    prep = ImagePrep(size=(32, 32), resize_mode=mode)
+    ref_t = image_transform_v2(PreprocessCfg(size=32, resize_mode=mode), is_train=False)
+    mean, std = np.array(prep.mean) * 255, np.array(prep.std) * 255
+    for i, size in enumerate([(50, 37), (37, 50), (32, 32), (200, 90), (20, 31)]):
+        arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        p = _save(Image.fromarray(arr), tmp_path, f"r{i}.png")
+        ref = ref_t(Image.open(p)).numpy()
+        ours = ((load_image(p, prep).astype(np.float32) - mean) / std).transpose(2, 0, 1)
+        assert np.abs(ref - ours).max() < 1e-4, (mode, size)

@@ -1,0 +1,114 @@
+"""Query arithmetic and ranking."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_image, make_note
+from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions, index_root
+from mmsearch.errors import IndexNotFoundError, UsageError
+from mmsearch.indexer import index_paths
+from mmsearch.search import Searcher, Term, combine, parse_query
+
+
+def test_parse_query():
+    assert parse_query("beach + sunset - people") == [
+        Term(1.0, "beach"),
+        Term(1.0, "sunset"),
+        Term(-1.0, "people"),
+    ]
+    assert parse_query("2:sunset + beach") == [Term(2.0, "sunset"), Term(1.0, "beach")]
+    assert parse_query("a t-shirt") == [Term(1.0, "a t-shirt")]
+    assert parse_query("beach - 0.5:people") == [Term(1.0, "beach"), Term(-0.5, "people")]
+    assert parse_query("-1.5:night + day") == [Term(-1.5, "night"), Term(1.0, "day")]
+    assert parse_query("x+y") == [Term(1.0, "x+y")]
+
+
+def test_parse_query_rejects_empty_terms():
+    with pytest.raises(UsageError):
+        parse_query("beach + ")
+
+
+def test_combine_is_normalised_weighted_sum_of_unit_vectors():
+    a, b = np.array([3.0, 0.0], np.float32), np.array([0.0, 0.5], np.float32)
+    q = combine([a, b], [2.0, 1.0])
+    np.testing.assert_allclose(q, np.array([2, 1]) / np.sqrt(5), rtol=1e-6)
+    with pytest.raises(UsageError, match="cancel"):
+        combine([a, a], [1.0, -1.0])
+
+
+@pytest.fixture
+def indexed(tiny_model, tmp_path):
+    root = tmp_path / "m"
+    for i in range(5):
+        make_image(root / f"img{i}.png", pattern=i)
+    make_note(root / "dogs.md", "a dog running on the beach")
+    make_note(root / "cats.md", "a cat sleeping on a sofa")
+    index_paths(
+        IndexOptions(
+            roots=(root,),
+            root_dir=index_root(),
+            encoder=EncoderOptions(model=ModelSpec.parse(str(tiny_model)), precision="fp32"),
+            workers=0,
+        )
+    )
+    return root
+
+
+def names(hits):
+    return [Path(os.fsdecode(h.path)).name for h in hits]
+
+
+def test_text_finds_the_note_with_that_text(indexed):
+    with Searcher(SearchOptions()) as s:
+        hits = s.search("a dog running on the beach", k=3)
+    assert names(hits)[0] == "dogs.md" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert [h.rank for h in hits] == [1, 2, 3]
+    assert hits == sorted(hits, key=lambda h: -h.score)
+
+
+def test_image_finds_itself_first_and_type_filters(indexed):
+    with Searcher(SearchOptions()) as s:
+        hits = s.search(image=indexed / "img3.png", k=3, modality="image")
+        assert names(hits)[0] == "img3.png" and hits[0].score == pytest.approx(1.0, abs=1e-3)
+        assert all(h.modality == "image" for h in hits)
+        text_only = s.search(image=indexed / "img3.png", k=10, modality="text")
+        assert sorted(names(text_only)) == ["cats.md", "dogs.md"]
+
+
+def test_k_larger_than_index_returns_everything(indexed):
+    with Searcher(SearchOptions()) as s:
+        assert len(s.search("anything", k=1000)) == 7
+
+
+def test_arithmetic_matches_manual_combination(indexed):
+    with Searcher(SearchOptions()) as s:
+        q = s.query_vector("2:dog + beach - cat")
+        parts = s.embed_texts(["dog", "beach", "cat"])
+        np.testing.assert_allclose(q, combine(list(parts), [2, 1, -1]), atol=1e-5)
+        hits = s.search("2:dog + beach - cat", k=7)
+        scores = s.col.vectors.search(q, 7)[0]
+        np.testing.assert_allclose([h.score for h in hits], scores, atol=1e-6)
+
+
+def test_text_plus_image_query(indexed):
+    with Searcher(SearchOptions()) as s:
+        q = s.query_vector("a dog", image=indexed / "img1.png")
+        expected = combine([s.embed_texts(["a dog"])[0], s.embed_image(indexed / "img1.png")], [1, 1])
+        np.testing.assert_allclose(q, expected, atol=1e-5)
+
+
+def test_search_errors(indexed, tmp_path):
+    with Searcher(SearchOptions()) as s:
+        with pytest.raises(UsageError, match="nothing to search"):
+            s.search("")
+        with pytest.raises(UsageError, match="not found"):
+            s.search(image=tmp_path / "nope.jpg")
+        with pytest.raises(UsageError, match="--type"):
+            s.search("x", modality="video")
+    with pytest.raises(IndexNotFoundError, match="no index named 'other'"):
+        Searcher(SearchOptions(name="other"))
