@@ -72,7 +72,9 @@ def media(tmp_path) -> Path:
     for i in range(4):
         make_image(root / "photos" / f"p{i}.jpg", pattern=i, size=(64 + 8 * i, 48))
     make_image(root / "photos" / "nested" / "deep.png", pattern=9)
-    make_note(root / "notes" / "trip.md", "# Trip\nWe went to the beach.\nThe dog ran after a ball.\n")
+    make_note(
+        root / "notes" / "trip.md", "# Trip\nWe went to the beach.\nThe dog ran after a ball.\n"
+    )
     (root / "photos" / "broken.jpg").write_bytes(b"this is not a jpeg")
     return root
 

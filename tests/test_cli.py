@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_image
 from typer.testing import CliRunner
 
-from conftest import make_image
 from mmsearch.cli import app
 
 runner = CliRunner()
@@ -56,7 +56,7 @@ def test_search_json_hits(indexed):
     assert hits[0]["path"] == str(indexed / "notes" / "trip.md")
     assert hits[0]["modality"] == "text" and os.path.isabs(hits[0]["path"])
     assert hits[0]["start"] == 1 and hits[0]["end"] == 3
-    assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
+    assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:], strict=False))
 
 
 def test_search_by_image_with_type_filter(indexed):
@@ -87,7 +87,9 @@ def test_info_failures_list(indexed, tiny_model):
 
 def test_index_dir_option_overrides_home(tiny_model, media, tmp_path):
     other = tmp_path / "elsewhere"
-    r = cli("index", media, "--model", tiny_model, "--index-dir", other, "--index", "pics", "--json")
+    r = cli(
+        "index", media, "--model", tiny_model, "--index-dir", other, "--index", "pics", "--json"
+    )
     assert r.exit_code == 0
     assert (other / "pics" / "manifest.json").is_file()
 
@@ -173,17 +175,28 @@ def test_installed_command_end_to_end(tiny_model, media, tmp_path):
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mmsearch.cli"]
     out = subprocess.run(
         [*cmd, "index", str(media), "--model", str(tiny_model), "--json"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["files"] == 6
     top = Path(__file__).resolve().parents[1] / "cli.py"
     out = subprocess.run(
         [sys.executable, str(top), "search", "The dog ran after a ball", "--json", "-k", "1"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["path"] == str(media / "notes" / "trip.md")
-    out = subprocess.run([*cmd, "search", "x", "--index", "nope"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [*cmd, "search", "x", "--index", "nope"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0 and out.stderr.count("\n") == 1

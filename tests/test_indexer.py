@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import bump_mtime, make_image, make_note
+
 from mmsearch.collection import Collection
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions, index_root
 from mmsearch.errors import IndexLockedError, ModelMismatchError, UsageError

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_image, make_note
+
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions, index_root
 from mmsearch.errors import IndexNotFoundError, UsageError
 from mmsearch.indexer import index_paths
@@ -98,7 +98,9 @@ def test_arithmetic_matches_manual_combination(indexed):
 def test_text_plus_image_query(indexed):
     with Searcher(SearchOptions()) as s:
         q = s.query_vector("a dog", image=indexed / "img1.png")
-        expected = combine([s.embed_texts(["a dog"])[0], s.embed_image(indexed / "img1.png")], [1, 1])
+        expected = combine(
+            [s.embed_texts(["a dog"])[0], s.embed_image(indexed / "img1.png")], [1, 1]
+        )
         np.testing.assert_allclose(q, expected, atol=1e-5)
 
 
