@@ -48,7 +48,10 @@ def index_paths(options: IndexOptions, progress: Progress | None = None) -> Inde
     roots = check_roots(list(options.roots))
     col = Collection.open_writer(options.root_dir, options.name)
     try:
-        encoder = _encoder_for(col, options)
+        # With the index's own model, loading it (seconds of torch imports) waits until a file
+        # actually needs embedding, so a run that finds nothing new is quick.
+        eager = options.encoder.model is not None or options.rebuild or not col.encoder_identity
+        encoder = _encoder_for(col, options) if eager else None
         report = _run(col, encoder, roots, options, progress)
     finally:
         col.close()
@@ -91,12 +94,16 @@ def plan(col: Collection, entries: list[FileEntry], roots: list[bytes]) -> Plan:
     return Plan(todo, unchanged, still_failing, vanished, gone_failures)
 
 
-def _run(col: Collection, encoder: Encoder, roots, options: IndexOptions, progress) -> IndexReport:
+def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> IndexReport:
     progress("scan", 0, 0)
     entries = list(walk(roots, hidden=options.hidden, follow_links=options.follow_links))
     p = plan(col, entries, roots)
     report = IndexReport(unchanged=p.unchanged)
     vectors = col.vectors
+    if encoder is None and p.todo:
+        encoder = _encoder_for(col, options)
+    if encoder is None:  # nothing to embed: only removals
+        encoder = Encoder(identity=col.encoder_identity, dim=col.dim)
     settings = LoadSettings(
         image_prep=encoder.extras.get("prep"),
         audio=encoder.extras.get("audio_load"),

@@ -274,3 +274,21 @@ def test_parallel_workers_give_the_same_vectors(tiny_model, tmp_path, home):
     assert vecs["par"].keys() == vecs["seq"].keys()
     for p in vecs["par"]:
         np.testing.assert_allclose(vecs["par"][p], vecs["seq"][p], atol=1e-6)
+
+
+def test_run_without_new_files_does_not_load_the_model(tiny_model, media, monkeypatch):
+    import mmsearch.indexer as indexer
+
+    run(tiny_model, media)
+    monkeypatch.setattr(indexer, "create_encoder", lambda *a, **k: pytest.fail("model loaded"))
+    opts = IndexOptions(roots=(media,), root_dir=index_root(), workers=0)
+    assert index_paths(opts).unchanged == 6
+    (media / "photos" / "p1.jpg").unlink()
+    assert index_paths(opts).removed == 1
+
+
+def test_index_without_model_uses_the_index_model(tiny_model, media):
+    run(tiny_model, media)
+    make_image(media / "photos" / "new.png", pattern=77)
+    r = index_paths(IndexOptions(roots=(media,), root_dir=index_root(), workers=0))
+    assert (r.added, r.unchanged) == (1, 6)
