@@ -110,13 +110,18 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
         modalities=frozenset(m for m in (IMAGE, TEXT, AUDIO) if getattr(encoder, m) is not None),
     )
     total = len(p.todo)
-    progress("embed", 0, total)
     done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        progress("embed", done, total)
+
+    tick(0)
     try:
         for loaded in _load_chunks(p.todo, settings, options):
-            _commit_chunk(col, encoder, loaded, p, report, options)
-            done += len(loaded)
-            progress("embed", done, total)
+            embedded = _commit_chunk(col, encoder, loaded, p, report, options, tick)
+            tick(len(loaded) - embedded)
         with col.catalog.transaction():
             removed_ids = []
             for row in p.vanished.values():
@@ -159,7 +164,8 @@ def _load_chunks(todo, settings: LoadSettings, options: IndexOptions) -> Iterato
             pending = nxt
 
 
-def _commit_chunk(col, encoder: Encoder, loaded: list[Loaded], p: Plan, report, options):
+def _commit_chunk(col, encoder: Encoder, loaded, p: Plan, report, options, tick) -> int:
+    """Embed and commit one chunk; returns how many files `tick` was already called for."""
     catalog = col.catalog
     old_rows = {e.path: row for e, row in p.todo}
     ok = [x for x in loaded if x.error is None]
@@ -181,7 +187,16 @@ def _commit_chunk(col, encoder: Encoder, loaded: list[Loaded], p: Plan, report, 
     for i in to_embed:
         first_of_hash.setdefault(ok[i].hash, i)
     try:
-        embedded = _embed(encoder, [ok[i] for i in first_of_hash.values()], options.batch_size)
+        ticked = 0
+
+        def counted(n: int) -> None:
+            nonlocal ticked
+            ticked += n
+            tick(n)
+
+        embedded = _embed(
+            encoder, [ok[i] for i in first_of_hash.values()], options.batch_size, counted
+        )
     except LoadError as e:  # pragma: no cover - defensive: _embed records per-file problems
         raise RuntimeError(str(e)) from e
     for (digest, _i), result in zip(first_of_hash.items(), embedded, strict=True):
@@ -232,6 +247,7 @@ def _commit_chunk(col, encoder: Encoder, loaded: list[Loaded], p: Plan, report, 
     col.vectors.remove(removed_ids)
     for ids, vecs in added_ids:
         col.vectors.add(ids, vecs)
+    return ticked
 
 
 def _fail(catalog, entry: FileEntry, reason: str, old: FileRow | None, removed_ids, report):
@@ -242,14 +258,17 @@ def _fail(catalog, entry: FileEntry, reason: str, old: FileRow | None, removed_i
     report.failures.append((show_path(entry.path), reason))
 
 
-def _embed(encoder: Encoder, items: list[Loaded], batch_size: int) -> list:
-    """(segments, vectors) per item, or a reason string for an item that could not be embedded."""
+def _embed(encoder: Encoder, items: list[Loaded], batch_size: int, tick) -> list:
+    """(segments, vectors) per item, or a reason string for an item that could not be embedded.
+    Calls `tick(n)` as files are done, once per file."""
     out: list = [None] * len(items)
     images = [i for i, x in enumerate(items) if x.entry.modality == IMAGE]
-    if images:
-        vecs = encoder.image.embed([items[i].payload for i in images], batch_size)
-        for j, i in enumerate(images):
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        vecs = encoder.image.embed([items[i].payload for i in batch], batch_size)
+        for j, i in enumerate(batch):
             out[i] = ([Segment()], vecs[j : j + 1])
+        tick(len(batch))
     notes = [i for i, x in enumerate(items) if x.entry.modality == TEXT]
     if notes:
         tower = encoder.text
@@ -272,12 +291,15 @@ def _embed(encoder: Encoder, items: list[Loaded], batch_size: int) -> list:
             for i in set(owners):
                 segs = [Segment(s.start, s.end) for s in out[i][0]]
                 out[i] = (segs, vecs[owners_arr == i])
+        tick(len(notes))
     sounds = [i for i, x in enumerate(items) if x.entry.modality == AUDIO]
     for i in sounds:
         windows = items[i].payload.windows
         if not windows:
             out[i] = "no audio samples"
+            tick(1)
             continue
         vecs = encoder.audio.embed([w for _, _, w in windows], batch_size)
         out[i] = ([Segment(s, e) for s, e, _ in windows], vecs)
+        tick(1)
     return out
