@@ -72,6 +72,8 @@ PUNCTUATION = [
     "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
     "?!?!?!",
     "!a!b!c!",
+    "!~",
+    "wow!« really!} yes!|",
     "(parentheses) [brackets] {braces} <angles>",
     "email: someone@example.com, url: https://example.org/path?q=1&x=2#frag",
     "C:\\Windows\\System32\\drivers\\etc\\hosts",
@@ -281,7 +283,7 @@ def test_embeddings_agree_with_open_clip(exported):
     tower = FastTextTower.load(out)
     act = model.transformer.resblocks[0].mlp.gelu
     assert tower.config["act"] == ("quick_gelu" if type(act).__name__ == "QuickGELU" else "gelu")
-    texts = CAPTIONS[:12] + PUNCTUATION[15:20] + UNICODE[:6] + EMOJI[:4] + _long_texts()[:4]
+    texts = CAPTIONS[:12] + PUNCTUATION[:22] + UNICODE[:6] + EMOJI[:4] + _long_texts()[:4]
     ref = _reference(model, tokenizer, texts)
     got = tower.embed(texts, batch_size=8)
     assert got.shape == (len(texts), tower.dim) and got.dtype == np.float32

@@ -31,7 +31,8 @@ FORMAT = "mmsearch-fast-text"
 FORMAT_VERSION = 1
 
 # Verification texts: long (> 77 tokens, so truncation keeps EOT last), unicode, html entities,
-# emoji, empty, punctuation, a literal special token, and "!" runs whose BPE pieces include id 0.
+# emoji, empty, punctuation, a literal special token, and "!~"-style runs whose BPE pieces include
+# id 0 (a bare "!"), which is also the padding id.
 # All are checked for identical tokens; EMBED_SAMPLES also run through both towers (open_clip pads
 # every text to the full context, so each one costs a full forward pass).
 SAMPLE_TEXTS = (
@@ -48,7 +49,7 @@ SAMPLE_TEXTS = (
     "\u201ccurly quotes\u201d \u2014 em dash \ufb01ne ligature ＦＵＬＬ width",
     "don't won't it's we're they've I'm you'll he'd",
     "!!! ??? ... --- *** !?! ¡hola!",
-    "!\u00e9 !\u00e9\u00e9",
+    "!\u00e9 !\u00e9\u00e9 !~ !\u00ab wow!}",
     "<start_of_text> literal special <end_of_text> tokens",
     "tabs\tand\nnewlines\r\nand   spaces",
     "12345 3.14159 1,000,000 ½ ² Ⅻ",
@@ -60,6 +61,7 @@ EMBED_SAMPLES = (
     "",
     "Crème brûlée 東京 Привет emoji 😀🐶 fish &amp; chips &lt;b&gt; “curly” ﬁne",
     "!!! ??? !é ¡hola! <start_of_text> literal <end_of_text> tokens",
+    "!~",
     " ".join(f"word{i} is part of a long caption that will not fit" for i in range(20)),
 )
 
