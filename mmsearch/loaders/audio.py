@@ -1,0 +1,216 @@
+"""Audio decoding: any file libsndfile reads -> mono float32 windows at the audio tower's rate.
+
+Deterministic by construction: the file is read in fixed-size blocks, downmixed to mono (channel
+mean), resampled with a streaming soxr resampler, and cut into fixed windows. A file no longer than
+one window is one window of its true length (the tower repeat-pads it the way CLAP does); a longer
+file gets windows every `hop_s` seconds plus one window aligned to its end (unless the end lies
+within TAIL_SLACK_S of the last window), so every window of a long file is full length. Nothing here holds more than about one window and one block of audio
+besides the windows it returns, so hours-long files stream (see `iter_windows`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from ..errors import LoadError
+
+# What libsndfile 1.2 decodes (wav/aiff/flac/ogg-vorbis/ogg-opus/mp3 and friends). m4a/aac needs
+# ffmpeg, which libsndfile does not use, so it is not listed.
+AUDIO_EXTENSIONS = frozenset(
+    {
+        ".wav",
+        ".wave",
+        ".flac",
+        ".ogg",
+        ".oga",
+        ".opus",
+        ".mp3",
+        ".aiff",
+        ".aif",
+        ".aifc",
+        ".au",
+        ".caf",
+        ".w64",
+    }
+)
+
+DEFAULT_SAMPLE_RATE = 48_000  # CLAP's rate
+DEFAULT_WINDOW_S = 10.0  # CLAP's input length
+DEFAULT_HOP_S = 7.5  # 2.5 s overlap: an event up to 2.5 s long lies whole inside some window
+MIN_SECONDS = 0.01  # shorter than this is not a sound anyone searches for
+TAIL_SLACK_S = 0.1  # an end this short past the last full window gets no window of its own
+BLOCK_FRAMES = 1 << 16  # frames read per block at the file's own rate
+
+
+@dataclass(frozen=True)
+class AudioWindows:
+    """A decoded file: windows of mono float32 audio at `sample_rate`.
+
+    `duration` is the length of the decoded audio in seconds (the whole file, unless `truncated`).
+    `notes` says what was done to the audio that a user may want to know (resampling, downmixing,
+    cutting at max_seconds); failures are never notes, they raise LoadError.
+    """
+
+    sample_rate: int
+    duration: float
+    windows: list[tuple[float, float, np.ndarray]]  # (start_s, end_s, samples)
+    truncated: bool = False
+    notes: tuple[str, ...] = ()
+
+
+def load_audio(
+    path: str | os.PathLike | bytes,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+    window_s: float = DEFAULT_WINDOW_S,
+    hop_s: float = DEFAULT_HOP_S,
+    max_seconds: float | None = None,
+) -> AudioWindows:
+    """Decode `path` into windows. Raises LoadError with a reason for audio that cannot be used.
+
+    `max_seconds` stops decoding after that much audio (the result says `truncated`); without it a
+    long file yields all its windows, about 1.3 x 192 kB per second of audio at 48 kHz.
+    """
+    info = _StreamInfo()
+    windows = list(iter_windows(path, sample_rate, window_s, hop_s, max_seconds, info=info))
+    return AudioWindows(
+        sample_rate=sample_rate,
+        duration=info.duration,
+        windows=windows,
+        truncated=info.truncated,
+        notes=tuple(info.notes),
+    )
+
+
+class _StreamInfo:
+    """Filled in by `iter_windows` as it runs; complete once the iterator is exhausted."""
+
+    def __init__(self) -> None:
+        self.duration = 0.0
+        self.truncated = False
+        self.notes: list[str] = []
+
+
+def iter_windows(
+    path: str | os.PathLike | bytes,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+    window_s: float = DEFAULT_WINDOW_S,
+    hop_s: float = DEFAULT_HOP_S,
+    max_seconds: float | None = None,
+    info: _StreamInfo | None = None,
+) -> Iterator[tuple[float, float, np.ndarray]]:
+    """Yield (start_s, end_s, samples) windows while decoding, holding at most a window and a
+    block in memory. A LoadError can come after some windows were yielded (a file that turns out
+    damaged halfway): treat it as a failure of the whole file."""
+    if window_s <= 0 or hop_s <= 0 or hop_s > window_s:
+        raise ValueError(f"need 0 < hop_s <= window_s, got window_s={window_s}, hop_s={hop_s}")
+    info = info if info is not None else _StreamInfo()
+    fspath = os.fsdecode(path)
+    win = int(round(window_s * sample_rate))
+    hop = int(round(hop_s * sample_rate))
+
+    try:
+        size = os.path.getsize(fspath)
+    except OSError as e:
+        raise LoadError(f"cannot read file: {e.strerror or e}") from e
+    if size == 0:
+        raise LoadError("empty file (0 bytes)")
+    try:
+        f = sf.SoundFile(fspath)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as e:
+        raise LoadError(f"not a readable audio file: {_sf_reason(e)}") from e
+
+    with f:
+        rate, channels = int(f.samplerate), int(f.channels)
+        if rate <= 0 or channels <= 0:
+            raise LoadError(f"bad audio header: {rate} Hz, {channels} channel(s)")
+        if f.frames == 0:
+            raise LoadError("no audio samples (zero-length)")
+        limit = None if max_seconds is None else int(math.ceil(max_seconds * rate))
+        if channels > 1:
+            info.notes.append(f"downmixed {channels} channels to mono")
+        if rate != sample_rate:
+            info.notes.append(f"resampled {rate} Hz to {sample_rate} Hz")
+        resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
+
+        buf = np.zeros(0, dtype=np.float32)
+        buf_start = 0  # absolute index (at sample_rate) of buf[0]
+        next_start = 0  # start of the next full window to emit
+        decoded = 0  # frames read at the file's rate
+        emitted_end = 0  # end of the last emitted window
+        done = False
+        while not done:
+            want = BLOCK_FRAMES if limit is None else min(BLOCK_FRAMES, limit - decoded)
+            try:
+                block = f.read(want, dtype="float32", always_2d=True) if want > 0 else None
+            except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+                raise LoadError(
+                    f"audio data is damaged ({_sf_reason(e)}); "
+                    f"{decoded / rate:.1f} s decoded before the damage"
+                ) from e
+            if block is None or len(block) == 0:
+                done = True
+                if limit is not None and decoded >= limit and f.frames > decoded:
+                    info.truncated = True
+                    total = f.frames / rate
+                    info.notes.append(
+                        f"only the first {decoded / rate:g} s of {total:.0f} s were decoded "
+                        f"(max_seconds={max_seconds:g})"
+                    )
+                mono = np.zeros(0, dtype=np.float32)
+            else:
+                if not np.isfinite(block).all():
+                    bad = int(np.argmax(~np.isfinite(block).all(axis=1)))
+                    raise LoadError(
+                        f"NaN or infinite samples (first at {(decoded + bad) / rate:.3f} s): "
+                        "the file is damaged"
+                    )
+                decoded += len(block)
+                mono = block[:, 0] if channels == 1 else block.mean(axis=1, dtype=np.float32)
+            out = resampler.resample_chunk(np.ascontiguousarray(mono), last=done)
+            if len(out):
+                buf = np.concatenate([buf, out]) if len(buf) else out
+            # Full windows that are complete now.
+            while next_start + win <= buf_start + len(buf):
+                a = next_start - buf_start
+                if next_start + win < buf_start + len(buf) or done:
+                    yield _window(next_start, win, buf[a : a + win], sample_rate)
+                    emitted_end = next_start + win
+                    next_start += hop
+                else:
+                    break  # exactly at the end: wait to know whether the file ends here
+            # Keep what a later window or the end-aligned last window may still need.
+            keep_from = min(next_start, buf_start + len(buf) - win)
+            if keep_from > buf_start:
+                buf = buf[keep_from - buf_start :].copy()
+                buf_start = keep_from
+
+        total = buf_start + len(buf)  # samples at sample_rate
+        info.duration = total / sample_rate
+        if decoded / rate < MIN_SECONDS or total < 2:
+            raise LoadError(
+                f"too short to embed: {decoded} sample{'s' if decoded != 1 else ''} "
+                f"({decoded / rate * 1000:.3g} ms); at least {MIN_SECONDS * 1000:g} ms is needed"
+            )
+        if emitted_end == 0:
+            yield _window(0, total, buf[:total], sample_rate)  # one short window: the whole file
+        elif total - emitted_end > TAIL_SLACK_S * sample_rate:
+            yield _window(total - win, win, buf[len(buf) - win :], sample_rate)
+
+
+def _window(start: int, length: int, samples: np.ndarray, rate: int):
+    return (start / rate, (start + length) / rate, np.array(samples, dtype=np.float32, copy=True))
+
+
+def _sf_reason(e: Exception) -> str:
+    text = str(e).strip()
+    # libsndfile messages start with "Error opening '<path>': "; the path is already known.
+    if ": " in text and text.startswith("Error opening"):
+        text = text.split(": ", 1)[1]
+    return text or type(e).__name__
