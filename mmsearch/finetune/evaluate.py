@@ -1,0 +1,181 @@
+"""Retrieval recall@1/5/10 in both directions on a set of (file, caption) pairs.
+
+Protocol (Flickr/COCO style): the gallery is the distinct files and all captions. text->image is a
+hit when the caption's own file ranks in the top k; image->text is a hit when any of the file's
+captions does. Ties count against the model (a collapsed model scores zero, not one).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import EncoderOptions, ImagePrep, ModelSpec
+from ..errors import LoadError, UsageError
+from ..items import AUDIO, IMAGE
+from ..loaders.image import load_image
+from .pairs import UNDECODABLE, PairSet, Skipped
+
+KS = (1, 5, 10)
+Progress = Callable[..., None]
+
+
+def _quiet(event: str, **info) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Recall:
+    """Fractions in [0, 1] keyed by k."""
+
+    image_to_text: dict[int, float]
+    text_to_image: dict[int, float]
+    images: int
+    texts: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        """Mean of the six recalls (R@1/5/10 both ways): what picks the best epoch."""
+        values = list(self.image_to_text.values()) + list(self.text_to_image.values())
+        return float(np.mean(values)) if values else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "image_to_text": {f"R@{k}": round(v, 6) for k, v in self.image_to_text.items()},
+            "text_to_image": {f"R@{k}": round(v, 6) for k, v in self.text_to_image.items()},
+            "mean": round(self.mean, 6),
+            "images": self.images,
+            "texts": self.texts,
+            **({"skipped": self.skipped} if self.skipped else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Recall:
+        def ks(x):
+            return {int(k.split("@")[1]): float(v) for k, v in x.items()}
+
+        return cls(
+            ks(d["image_to_text"]),
+            ks(d["text_to_image"]),
+            d["images"],
+            d["texts"],
+            d.get("skipped", {}),
+        )
+
+
+def recall_at_k(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_image: Sequence[int],
+    ks: Sequence[int] = KS,
+    chunk: int = 4096,
+) -> Recall:
+    """`text_image[t]` is the row of `image_emb` that caption t describes. Embeddings L2-normalised."""
+    image_emb = np.asarray(image_emb, dtype=np.float32)
+    text_emb = np.asarray(text_emb, dtype=np.float32)
+    g = np.asarray(text_image, dtype=np.int64)
+    n_img, n_txt = len(image_emb), len(text_emb)
+    if n_img == 0 or n_txt == 0:
+        raise UsageError("no pairs to evaluate")
+    # Pass 1: each caption's score with its own image, taken from the same matmul as the ranking.
+    own = np.empty(n_txt, dtype=np.float32)
+    for s in range(0, n_txt, chunk):
+        sims = text_emb[s : s + chunk] @ image_emb.T
+        own[s : s + chunk] = sims[np.arange(len(sims)), g[s : s + chunk]]
+    best_own = np.full(n_img, -np.inf, dtype=np.float32)
+    np.maximum.at(best_own, g, own)
+    # Pass 2: ranks. A caption's rank = other images scoring >= its own image; an image's rank =
+    # captions of other images scoring >= its best caption.
+    t_rank = np.empty(n_txt, dtype=np.int64)
+    i_rank = np.zeros(n_img, dtype=np.int64)
+    for s in range(0, n_txt, chunk):
+        sims = text_emb[s : s + chunk] @ image_emb.T
+        rows = np.arange(len(sims))
+        gi = g[s : s + chunk]
+        t_rank[s : s + chunk] = (sims >= own[s : s + chunk, None]).sum(1) - 1
+        beats = sims >= best_own[None, :]
+        beats[rows, gi] = False
+        i_rank += beats.sum(0)
+    has_caption = np.isfinite(best_own)
+    i2t = {k: float((i_rank[has_caption] < k).mean()) for k in ks}
+    t2i = {k: float((t_rank < k).mean()) for k in ks}
+    return Recall(i2t, t2i, int(has_caption.sum()), n_txt)
+
+
+def decode_images(
+    paths: Sequence[Path], prep: ImagePrep, workers: int | None = None
+) -> list[np.ndarray | LoadError]:
+    """Each path decoded to the model's input (uint8 HxWx3), or the LoadError it raised."""
+
+    def one(p):
+        try:
+            return load_image(p, prep)
+        except LoadError as e:
+            return e
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(paths) < 8:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes with the GIL released
+        return list(pool.map(one, paths))
+
+
+def evaluate(
+    pairs: PairSet,
+    model_spec: str | ModelSpec,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> Recall:
+    """Recall@1/5/10 both ways of `model_spec` (a name, hf-hub id or model directory) on `pairs`.
+
+    Uses the same encoder path as indexing (`load_clip`). Undecodable files are left out and
+    counted in `Recall.skipped`; audio pairs are not evaluated yet.
+    """
+    from ..encoders.clip import load_clip
+
+    progress = progress or _quiet
+    spec = model_spec if isinstance(model_spec, ModelSpec) else ModelSpec.parse(str(model_spec))
+    skipped = dict(pairs.skipped_counts())
+    audio = len(pairs.of(AUDIO))
+    if audio:
+        # HOOK(audio): evaluate audio->text with the audio projector once encoders/audio.py has it.
+        skipped["audio pairs (not evaluated yet)"] = audio
+    images = pairs.of(IMAGE)
+    if not images.pairs:
+        raise UsageError("no image pairs to evaluate")
+    progress("load_model", model=str(spec))
+    encoder = load_clip(spec, EncoderOptions(device=device, precision=precision))
+    prep = encoder.extras["prep"]
+    files = images.files()
+    index_of, image_emb, failed = {}, [], []
+    for s in range(0, len(files), 512):  # decode and embed in slices to bound memory
+        part = files[s : s + 512]
+        decoded = decode_images(part, prep)
+        good = []
+        for path, arr in zip(part, decoded, strict=True):
+            if isinstance(arr, LoadError):
+                failed.append(Skipped(str(path), f"{UNDECODABLE}: {arr.reason}"))
+            else:
+                good.append((path, arr))
+        if good:
+            for p, _ in good:
+                index_of[p] = len(index_of)
+            image_emb.append(encoder.image.embed([a for _, a in good], batch_size))
+        progress("embed_images", done=min(s + 512, len(files)), total=len(files))
+    if failed:
+        skipped[UNDECODABLE] = len(failed)
+    kept = [p for p in images.pairs if p.path in index_of]
+    if not kept:
+        raise UsageError("no decodable images to evaluate")
+    text_emb = encoder.text.embed([p.caption for p in kept], batch_size)
+    progress("embed_texts", done=len(kept), total=len(kept))
+    r = recall_at_k(np.concatenate(image_emb), text_emb, [index_of[p.path] for p in kept])
+    return Recall(r.image_to_text, r.text_to_image, r.images, r.texts, skipped)

@@ -1,0 +1,268 @@
+"""Read (file, caption) pairs from CSV/TSV/JSONL files or from a folder with sidecar captions.
+
+A pair that cannot be used (missing file, empty caption, unknown file type, unreadable row) is
+recorded in `PairSet.skipped` with its reason and left out; reading never stops at a bad row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from ..items import AUDIO, IMAGE
+from ..loaders import modality_of as _modality_by_extension
+
+PATH_KEYS = (
+    "path", "filepath", "file_path", "filepaths", "file", "filename", "file_name",
+    "image", "image_path", "img", "img_path", "audio", "audio_path", "media", "url",
+)  # fmt: skip
+CAPTION_KEYS = (
+    "caption", "captions", "text", "title", "description", "label", "sentence", "prompt",
+)  # fmt: skip
+
+# Reason keys: the part of a reason before ':' is what `skipped_counts` groups by.
+MISSING = "missing file"
+EMPTY = "empty caption"
+NO_PATH = "no path"
+UNSUPPORTED = "unsupported file type"
+BAD_ROW = "unreadable row"
+NO_CAPTION_FILE = "no caption file"
+UNDECODABLE = "undecodable"
+
+
+@dataclass(frozen=True)
+class Pair:
+    path: Path  # absolute
+    caption: str
+    modality: str  # "image" | "audio"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    where: str  # "pairs.csv:12" or the media file
+    reason: str  # "missing file: photos/a.jpg"
+
+    @property
+    def kind(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+@dataclass
+class PairSet:
+    """Usable pairs plus the ones left out, with reasons."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    source: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def of(self, modality: str) -> PairSet:
+        return PairSet([p for p in self.pairs if p.modality == modality], [], self.source)
+
+    def files(self) -> list[Path]:
+        """Distinct files, in first-seen order."""
+        return list(dict.fromkeys(p.path for p in self.pairs))
+
+    def skipped_counts(self) -> dict[str, int]:
+        return dict(Counter(s.kind for s in self.skipped))
+
+
+def split_by_file(pairs: PairSet, val_fraction: float, seed: int = 0) -> tuple[PairSet, PairSet]:
+    """(train, held-out): a seeded random `val_fraction` of the distinct files goes to held-out with
+    all its captions, so no file's captions straddle the split. Skipped records stay with train."""
+    files = sorted(set(p.path for p in pairs.pairs))
+    n_val = int(round(val_fraction * len(files)))
+    if val_fraction > 0 and len(files) > 1:
+        n_val = min(max(n_val, 1), len(files) - 1)
+    perm = np.random.default_rng(seed).permutation(len(files))
+    held = {files[i] for i in perm[:n_val]}
+    train = PairSet(
+        [p for p in pairs.pairs if p.path not in held], list(pairs.skipped), pairs.source
+    )
+    val = PairSet([p for p in pairs.pairs if p.path in held], [], pairs.source)
+    return train, val
+
+
+def read_pairs(
+    source: str | os.PathLike, path_key: str | None = None, caption_key: str | None = None
+) -> PairSet:
+    """Pairs from a .csv/.tsv (header row), a .jsonl file, or a folder of `a.jpg` + `a.txt`.
+
+    Column names are guessed (path/file/image..., caption/text/...) unless given. Relative paths are
+    resolved against the folder of the pairs file.
+    """
+    source = Path(source).expanduser()
+    if source.is_dir():
+        return _read_folder(source)
+    if not source.is_file():
+        raise UsageError(f"pairs file or folder not found: {source}")
+    suffix = source.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(source, path_key, caption_key)
+    if suffix in (".csv", ".tsv"):
+        return _read_table(source, path_key, caption_key)
+    raise UsageError(
+        f"{source}: pairs must be a .csv, .tsv or .jsonl file, or a folder with captions"
+    )
+
+
+def clean_caption(text) -> str:
+    return re.sub(r"\s+", " ", str(text)).strip() if text is not None else ""
+
+
+def modality_of(path: Path) -> str | None:
+    """image or audio (audio pairs are read and counted now; the audio projector trains on them
+    later); None for anything else, notes included."""
+    m = _modality_by_extension(str(path))
+    return m if m in (IMAGE, AUDIO) else None
+
+
+class _Builder:
+    def __init__(self, source: Path):
+        self.set = PairSet(source=source)
+        self.base = source.parent if source.is_file() else source
+
+    def add(self, where: str, raw_path, caption) -> None:
+        raw = "" if raw_path is None else str(raw_path).strip()
+        if not raw:
+            self.set.skipped.append(Skipped(where, NO_PATH))
+            return
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = self.base / path
+        path = Path(os.path.abspath(path))
+        modality = modality_of(path)
+        text = clean_caption(caption)
+        if modality is None:
+            self.set.skipped.append(Skipped(where, f"{UNSUPPORTED}: {raw}"))
+        elif not path.is_file():
+            self.set.skipped.append(Skipped(where, f"{MISSING}: {raw}"))
+        elif not text:
+            self.set.skipped.append(Skipped(where, f"{EMPTY}: {raw}"))
+        else:
+            self.set.pairs.append(Pair(path, text, modality))
+
+
+def _pick(
+    columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, source: Path
+) -> str:
+    by_lower = {c.strip().lower(): c for c in columns if c is not None}
+    if wanted:
+        if wanted in columns:
+            return wanted
+        if wanted.lower() in by_lower:
+            return by_lower[wanted.lower()]
+        raise UsageError(f"{source}: no column {wanted!r} (columns: {', '.join(columns)})")
+    for c in candidates:
+        if c in by_lower:
+            return by_lower[c]
+    raise UsageError(
+        f"{source}: no {what} column found among {', '.join(columns)}; expected one of "
+        f"{', '.join(candidates)}"
+    )
+
+
+def _read_table(source: Path, path_key: str | None, caption_key: str | None) -> PairSet:
+    delimiter = "\t" if source.suffix.lower() == ".tsv" else ","
+    b = _Builder(source)
+    with open(source, newline="", encoding="utf-8-sig", errors="replace") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return b.set
+        if path_key is None and caption_key is None and _looks_like_data(header, b.base):
+            rows, pcol, ccol = [header], 0, 1  # no header row: path, caption
+            line0 = 1
+        else:
+            pname = _pick(header, path_key, PATH_KEYS, "path", source)
+            cname = _pick(header, caption_key, CAPTION_KEYS, "caption", source)
+            pcol, ccol = header.index(pname), header.index(cname)
+            rows, line0 = [], 2
+        for offset, row in enumerate(_chain(rows, reader)):
+            where = f"{source.name}:{line0 + offset}"
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) <= max(pcol, ccol):
+                b.set.skipped.append(Skipped(where, f"{BAD_ROW}: {len(row)} columns"))
+                continue
+            b.add(where, row[pcol], row[ccol])
+    return b.set
+
+
+def _chain(first: list, rest):
+    yield from first
+    yield from rest
+
+
+def _looks_like_data(header: list[str], base: Path) -> bool:
+    if len(header) != 2:
+        return False
+    first = Path(header[0].strip()).expanduser()
+    return (
+        modality_of(first) is not None
+        and (first if first.is_absolute() else base / first).is_file()
+    )
+
+
+def _read_jsonl(source: Path, path_key: str | None, caption_key: str | None) -> PairSet:
+    b = _Builder(source)
+    pname = cname = None
+    with open(source, encoding="utf-8-sig", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            where = f"{source.name}:{n}"
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                b.set.skipped.append(Skipped(where, f"{BAD_ROW}: invalid JSON ({e.msg})"))
+                continue
+            if not isinstance(obj, dict):
+                b.set.skipped.append(Skipped(where, f"{BAD_ROW}: not a JSON object"))
+                continue
+            if pname is None:  # columns are fixed by the first object
+                pname = _pick(list(obj), path_key, PATH_KEYS, "path", source)
+                cname = _pick(list(obj), caption_key, CAPTION_KEYS, "caption", source)
+            caption = obj.get(cname)
+            if isinstance(caption, list):  # {"path": ..., "captions": ["a", "b"]}
+                for c in caption:
+                    b.add(where, obj.get(pname), c)
+            else:
+                b.add(where, obj.get(pname), caption)
+    return b.set
+
+
+def _read_folder(root: Path) -> PairSet:
+    """Every image/audio file with a same-stem .txt beside it; the whole .txt is one caption."""
+    b = _Builder(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        names = set(filenames)
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or modality_of(path) is None:
+                continue
+            where = str(path.relative_to(root))
+            sidecar = path.stem + ".txt"
+            if sidecar not in names:
+                b.set.skipped.append(Skipped(where, f"{NO_CAPTION_FILE}: {sidecar}"))
+                continue
+            try:
+                caption = (Path(dirpath) / sidecar).read_text(encoding="utf-8", errors="replace")
+            except OSError as e:
+                b.set.skipped.append(
+                    Skipped(where, f"{BAD_ROW}: cannot read {sidecar}: {e.strerror}")
+                )
+                continue
+            b.add(where, path, caption)
+    return b.set

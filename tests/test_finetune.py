@@ -1,0 +1,483 @@
+"""Fine-tuning on a synthetic pair set (coloured shapes and their captions) with a tiny random
+open_clip model: every method learns, merged outputs reload bit-identically in plain open_clip,
+runs repeat exactly on CPU, and an interrupted run resumes to the same result."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_tiny_model
+from PIL import Image, ImageDraw
+
+from mmsearch.errors import UsageError
+from mmsearch.finetune import Recall, read_pairs, recall_at_k
+from mmsearch.finetune.pairs import PairSet, split_by_file
+
+COLOURS = {
+    "red": (230, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230),
+    "yellow": (240, 230, 40), "white": (250, 250, 250), "purple": (150, 40, 200),
+}  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+PLACES = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
+# Short context: the synthetic captions are a few tokens, and a short context keeps the test fast.
+CFG16 = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+LR = {"head": 3e-3, "lora": 3e-3, "lock-image": 1e-3, "full": 1e-3}
+EPOCHS = 4
+
+
+def draw_shapes(root: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n 32x32 images of one coloured shape; every third image gets a second, reworded caption."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        colour, shape, place = (
+            rng.choice(list(COLOURS)),
+            rng.choice(SHAPES),
+            rng.choice(list(PLACES)),
+        )
+        img = Image.new("RGB", (32, 32), tuple(rng.randrange(0, 60) for _ in range(3)))
+        d = ImageDraw.Draw(img)
+        r = 32 * rng.uniform(0.16, 0.22)
+        cx = PLACES[place][0] * 32 + rng.uniform(-2, 2)
+        cy = PLACES[place][1] * 32 + rng.uniform(-2, 2)
+        if shape == "circle":
+            d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
+        elif shape == "square":
+            d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+        name = f"img{i:03d}.png"
+        img.save(root / name)
+        rows.append((name, f"a {colour} {shape} on the {place}"))
+        if i % 3 == 0:
+            rows.append((name, f"{place} side: {shape}, {colour}"))
+    return rows
+
+
+def write_csv(path: Path, rows, header=("path", "caption"), delimiter=",") -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than on two contended ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    return write_csv(root / "pairs.csv", draw_shapes(root, 120))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("base") / "tiny16", cfg=CFG16)
+
+
+def config(base: Path, out: Path, method: str, **kw):
+    from mmsearch.finetune import FinetuneConfig
+
+    args = dict(
+        model=str(base), out=out, method=method, epochs=EPOCHS, batch_size=32, lr=LR[method],
+        warmup_steps=2, val_fraction=0.25, device="cpu", plot=method == "full",
+    )  # fmt: skip
+    args.update(kw)
+    return FinetuneConfig(**args)
+
+
+@pytest.fixture(scope="module")
+def runs(shapes, base, tmp_path_factory):
+    """One finished run per method, shared by the tests that inspect it."""
+    from mmsearch.finetune import finetune
+
+    done = {}
+
+    def get(method: str):
+        if method not in done:
+            out = tmp_path_factory.mktemp("runs") / method
+            done[method] = finetune(read_pairs(shapes), config(base, out, method))
+        return done[method]
+
+    return get
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "open_clip_model.safetensors"))
+
+
+def probe_inputs():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(5, 3, 32, 32, generator=g), torch.randint(1, 49000, (5, 16), generator=g)
+
+
+# --- every method learns, and its merged output reloads exactly -----------------------------------
+
+
+@pytest.mark.parametrize("method", ["head", "lora", "lock-image", "full"])
+def test_method_lowers_loss_raises_recall_and_reloads_identically(runs, method):
+    import open_clip
+    import torch
+
+    r = runs(method)
+    losses = [h["train_loss"] for h in r.history[1:]]
+    assert len(losses) == EPOCHS and losses[-1] < losses[0] - 0.1
+    assert r.before.mean < 0.2
+    assert r.after.mean > r.before.mean + 0.05, (r.before.to_dict(), r.after.to_dict())
+    assert r.best_epoch >= 1 and r.after == Recall.from_dict(r.history[r.best_epoch]["recall"])
+
+    # plain open_clip, no mmsearch code: same weights, bit-identical embeddings
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{r.out}")
+    model.eval()
+    images, tokens = probe_inputs()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), r.model.encode_image(images))
+        assert torch.equal(model.encode_text(tokens), r.model.encode_text(tokens))
+    mine = r.model.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in model.state_dict().items())
+
+
+def test_head_folds_into_the_output_projections(runs, base):
+    import torch
+
+    tuned, before = weights(runs("head").out), weights(base)
+    assert tuned.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(before[k], tuned[k])}
+    assert changed == {"visual.proj", "text_projection", "logit_scale"}
+
+
+def test_lock_image_trains_only_the_text_side(runs, base):
+    import torch
+
+    tuned, before = weights(runs("lock-image").out), weights(base)
+    changed = {k for k in before if not torch.equal(before[k], tuned[k])}
+    assert not any(k.startswith("visual.") for k in changed)
+    assert "text_projection" in changed and "token_embedding.weight" in changed
+
+
+def test_lora_merges_into_attention_and_mlp_weights(runs, base):
+    import torch
+
+    tuned, before = weights(runs("lora").out), weights(base)
+    changed = {k for k in before if not torch.equal(before[k], tuned[k])}
+    for tower in ("visual.transformer", "transformer"):
+        for layer in (
+            "attn.in_proj_weight",
+            "attn.out_proj.weight",
+            "mlp.c_fc.weight",
+            "mlp.c_proj.weight",
+        ):
+            assert f"{tower}.resblocks.0.{layer}" in changed
+    assert changed <= {k for k in before if k.endswith("weight")} | {"logit_scale"}
+    assert not any(k.endswith("bias") for k in changed)
+    log = json.loads((runs("lora").out / "training_log.json").read_text())
+    assert "visual.transformer.resblocks.1.attn.in_proj_weight" in log["adapted"]
+
+
+def test_lora_rank_and_targets_are_configurable(shapes, base, tmp_path):
+    import open_clip
+
+    from mmsearch.finetune import finetune
+    from mmsearch.finetune.methods import apply_method
+
+    model = open_clip.create_model(f"local-dir:{base}")
+    adapted = apply_method(model, "lora", lora_rank=2, lora_targets=("visual.*.c_fc",))
+    assert adapted == ["visual.transformer.resblocks.0.mlp.c_fc.weight",
+                       "visual.transformer.resblocks.1.mlp.c_fc.weight"]  # fmt: skip
+    trainable = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable["visual.transformer.resblocks.0.mlp.c_fc.parametrizations.weight.0.A"] == (
+        2,
+        64,
+    )
+    assert set(trainable) == {"logit_scale"} | {
+        f"visual.transformer.resblocks.{i}.mlp.c_fc.parametrizations.weight.0.{m}"
+        for i in (0, 1)
+        for m in "AB"
+    }
+    with pytest.raises(UsageError, match="match no linear layer"):
+        finetune(read_pairs(shapes), config(base, tmp_path / "o", "lora", lora_targets=("nope",)))
+
+
+def test_outputs_curve_log_and_mmsearch_loader(runs, shapes):
+    import torch
+
+    from mmsearch.config import EncoderOptions, ModelSpec
+    from mmsearch.encoders.clip import load_clip
+    from mmsearch.finetune import evaluate
+
+    r = runs("full")
+    assert r.curve == r.out / "curve.png" and r.curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = json.loads((r.out / "training_log.json").read_text())
+    assert (
+        log["finished"] and len(log["history"]) == EPOCHS + 1 and log["best_epoch"] == r.best_epoch
+    )
+    assert log["config"]["method"] == "full" and log["format_version"] == 1
+    assert not (r.out / "checkpoint").exists()
+
+    enc = load_clip(ModelSpec.parse(str(r.out)), EncoderOptions(device="cpu", precision="fp32"))
+    captions = ["a red circle on the left", "a blue square on the top"]
+    with torch.no_grad():
+        mine = torch.nn.functional.normalize(
+            r.model.encode_text(enc.extras["tokenizer"](captions)), dim=-1
+        )
+    assert np.allclose(enc.encode_text(captions), mine.numpy(), atol=1e-6)
+
+    _, held = split_by_file(read_pairs(shapes), 0.25, seed=0)
+    again = evaluate(held, str(r.out), device="cpu", precision="fp32")
+    assert again.images == r.val_files and again.texts == r.val_pairs
+    assert again.mean == pytest.approx(r.after.mean, abs=0.02)
+
+
+# --- training mechanics ----------------------------------------------------------------------------
+
+
+def test_runs_repeat_exactly_on_cpu(runs, shapes, base, tmp_path):
+    import torch
+
+    from mmsearch.finetune import finetune
+
+    first = runs("lora")
+    again = finetune(read_pairs(shapes), config(base, tmp_path / "again", "lora"))
+    a, b = weights(first.out), weights(again.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in first.history] == [h["train_loss"] for h in again.history]
+
+
+def test_interrupted_run_resumes_to_the_same_result(shapes, base, tmp_path):
+    import open_clip
+    import torch
+
+    from mmsearch.finetune import finetune
+
+    pairs = read_pairs(shapes)
+    straight = finetune(pairs, config(base, tmp_path / "straight", "head", epochs=2))
+
+    out = tmp_path / "resumed"
+    cfg = config(base, out, "head", epochs=2, checkpoint_every=1)
+    steps_per_epoch = int(np.ceil(straight.train_pairs / 32))
+
+    def ctrl_c(event, **info):
+        if event == "step" and info["step"] == steps_per_epoch + 2:  # mid epoch 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(pairs, cfg, progress=ctrl_c)
+    latest = json.loads((out / "checkpoint" / "latest.json").read_text())["dir"]
+    assert latest.startswith(f"step-{steps_per_epoch + 1:08d}")
+    open_clip.create_model(f"local-dir:{out}")  # the best model so far is a complete model dir
+    (out / "checkpoint" / "step-99999999-abc.partial").mkdir()  # debris of a write cut short
+
+    with pytest.raises(UsageError, match="--resume"):
+        finetune(pairs, cfg)
+    with pytest.raises(UsageError, match="different settings"):
+        finetune(pairs, config(base, out, "head", epochs=2, resume=True, lr=1e-2))
+    events = []
+    resumed = finetune(pairs, config(base, out, "head", epochs=2, resume=True),
+                       progress=lambda e, **i: events.append((e, i)))  # fmt: skip
+    assert ("resume", {"epoch": 1, "step": steps_per_epoch + 1}) in events
+    a, b = weights(straight.out), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def no_time(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert no_time(resumed.history) == no_time(straight.history)
+    with pytest.raises(UsageError, match="already finished"):
+        finetune(pairs, config(base, out, "head", epochs=2, resume=True))
+
+
+def test_grad_accumulation_matches_one_big_batch(shapes, base, tmp_path):
+    from mmsearch.finetune import finetune
+
+    pairs = read_pairs(shapes)
+    big = finetune(
+        pairs, config(base, tmp_path / "big", "full", epochs=1, batch_size=32, plot=False)
+    )
+    acc = finetune(pairs, config(base, tmp_path / "acc", "full", epochs=1, batch_size=16, grad_accum=2,
+                                 plot=False))  # fmt: skip
+    big_log = json.loads((big.out / "training_log.json").read_text())["step_losses"]
+    acc_log = json.loads((acc.out / "training_log.json").read_text())["step_losses"]
+    assert len(big_log) == len(acc_log)
+    assert big_log[0] == pytest.approx(acc_log[0], abs=1e-5)  # the same full-batch loss
+    a, b = weights(big.out), weights(acc.out)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_training(shapes, base, tmp_path):
+    import torch
+
+    from mmsearch.finetune import finetune
+
+    pairs = read_pairs(shapes)
+    plain = finetune(pairs, config(base, tmp_path / "plain", "lora", epochs=1))
+    ckpt = finetune(
+        pairs, config(base, tmp_path / "ckpt", "lora", epochs=1, grad_checkpointing=True)
+    )
+    a, b = weights(plain.out), weights(ckpt.out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bad_pairs_are_skipped_with_counts(tmp_path, base):
+    from mmsearch.finetune import finetune
+
+    rows = draw_shapes(tmp_path / "media", 12, seed=3)
+    (tmp_path / "media" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "media" / "clip.wav").write_bytes(b"RIFF....WAVE")
+    (tmp_path / "media" / "table.xyz").write_text("?")
+    rows += [
+        ("broken.png", "a broken picture"),
+        ("gone.png", "a file that is not there"),
+        ("img000.png", "   "),
+        ("clip.wav", "a dog barking"),
+        ("table.xyz", "not media"),
+    ]
+    pairs = read_pairs(write_csv(tmp_path / "media" / "pairs.csv", rows))
+    assert pairs.skipped_counts() == {
+        "missing file": 1,
+        "empty caption": 1,
+        "unsupported file type": 1,
+    }
+    r = finetune(pairs, config(base, tmp_path / "out", "head", epochs=1, val_fraction=0.3))
+    assert r.skipped == {
+        "missing file": 1, "empty caption": 1, "unsupported file type": 1, "undecodable": 1,
+        "audio pair": 1,
+    }  # fmt: skip
+    assert r.train_files + r.val_files == 12
+    log = json.loads((r.out / "training_log.json").read_text())
+    assert any("gone.png" in s["reason"] for s in log["data"]["skipped_examples"])
+
+
+def test_config_is_checked_at_the_edge(tmp_path, base, shapes):
+    from mmsearch.finetune import FinetuneConfig, finetune
+
+    for bad in ({"method": "magic"}, {"epochs": 0}, {"batch_size": 1}, {"val_fraction": 1.0},
+                {"grad_accum": 0}, {"precision": "fp8"}):  # fmt: skip
+        with pytest.raises(UsageError):
+            FinetuneConfig(model=str(base), out=tmp_path / "o", **bad)
+    with pytest.raises(UsageError, match="differ from the model directory"):
+        finetune(read_pairs(shapes), config(base, base, "head"))
+    with pytest.raises(UsageError, match="too few"):
+        finetune(read_pairs(shapes), config(base, tmp_path / "o", "head", val_fraction=0.0))
+
+
+# --- pure parts: pairs, split, recall, loss ---------------------------------------------------------
+
+
+def test_read_pairs_from_csv_tsv_jsonl_and_sidecar_folder(tmp_path):
+    media = tmp_path / "media"
+    rows = draw_shapes(media, 3)
+    sub = tmp_path / "lists"
+    sub.mkdir()
+    # CSV in another folder: relative paths resolve against the file's own folder
+    rel = [(f"../media/{p}", c) for p, c in rows]
+    csv_set = read_pairs(write_csv(sub / "p.csv", rel, header=("Image", "Text")))
+    assert [p.caption for p in csv_set.pairs] == [c for _, c in rows]
+    assert (
+        csv_set.pairs[0].path == (media / rows[0][0]).resolve()
+        and csv_set.pairs[0].modality == "image"
+    )
+    swapped = [(c, p) for p, c in rel[:2]]
+    tsv = read_pairs(
+        write_csv(sub / "p.tsv", swapped, header=("caption", "filepath"), delimiter="\t")
+    )
+    assert [p.caption for p in tsv.pairs] == [c for _, c in rows[:2]]
+    headerless = read_pairs(write_csv(media / "h.csv", rows, header=None))
+    assert len(headerless) == len(rows)
+    named = read_pairs(write_csv(media / "n.csv", [(c, p) for p, c in rows], header=("a", "b")),
+                       path_key="b", caption_key="a")  # fmt: skip
+    assert len(named) == len(rows)
+    with pytest.raises(UsageError, match="no caption column"):
+        read_pairs(write_csv(media / "x.csv", rows, header=("path", "whatever")))
+
+    lines = [json.dumps({"file": rows[0][0], "captions": ["one", "two"]}), "{broken",
+             json.dumps({"file": rows[1][0], "captions": "three"})]  # fmt: skip
+    (media / "p.jsonl").write_text("\n".join(lines) + "\n")
+    js = read_pairs(media / "p.jsonl")
+    assert [p.caption for p in js.pairs] == ["one", "two", "three"]
+    assert js.skipped_counts() == {"unreadable row": 1} and js.skipped[0].where == "p.jsonl:2"
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.jpg")
+    (folder / "a.txt").write_text("a black\n square  ")
+    Image.new("RGB", (8, 8)).save(folder / "b.png")
+    (folder / "notes.txt").write_text("not a caption of anything")
+    fs = read_pairs(folder)
+    assert [(p.path.name, p.caption) for p in fs.pairs] == [("a.jpg", "a black square")]
+    assert fs.skipped_counts() == {"no caption file": 1}
+    with pytest.raises(UsageError):
+        read_pairs(tmp_path / "nope.csv")
+
+
+def test_split_keeps_each_files_captions_together(shapes):
+    pairs = read_pairs(shapes)
+    train, held = split_by_file(pairs, 0.25, seed=0)
+    assert not set(train.files()) & set(held.files())
+    assert len(train) + len(held) == len(pairs)
+    assert len(held.files()) == 30
+    again, _ = split_by_file(pairs, 0.25, seed=0)
+    assert again.pairs == train.pairs
+    other, _ = split_by_file(pairs, 0.25, seed=1)
+    assert other.pairs != train.pairs
+    one = PairSet(pairs.pairs[:1])
+    assert split_by_file(one, 0.5)[1].pairs == []
+
+
+def test_recall_counts_both_directions_and_ties_against_the_model():
+    eye = np.eye(4, dtype=np.float32)
+    # captions 0,1 -> image 0; 2 -> image 1; 3 -> image 2; 4 -> image 3
+    text = np.stack([eye[0], eye[0], eye[1], eye[2], eye[3]])
+    r = recall_at_k(eye, text, [0, 0, 1, 2, 3])
+    assert r.text_to_image == {1: 1.0, 5: 1.0, 10: 1.0} and r.image_to_text[1] == 1.0
+    assert (r.images, r.texts) == (4, 5)
+    swapped = recall_at_k(eye, text, [1, 1, 0, 2, 3])  # captions 0-2 point at the wrong image
+    assert swapped.text_to_image[1] == pytest.approx(2 / 5)
+    assert swapped.image_to_text[1] == pytest.approx(2 / 4)
+    collapsed = recall_at_k(np.ones((4, 4), np.float32) / 2, text, [0, 0, 1, 2, 3])
+    assert collapsed.text_to_image[1] == 0.0 and collapsed.image_to_text[1] == 0.0
+    assert collapsed.text_to_image[5] == 1.0  # 4 images: everything is within 5
+    assert Recall.from_dict(r.to_dict()) == r
+
+
+def test_symmetric_infonce_matches_open_clip_and_masks_shared_files():
+    import torch
+    from open_clip.loss import ClipLoss
+
+    from mmsearch.finetune.loss import clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    scale = torch.tensor(10.0)
+    n = torch.nn.functional.normalize
+    ref = ClipLoss()(n(img, dim=-1), n(txt, dim=-1), scale)
+    assert torch.allclose(clip_loss(img, txt, scale), ref, atol=1e-6)
+    # rows 0 and 1 are two captions of one file: neither is the other's negative
+    txt[1] = txt[0]
+    groups = torch.tensor([0, 0, 1, 2, 3, 4])
+    masked = clip_loss(img, txt, scale, groups)
+    assert torch.isfinite(masked) and masked < clip_loss(img, txt, scale)
+    assert torch.allclose(clip_loss(img, txt, scale, torch.arange(6)), clip_loss(img, txt, scale))
