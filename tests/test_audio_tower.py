@@ -517,3 +517,10 @@ def test_shipped_caption_corpus():
     assert len(set(caps)) == len(caps)
     assert all(c and c == c.strip() and not c.startswith("#") for c in caps)
     assert any("dog" in c and "bark" in c for c in caps)
+
+
+def test_loading_prints_nothing(models, capfd):
+    capfd.readouterr()
+    load_clap(str(models["clap"]))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

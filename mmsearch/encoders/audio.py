@@ -219,11 +219,14 @@ def load_clap(audio_model: str = DEFAULT_AUDIO_MODEL, device: str = "cpu") -> Cl
 @contextlib.contextmanager
 def _quiet_transformers():
     """Loading prints progress bars and warnings; the library never prints."""
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
+    hub_bars = not hub_utils.are_progress_bars_disabled()
     level = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()  # downloads
     hf_logging.set_verbosity_error()
     try:
         yield
@@ -231,6 +234,8 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+        if hub_bars:
+            hub_utils.enable_progress_bars()
 
 
 def _state_digest(model) -> str:
