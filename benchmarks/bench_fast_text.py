@@ -1,8 +1,10 @@
 """Cold-start cost of embedding one query: the numpy text tower vs torch + open_clip.
 
-Each measurement is a fresh `python` process (interpreter start included), repeated; the page cache
-is warm after the first run, as it is for a user searching twice. Random weights: the cost does
-not depend on their values.
+Each measurement is a fresh `python` process (interpreter start included), repeated after one
+unmeasured warm-up run, so the page cache is warm as it is for a user searching twice. Bytecode
+caching is on (PYTHONDONTWRITEBYTECODE is dropped for the children), as in an installed package;
+without it every mmsearch module is recompiled on each start. Random weights: the cost does not
+depend on their values.
 
     python benchmarks/bench_fast_text.py                # ViT-B-32
     python benchmarks/bench_fast_text.py --model RN50 --repeat 3
@@ -11,6 +13,7 @@ not depend on their values.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -22,10 +25,12 @@ QUERY = "a photo of a dog running on the beach"
 
 
 def cold(code: str, repeat: int) -> list[float]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)  # warm-up
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True)
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
         times.append(time.perf_counter() - t0)
     return times
 
