@@ -207,7 +207,13 @@ class _progress:
             return
         if self.task is None or stage != self._stage:
             self._stage = stage
-            label = {"scan": "scanning", "embed": "embedding"}.get(stage, stage)
+            label = {
+                "scan": "scanning",
+                "embed": "embedding",
+                "audio:clap-text": "fitting audio projector (CLAP captions)",
+                "audio:clip-text": "fitting audio projector (CLIP captions)",
+                "audio:fit": "fitting audio projector",
+            }.get(stage, stage)
             if self.task is not None:
                 self.bar.remove_task(self.task)
             self.task = self.bar.add_task(label, total=total or None, rate="-")
@@ -271,6 +277,41 @@ def search(
 def _clock(seconds: float) -> str:
     m, s = divmod(float(seconds), 60)
     return f"{int(m)}:{s:04.1f}"
+
+
+# --- audio alignment --------------------------------------------------------------------------
+@app.command("align-audio")
+@handle_errors
+def align_audio(
+    index_name: IndexName = DEFAULT_INDEX,
+    index_dir: IndexDir = None,
+    audio_model: Annotated[
+        str | None,
+        typer.Option("--audio-model", help="CLAP model (default: the index's, else LAION CLAP)."),
+    ] = None,
+    device: Device = "auto",
+    as_json: Json = False,
+    debug: Debug = False,
+):
+    """Fit the audio projector into the index's CLIP space again and re-embed its audio."""
+    from .indexer import align_audio as realign
+
+    options = IndexOptions(
+        roots=(),
+        name=index_name,
+        root_dir=_root(index_dir),
+        encoder=EncoderOptions(device=device, audio_model=audio_model),
+    )
+    show_bar = not as_json and sys.stderr.isatty()
+    with _progress(show_bar) as progress:
+        report = realign(options, progress=progress)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        _say(
+            f"index {index_name!r}: audio re-aligned; {report.updated} audio files re-embedded, "
+            f"{report.removed} removed, {report.failed_now} failed ({report.seconds:.1f}s)"
+        )
 
 
 # --- info, failures, list ---------------------------------------------------------------------

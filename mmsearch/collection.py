@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 CATALOG = "catalog.sqlite"
 VECTORS = "vectors.faiss"
 LOCK = "lock"
+AUDIO_PROJECTOR = "audio_projector.safetensors"  # the projector the index's audio was embedded with
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

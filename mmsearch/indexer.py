@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .collection import Collection, model_cache_dir
+from .collection import AUDIO_PROJECTOR, Collection, model_cache_dir
 from .config import DEFAULT_MODEL, IndexOptions, ModelSpec
-from .encoders import Encoder, create_encoder, export_query_tower
-from .errors import LoadError
+from .encoders import Encoder, attach_audio, create_encoder, export_query_tower
+from .errors import IndexNotFoundError, LoadError, ModelMismatchError
 from .files import check_roots, walk
 from .items import AUDIO, IMAGE, TEXT, FileEntry, IndexReport, Segment, show_path
 from .loaders import Loaded, LoadSettings, load_file
@@ -75,6 +75,40 @@ def _encoder_for(col: Collection, options: IndexOptions) -> Encoder:
     return encoder
 
 
+def _attach_audio(
+    col: Collection, encoder: Encoder, options: IndexOptions, progress, realign: bool = False
+) -> None:
+    """Load the audio tower for this index (the one it was built with unless --audio-model).
+    With `realign`, the projector is fitted afresh and replaces the index's one."""
+    known = col.manifest.get("audio_encoder")
+    requested = options.encoder.audio_model or (known["spec"] if known else None)
+    stored = col.dir / AUDIO_PROJECTOR
+    use_stored = known and not options.encoder.audio_model and stored.is_file() and not realign
+    attach_audio(
+        encoder,
+        requested,
+        model_cache_dir(col.root_dir, encoder.identity["key"]),
+        projector=stored if use_stored else None,
+        refit=realign,
+        progress=lambda stage, done, total: progress(f"audio:{stage}", done, total),
+    )
+    identity = encoder.audio.identity
+    if realign:
+        known = None
+    elif known and known.get("key") != identity["key"]:
+        raise ModelMismatchError(
+            f"index {col.name!r} holds audio embedded with {known.get('spec')} (projector "
+            f"{known.get('projector')}), not {identity['spec']} (projector "
+            f"{identity['projector']}). Use the index's audio model, re-align it with "
+            f"`mmsearch align-audio --index {col.name}`, or rebuild with --rebuild"
+        )
+    if not known:
+        from .encoders.audio import save_projector
+
+        save_projector(encoder.audio.projector, stored)
+        col.write_manifest(audio_encoder=identity)
+
+
 def plan(col: Collection, entries: list[FileEntry], roots: list[bytes]) -> Plan:
     known = col.catalog.files_under(roots)
     failing = col.catalog.failures_under(roots)
@@ -104,6 +138,8 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
         encoder = _encoder_for(col, options)
     if encoder is None:  # nothing to embed: only removals
         encoder = Encoder(identity=col.encoder_identity, dim=col.dim)
+    if encoder.audio is None and any(e.modality == AUDIO for e, _ in p.todo):
+        _attach_audio(col, encoder, options, progress)
     settings = LoadSettings(
         image_prep=encoder.extras.get("prep"),
         audio=encoder.extras.get("audio_load"),
@@ -164,14 +200,16 @@ def _load_chunks(todo, settings: LoadSettings, options: IndexOptions) -> Iterato
             pending = nxt
 
 
-def _commit_chunk(col, encoder: Encoder, loaded, p: Plan, report, options, tick) -> int:
+def _commit_chunk(
+    col, encoder: Encoder, loaded, p: Plan, report, options, tick, reuse_ok=True
+) -> int:
     """Embed and commit one chunk; returns how many files `tick` was already called for."""
     catalog = col.catalog
     old_rows = {e.path: row for e, row in p.todo}
     ok = [x for x in loaded if x.error is None]
     # 1. Reuse vectors of identical content already in the index (copies, moves, touched files).
     reuse: dict[int, FileRow] = {}
-    for i, x in enumerate(ok):
+    for i, x in enumerate(ok if reuse_ok else []):
         old = old_rows.get(x.entry.path)
         if old is not None and old.hash == x.hash:
             reuse[i] = old
@@ -303,3 +341,54 @@ def _embed(encoder: Encoder, items: list[Loaded], batch_size: int, tick) -> list
         out[i] = ([Segment(s, e) for s, e, _ in windows], vecs)
         tick(1)
     return out
+
+
+def align_audio(options: IndexOptions, progress: Progress | None = None) -> IndexReport:
+    """Fit the audio projector afresh for this index's models and re-embed its audio files."""
+    started = time.perf_counter()
+    progress = progress or (lambda *a, **k: None)
+    col = Collection.open_writer(options.root_dir, options.name)
+    try:
+        if not col.encoder_identity:
+            raise IndexNotFoundError(f"index {options.name!r} is empty: index some files first")
+        encoder = _encoder_for(col, options)
+        _attach_audio(col, encoder, options, progress, realign=True)
+        rows = [r for r in col.catalog.files_under([b"/"]).values() if r.modality == AUDIO]
+        todo, gone = [], []
+        for row in rows:
+            try:
+                st = os.stat(row.path)
+            except OSError:
+                gone.append(row)
+                continue
+            todo.append((FileEntry(row.path, AUDIO, st.st_size, st.st_mtime_ns), row))
+        p = Plan(todo, 0, 0, {r.path: r for r in gone}, [])
+        report = IndexReport()
+        settings = LoadSettings(modalities=frozenset({AUDIO}), audio=encoder.extras["audio_load"])
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            progress("embed", done, len(todo))
+
+        try:
+            for loaded in _load_chunks(todo, settings, options):
+                ticked = _commit_chunk(col, encoder, loaded, p, report, options, tick, False)
+                tick(len(loaded) - ticked)
+            with col.catalog.transaction():
+                removed = [i for r in gone for i in col.catalog.delete_file(r.id)]
+            col.vectors.remove(removed)
+            report.removed = len(gone)
+        finally:
+            col.save_vectors()
+        counts = col.catalog.counts()
+        report.files, report.vectors, report.failed = (
+            counts["files"],
+            counts["vectors"],
+            counts["failures"],
+        )
+    finally:
+        col.close()
+    report.seconds = time.perf_counter() - started
+    return report

@@ -97,11 +97,21 @@ class Searcher:
                 )
             audio = self.col.manifest.get("audio_encoder")
             if audio:
-                from .encoders.audio import attach_audio_tower
+                from .collection import AUDIO_PROJECTOR
+                from .encoders import attach_audio
 
-                attach_audio_tower(
-                    enc, audio, model_cache_dir(self.col.root_dir, enc.identity["key"])
+                stored = self.col.dir / AUDIO_PROJECTOR
+                attach_audio(
+                    enc,
+                    audio["spec"],
+                    model_cache_dir(self.col.root_dir, enc.identity["key"]),
+                    projector=stored if stored.is_file() else None,
                 )
+                if enc.audio.identity["key"] != audio["key"]:
+                    raise ModelMismatchError(
+                        f"the audio model {audio['spec']} changed since index "
+                        f"{self.options.name!r} was built; re-align it: mmsearch align-audio"
+                    )
             self._full = enc
         return self._full
 
@@ -129,9 +139,12 @@ class Searcher:
         from .errors import LoadError
         from .loaders.audio import load_audio
 
+        if not self.col.manifest.get("audio_encoder"):
+            raise UsageError(
+                f"index {self.options.name!r} has no audio model yet: index some audio files "
+                "first (mmsearch index PATH), then search with --audio"
+            )
         enc = self._full_encoder()
-        if enc.audio is None:
-            raise UsageError(f"index {self.options.name!r} has no audio tower; index audio first")
         try:
             windows = load_audio(path, **enc.extras["audio_load"]).windows
         except LoadError as e:

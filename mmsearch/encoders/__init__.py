@@ -7,7 +7,14 @@ from pathlib import Path
 from ..config import DEFAULT_MODEL, EncoderOptions, ModelSpec
 from .base import Encoder, Tower, l2_normalize
 
-__all__ = ["Encoder", "Tower", "create_encoder", "l2_normalize", "query_text_tower"]
+__all__ = [
+    "Encoder",
+    "Tower",
+    "attach_audio",
+    "create_encoder",
+    "l2_normalize",
+    "query_text_tower",
+]
 
 
 def create_encoder(
@@ -28,11 +35,22 @@ def export_query_tower(encoder: Encoder, cache_dir: Path) -> bool:
     target = Path(cache_dir) / "text"
     if (target / "config.json").is_file():
         return True
-    try:
-        from .fast_text import export_fast_text
-    except ImportError:
-        return False
-    return export_fast_text(encoder.extras["model"], encoder.extras["tokenizer"], target)
+    from .fast_text import export_fast_text
+
+    model, tokenizer = encoder.extras["model"], encoder.extras["tokenizer"]
+    if next(model.parameters()).dtype != _float32() or encoder.extras.get("device") != "cpu":
+        # the export copies weights as they were published: reload them in fp32 on the CPU
+        fp32 = create_encoder(
+            encoder.identity["spec"], EncoderOptions(device="cpu", precision="fp32")
+        )
+        model, tokenizer = fp32.extras["model"], fp32.extras["tokenizer"]
+    return export_fast_text(model, tokenizer, target)
+
+
+def _float32():
+    import torch
+
+    return torch.float32
 
 
 def query_text_tower(cache_dir: Path) -> Tower | None:
@@ -40,8 +58,35 @@ def query_text_tower(cache_dir: Path) -> Tower | None:
     target = Path(cache_dir) / "text"
     if not (target / "config.json").is_file():
         return None
-    try:
-        from .fast_text import FastTextTower
-    except ImportError:
-        return None
+    from .fast_text import FastTextTower
+
     return FastTextTower.load(target)
+
+
+def attach_audio(
+    encoder: Encoder,
+    audio_model: str | None,
+    cache_dir: Path,
+    projector: Path | None = None,
+    refit: bool = False,
+    progress=None,
+) -> Encoder:
+    """Give `encoder` an audio tower: CLAP's audio encoder projected into its space.
+
+    The projector is `projector` if given, else the one fitted for this (CLIP, CLAP) pair and
+    cached in `cache_dir` (fitted on first use, or again with `refit`).
+    """
+    from .audio import load_audio_tower
+
+    tower = load_audio_tower(
+        audio_model,
+        encoder,
+        cache_dir,
+        device=encoder.extras.get("device", "cpu"),
+        refit=refit,
+        progress=progress,
+        projector=projector,
+    )
+    encoder.audio = tower
+    encoder.extras["audio_load"] = tower.loader_settings()
+    return encoder

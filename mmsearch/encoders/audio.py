@@ -104,6 +104,7 @@ def save_projector(projector: Projector, path: str | os.PathLike) -> Path:
         "bias": np.ascontiguousarray(projector.bias, dtype=np.float32),
     }
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; a cache may be shared
     os.replace(tmp, path)
     return path
 
@@ -184,6 +185,8 @@ def load_clap(audio_model: str = DEFAULT_AUDIO_MODEL, device: str = "cpu") -> Cl
     from .clip import pick_device
 
     device = pick_device(device)
+    if audio_model.startswith("local-dir:"):  # the form manifests record local models in
+        audio_model = audio_model[len("local-dir:") :]
     local = Path(audio_model).expanduser()
     source = str(local.resolve()) if local.is_dir() else audio_model
     try:

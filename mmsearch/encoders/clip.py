@@ -123,7 +123,8 @@ class ClipTextTower(Tower):
         import torch
 
         m = self.model
-        length = int((tokens != 0).sum(dim=1).max())
+        # the end-of-text token has the largest id, and id 0 is a real token ('!'), not padding
+        length = int(tokens.argmax(dim=1).max()) + 1
         tokens = tokens[:, :length]
         cast = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:length].to(cast)
