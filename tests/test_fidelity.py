@@ -62,3 +62,38 @@ def test_indexed_vectors_match_open_clip(tiny_model, tmp_path, precision):
             assert float(vec @ ref) >= 0.99, (p.name, precision)
         ((_, note_vec),) = col.catalog.units_of(rows[os.fsencode(d / "note.txt")].id)
         assert float(note_vec @ ref_txt[0]) >= 0.99
+
+
+def test_torch_free_query_tower_matches_open_clip(tiny_model, tmp_path):
+    """The tower cold searches use is exported at index time, also from a bf16 index."""
+    from mmsearch.collection import Collection, model_cache_dir
+    from mmsearch.encoders import query_text_tower
+
+    d = tmp_path / "q"
+    make_note(d / "n.txt", "hello world")
+    index_paths(
+        IndexOptions(
+            roots=(d,),
+            root_dir=index_root(),
+            encoder=EncoderOptions(model=ModelSpec.parse(str(tiny_model)), precision="bf16"),
+            workers=0,
+        )
+    )
+    with Collection.open_reader(index_root(), "default") as col:
+        key = col.encoder_identity["key"]
+    tower = query_text_tower(model_cache_dir(index_root(), key))
+    assert tower is not None
+    texts = ["a dog on a beach", "!~", "<start_of_text> odd", "ünïcödé & emoji 🐶"]
+    ref = _ref_text(tiny_model, texts)
+    ours = tower.embed(texts)
+    assert (ours * ref).sum(1).min() >= 0.999
+
+
+def _ref_text(model_dir, texts):
+    import open_clip
+    import torch
+
+    model = open_clip.create_model(f"local-dir:{model_dir}").eval()
+    tok = open_clip.get_tokenizer(f"local-dir:{model_dir}")
+    with torch.no_grad():
+        return model.encode_text(tok(texts), normalize=True).numpy()
