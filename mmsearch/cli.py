@@ -314,6 +314,182 @@ def align_audio(
         )
 
 
+# --- fine-tuning --------------------------------------------------------------------------------
+Pairs = Annotated[
+    Path,
+    typer.Argument(
+        help="CSV/TSV/JSONL of (path, caption) pairs, or a folder of files with sidecar .txt "
+        "captions (a.jpg + a.txt).",
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+@handle_errors
+def finetune(
+    source: Pairs,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model to start from (any --model spec).")
+    ] = "ViT-B-32",
+    method: Annotated[
+        str, typer.Option("--method", help="head, lora, lock-image or full.")
+    ] = "head",
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2)] = 64,
+    lr: Annotated[float | None, typer.Option("--lr", help="Default depends on --method.")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.1,
+    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps")] = None,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1)] = 1,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Files held out for evaluation.")
+    ] = 0.1,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 8,
+    lora_targets: Annotated[
+        str | None, typer.Option("--lora-targets", help="Comma-separated layer names.")
+    ] = None,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16, fp16.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
+    device: Device = "auto",
+    as_json: Json = False,
+    debug: Debug = False,
+):
+    """Fine-tune the alignment on your own (file, caption) pairs; keeps the best epoch."""
+    from .finetune import FinetuneConfig, read_pairs
+    from .finetune import finetune as run_finetune
+
+    extra = {}
+    if lora_targets:
+        extra["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    config = FinetuneConfig(
+        model=model,
+        out=out,
+        method=method,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        grad_accum=grad_accum,
+        val_fraction=val_fraction,
+        lora_rank=lora_rank,
+        grad_checkpointing=grad_checkpointing,
+        precision=precision,
+        device=device,
+        seed=seed,
+        resume=resume,
+        overwrite=overwrite,
+        **extra,
+    )
+    pairs = read_pairs(source)
+    with _TrainProgress(not as_json and sys.stderr.isatty()) as progress:
+        result = run_finetune(pairs, config, progress=progress)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    _say(
+        f"{result.method}: {result.train_pairs} training pairs ({result.train_files} files), "
+        f"{result.val_pairs} held out ({result.val_files} files); "
+        f"{result.samples_per_s:.1f} samples/s"
+    )
+    _say(_recall_table(result.before, result.after))
+    kept = "the model before training" if result.best_epoch == 0 else f"epoch {result.best_epoch}"
+    _say(f"kept {kept}; wrote {result.out}" + (f" (curve: {result.curve})" if result.curve else ""))
+    if result.skipped:
+        _say("skipped pairs: " + ", ".join(f"{v} {k}" for k, v in result.skipped.items()), err=True)
+    _say(f"re-index with it: mmsearch index PATH --model {result.out} --rebuild")
+
+
+@app.command("eval")
+@handle_errors
+def eval_(
+    source: Pairs,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model to evaluate (any --model spec).")
+    ] = "ViT-B-32",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
+    device: Device = "auto",
+    as_json: Json = False,
+    debug: Debug = False,
+):
+    """Retrieval recall@1/5/10, image->text and text->image, of a model on your pairs."""
+    from .finetune import evaluate, read_pairs
+
+    recall = evaluate(read_pairs(source), model, device=device, batch_size=batch_size)
+    if as_json:
+        _emit_json({"model": model, **recall.to_dict()})
+        return
+    _say(f"{model}: {recall.images} images, {recall.texts} captions")
+    _say(_recall_table(recall))
+
+
+def _recall_table(*recalls) -> str:
+    head = "            " + "".join(
+        f"{name:>22}" for name in (["before", "after"] if len(recalls) == 2 else ["recall"])
+    )
+    rows = [head]
+    for direction in ("image_to_text", "text_to_image"):
+        for k in sorted(getattr(recalls[0], direction)):
+            label = f"{'i->t' if direction == 'image_to_text' else 't->i'} R@{k}"
+            rows.append(
+                f"{label:<12}" + "".join(f"{getattr(r, direction)[k]:>22.3f}" for r in recalls)
+            )
+    return "\n".join(rows)
+
+
+class _TrainProgress:
+    """Training progress on a terminal: a bar over optimizer steps, a line per evaluation."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self.bar.__enter__()
+        return self
+
+    def __call__(self, event: str, **info) -> None:
+        if self.bar is None:
+            return
+        if event == "step":
+            desc = f"epoch {info['epoch']} loss {info['loss']:.3f}"
+            if self.task is None:
+                self.task = self.bar.add_task(desc, total=info["steps"])
+            self.bar.update(self.task, completed=info["step"], description=desc)
+        elif event == "eval" and "recall" in info:
+            self.bar.console.print(
+                f"epoch {info['epoch']}: mean recall {info['recall'].mean:.3f}", style="dim"
+            )
+        elif event in ("load_model", "decode", "features", "data"):
+            detail = f" {info.get('done')}/{info.get('total')}" if "done" in info else ""
+            self.bar.console.print(f"{event.replace('_', ' ')}{detail}", style="dim", end="\r")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
 # --- info, failures, list ---------------------------------------------------------------------
 @app.command()
 @handle_errors

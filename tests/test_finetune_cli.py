@@ -1,0 +1,85 @@
+"""Fine-tuning from the command line: pairs in, a model directory out, re-index with it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from mmsearch.cli import app
+
+runner = CliRunner()
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 30),
+    "blue": (30, 30, 220),
+    "yellow": (230, 220, 20),
+}
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def make_pairs(root: Path) -> Path:
+    rows = []
+    for name, rgb in COLORS.items():
+        for shape in ("square", "circle"):
+            for i in range(3):
+                img = Image.new("RGB", (32, 32), (255, 255, 255))
+                draw = ImageDraw.Draw(img)
+                box = (4 + i, 4 + i, 26 - i, 26 - i)
+                (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=rgb)
+                path = root / "img" / f"{name}_{shape}_{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img.save(path)
+                rows.append({"path": f"img/{path.name}", "caption": f"a {name} {shape}"})
+    (root / "img" / "broken.png").write_bytes(b"nope")
+    rows.append({"path": "img/broken.png", "caption": "a broken file"})
+    rows.append({"path": "img/missing.png", "caption": "a missing file"})
+    out = root / "pairs.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "caption"])
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def test_finetune_eval_and_reindex(tiny_model, tmp_path):
+    pairs = make_pairs(tmp_path)
+    out = tmp_path / "models" / "mine"
+    r = cli(
+        "finetune", pairs, "--out", out, "--model", tiny_model, "--method", "head",
+        "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["before"]["text_to_image"] and result["after"]["mean"] >= result["before"]["mean"]
+    assert sum(result["skipped"].values()) == 2
+    assert (out / "open_clip_config.json").is_file()
+    assert (out / "open_clip_model.safetensors").is_file()
+
+    r = cli("eval", pairs, "--model", out, "--json")
+    assert r.exit_code == 0, r.output
+    recall = json.loads(r.stdout)
+    assert set(recall["image_to_text"]) == {"R@1", "R@5", "R@10"}
+
+    r = cli("index", tmp_path / "img", "--model", tiny_model, "--json")
+    assert r.exit_code == 0
+    r = cli("index", tmp_path / "img", "--model", out, "--json")
+    assert r.exit_code != 0 and "--rebuild" in r.stderr
+    r = cli("index", tmp_path / "img", "--model", out, "--rebuild", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["added"] == 24
+    info = json.loads(cli("info", "--json").stdout)
+    assert info["model"] == f"local-dir:{out.resolve()}"
+
+
+def test_finetune_errors(tmp_path, tiny_model):
+    r = cli("finetune", tmp_path / "none.csv", "--out", tmp_path / "o", "--model", tiny_model)
+    assert r.exit_code != 0 and r.stderr.startswith("mmsearch: error:")
+    pairs = make_pairs(tmp_path)
+    r = cli("finetune", pairs, "--out", tmp_path / "o", "--model", tiny_model, "--method", "magic")
+    assert r.exit_code != 0 and "--method" in r.stderr
