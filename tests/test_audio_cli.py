@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +41,44 @@ def tone(path: Path, freq: float, seconds: float, rate: int = 16000, channels: i
     return path
 
 
-@pytest.fixture
-def library(tmp_path, tiny_model, clap_dir):
-    root = tmp_path / "lib"
+def few_captions(mp) -> None:
+    """The projector fit is the same code on fewer captions: keeps the suite fast on 2 cores."""
+    from mmsearch.encoders import audio as audio_enc
+
+    subset = audio_enc.read_captions()[::12]
+    mp.setattr(audio_enc, "read_captions", lambda: list(subset))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model, clap_dir):
+    """One library indexed once (fitting the projector takes a while); tests that change it work
+    on a copy of the index root."""
+    base = tmp_path_factory.mktemp("audio-lib")
+    root = base / "lib"
     tone(root / "rec" / "low.wav", 220, 1.5)
     tone(root / "rec" / "high.flac", 3000, 1.0, rate=44100, channels=2)
     tone(root / "rec" / "long.ogg", 880, 7.0)
     (root / "rec" / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     for i in range(3):
         make_image(root / "pics" / f"p{i}.png", pattern=i)
-    r = cli("index", root, "--model", tiny_model, "--audio-model", clap_dir, "--json")
+    index_root = base / "indexes"
+    with pytest.MonkeyPatch.context() as mp:
+        few_captions(mp)
+        r = runner.invoke(
+            app,
+            ["index", str(root), "--model", str(tiny_model), "--audio-model", str(clap_dir),
+             "--index-dir", str(index_root), "--json"],
+        )  # fmt: skip
     summary = hits_of(r)[0]
     assert (summary["added"], summary["failed"], summary["files"]) == (6, 1, 6)
+    return root, index_root
+
+
+@pytest.fixture
+def library(built, home, monkeypatch):
+    """The built library, searched through $MMSEARCH_HOME pointing at a private copy."""
+    root, index_root = built
+    shutil.copytree(index_root, home)
     return root
 
 
@@ -97,12 +124,16 @@ def test_info_names_the_audio_model(library, clap_dir):
 
 
 def test_reindex_without_audio_model_keeps_the_index_model(library):
-    tone(library / "rec" / "new.wav", 440, 1.0)
-    summary = hits_of(cli("index", library, "--json"))[0]
+    new = tone(library / "rec" / "new.wav", 440, 1.0)
+    try:
+        summary = hits_of(cli("index", library, "--json"))[0]
+    finally:
+        new.unlink()
     assert (summary["added"], summary["unchanged"]) == (1, 6)
 
 
-def test_align_audio_refits_and_reembeds(library):
+def test_align_audio_refits_and_reembeds(library, monkeypatch):
+    few_captions(monkeypatch)
     before = hits_of(cli("search", "a bird", "--type", "audio", "--json", "-k", "1"))
     summary = hits_of(cli("align-audio", "--json"))[0]
     assert summary["updated"] == 3
