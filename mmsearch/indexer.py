@@ -332,13 +332,7 @@ def _embed(encoder: Encoder, items: list[Loaded], batch_size: int, tick) -> list
         tick(len(notes))
     sounds = [i for i, x in enumerate(items) if x.entry.modality == AUDIO]
     for i in sounds:
-        windows = items[i].payload.windows
-        if not windows:
-            out[i] = "no audio samples"
-            tick(1)
-            continue
-        vecs = encoder.audio.embed([w for _, _, w in windows], batch_size)
-        out[i] = ([Segment(s, e) for s, e, _ in windows], vecs)
+        out[i] = _embed_recording(encoder, items[i].entry.path, batch_size)
         tick(1)
     return out
 
@@ -392,3 +386,24 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
         col.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _embed_recording(encoder: Encoder, path: bytes, batch_size: int):
+    """Decode and embed a recording window by window; (segments, vectors) or a failure reason."""
+    from .loaders.audio import iter_windows
+
+    segments, parts, batch = [], [], []
+    try:
+        for start, end, samples in iter_windows(path, **encoder.extras["audio_load"]):
+            segments.append(Segment(start, end))
+            batch.append(samples)
+            if len(batch) == batch_size:
+                parts.append(encoder.audio.embed(batch, batch_size))
+                batch = []
+    except LoadError as e:  # also when damage shows up halfway: the whole file fails
+        return e.reason
+    if batch:
+        parts.append(encoder.audio.embed(batch, batch_size))
+    if not segments:
+        return "no audio samples"
+    return segments, np.concatenate(parts)

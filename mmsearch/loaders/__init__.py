@@ -13,7 +13,12 @@ from ..items import AUDIO, IMAGE, TEXT, FileEntry
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TEXT_EXTENSIONS = frozenset({".txt", ".md"})
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif", ".opus"})
+# libsndfile's formats; .m4a is listed so that without a decoder it is recorded as a failure
+# with its reason rather than silently ignored.
+AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aiff", ".aif", ".aifc",
+     ".au", ".caf", ".w64"}
+)  # fmt: skip
 
 _BY_EXT = {
     **{e: IMAGE for e in IMAGE_EXTENSIONS},
@@ -62,10 +67,9 @@ def load_file(entry: FileEntry, settings: LoadSettings) -> Loaded:
         if entry.modality not in settings.modalities:
             raise LoadError(f"no {entry.modality} tower in this index's model")
         if entry.modality == AUDIO:
-            from .audio import load_audio
-
-            digest = file_hash(entry.path)
-            return Loaded(entry, digest, load_audio(entry.path, **settings.audio))
+            # Recordings can be hours long: they are decoded while being embedded, a window at a
+            # time (see indexer._embed), never held whole.
+            return Loaded(entry, file_hash(entry.path))
         with open(entry.path, "rb") as f:
             data = f.read()
         digest = content_hash(data)
