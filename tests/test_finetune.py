@@ -123,9 +123,13 @@ def runs(shapes, base, tmp_path_factory):
 
 
 def weights(path: Path) -> dict:
+    return weights_file(path / "open_clip_model.safetensors")
+
+
+def weights_file(path: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(path / "open_clip_model.safetensors"))
+    return load_file(str(path))
 
 
 def probe_inputs():
@@ -252,6 +256,173 @@ def test_outputs_curve_log_and_mmsearch_loader(runs, shapes):
     assert again.mean == pytest.approx(r.after.mean, abs=0.02)
 
 
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory) -> Path:
+    """A timm image tower (BatchNorm included) and a Hugging Face BERT text tower with its own
+    tokenizer, both tiny and random, composed as one open_clip config and saved as a model dir."""
+    import open_clip
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from mmsearch.encoders.clip import save_model_dir
+
+    root = tmp_path_factory.mktemp("composed")
+    words = sorted(
+        {
+            w
+            for c in ["a on the side"] + list(COLOURS) + list(SHAPES) + list(PLACES)
+            for w in c.split()
+        }
+    )
+    (root / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", ","] + words)
+    )
+    bert = root / "bert"
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(str(bert))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=7 + len(words), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=32),
+              add_pooling_layer=False).save_pretrained(str(bert))  # fmt: skip
+    cfg = {
+        "embed_dim": 32, "custom_text": True,
+        "vision_cfg": {"timm_model_name": "test_efficientnet", "timm_model_pretrained": False,
+                       "timm_pool": "avg", "timm_proj": "linear", "image_size": 32},
+        "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert),
+                     "hf_model_pretrained": True, "hf_proj_type": "linear",
+                     "hf_pooler_type": "mean_pooler", "context_length": 16},
+    }  # fmt: skip
+    model = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"})
+    out = save_model_dir(model, cfg, root / "model", {"size": 32})
+    BertTokenizerFast.from_pretrained(str(bert)).save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("method", ["head", "lora", "lock-image", "full"])
+def test_timm_and_hugging_face_towers_train_and_reload_identically(
+    composed, shapes, tmp_path, method
+):
+    import open_clip
+    import torch
+
+    from mmsearch.finetune import finetune
+
+    lr = {"head": 3e-3, "lora": 3e-3, "lock-image": 1e-3, "full": 1e-3}[method]
+    cfg = config(
+        composed, tmp_path / method, method, epochs=2, lr=lr, plot=False, keep_checkpoint=True
+    )
+    r = finetune(read_pairs(shapes), cfg)
+    losses = [h["train_loss"] for h in r.history[1:]]
+    assert losses[-1] < losses[0]
+    model = open_clip.create_model(f"local-dir:{r.out}").eval()
+    tokens = open_clip.get_tokenizer(f"local-dir:{r.out}")(
+        ["a red circle on the left", "top side: square"]
+    )
+    images, _ = probe_inputs()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), r.model.encode_image(images))
+        assert torch.equal(model.encode_text(tokens), r.model.encode_text(tokens))
+    # what trained: the checkpoint holds exactly the trainable tensors (and trained BN statistics)
+    folder = json.loads((r.out / "checkpoint" / "latest.json").read_text())["dir"]
+    trained = set(weights_file(r.out / "checkpoint" / folder / "trainable.safetensors"))
+    trunk = {k for k in trained if k.startswith("visual.trunk.")}
+    if method == "head":
+        assert trained == {
+            "logit_scale",
+            "visual.head.proj.parametrizations.weight.0.delta",
+            "text.proj.parametrizations.weight.0.delta",
+        }
+    elif method == "lora":
+        assert (
+            "text.transformer.encoder.layer.0.attention.self.query.parametrizations.weight.0.A"
+            in trained
+        )
+        assert (
+            "text.transformer.encoder.layer.1.output.dense.parametrizations.weight.0.B" in trained
+        )
+        assert not trunk  # no linear layers in an EfficientNet trunk: nothing to adapt there
+    elif method == "lock-image":
+        assert not trunk and "visual.head.proj.weight" in trained  # open_clip keeps the timm head
+        assert "text.transformer.embeddings.word_embeddings.weight" in trained
+    else:
+        assert "visual.trunk.conv_stem.weight" in trunk and "visual.trunk.bn1.running_mean" in trunk
+    if method == "lock-image" and r.best_epoch:
+        tuned, before = weights(r.out), weights(composed)
+        # BatchNorm statistics included: the locked trunk ran in eval mode
+        assert all(
+            torch.equal(before[k], tuned[k]) for k in before if k.startswith("visual.trunk.")
+        )
+
+
+def test_lock_image_can_unlock_only_the_top_text_blocks(base, composed):
+    import open_clip
+
+    from mmsearch.finetune.methods import apply_method
+
+    def trainable(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    clip = open_clip.create_model(f"local-dir:{base}")
+    apply_method(clip, "lock-image", unlocked_text_layers=1)
+    assert {n.split(".")[0] for n in trainable(clip)} == {
+        "transformer",
+        "ln_final",
+        "text_projection",
+        "logit_scale",
+    }
+    assert all(
+        n.startswith("transformer.resblocks.1.")
+        for n in trainable(clip)
+        if n.startswith("transformer")
+    )
+    hf = open_clip.create_model(f"local-dir:{composed}")
+    apply_method(hf, "lock-image", unlocked_text_layers=1)
+    text = {n for n in trainable(hf) if n.startswith("text.")}
+    assert (
+        "text.proj.weight" in text
+        and "text.transformer.encoder.layer.1.output.dense.weight" in text
+    )
+    assert not any(".layer.0." in n or "embeddings" in n for n in text)
+    with pytest.raises(UsageError, match="between 0 and 2"):
+        apply_method(
+            open_clip.create_model(f"local-dir:{base}"), "lock-image", unlocked_text_layers=3
+        )
+
+
+def test_feature_cache_and_one_caption_per_file(shapes, base, tmp_path):
+    import torch
+
+    from mmsearch.finetune import finetune
+
+    pairs = read_pairs(shapes)
+    cache = tmp_path / "cache"
+    kw = dict(epochs=1, feature_cache=cache, one_caption_per_file=True)
+    events = []
+    first = finetune(
+        pairs, config(base, tmp_path / "a", "head", **kw), progress=lambda e, **i: events.append(e)
+    )
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["text", "text"]  # train, val
+    assert "features" in events
+    events.clear()
+    again = finetune(
+        pairs, config(base, tmp_path / "b", "head", **kw), progress=lambda e, **i: events.append(e)
+    )
+    assert "features" not in events  # read back, not recomputed
+    a, b = weights(first.out), weights(again.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # one caption per file: an epoch has as many samples as training files
+    steps = json.loads((first.out / "training_log.json").read_text())["step_losses"]
+    assert len(steps) == int(np.ceil(first.train_files / 32)) < int(np.ceil(first.train_pairs / 32))
+    # A run whose text tower trains still reads the cache while its trunk is unchanged: the
+    # evaluation before training. Zeroed cache files make that visible (all scores tie: recall 0).
+    from safetensors.torch import load_file, save_file
+
+    for f in cache.iterdir():
+        save_file({"features": torch.zeros_like(load_file(str(f))["features"])}, str(f))
+    locked = finetune(pairs, config(base, tmp_path / "c", "lock-image", **kw))
+    assert locked.before.mean == 0 and locked.history[-1]["recall"]["mean"] > 0
+    assert sum(p.name.startswith("image-") for p in cache.iterdir()) == 2
+
+
 # --- training mechanics ----------------------------------------------------------------------------
 
 
@@ -261,7 +432,14 @@ def test_runs_repeat_exactly_on_cpu(runs, shapes, base, tmp_path):
     from mmsearch.finetune import finetune
 
     first = runs("lora")
-    again = finetune(read_pairs(shapes), config(base, tmp_path / "again", "lora"))
+    # the same run again, this time decoding images per batch instead of keeping them in memory
+    warnings = []
+    again = finetune(
+        read_pairs(shapes),
+        config(base, tmp_path / "again", "lora", image_cache_mb=0),
+        progress=lambda e, **i: warnings.append(i["message"]) if e == "warning" else None,
+    )
+    assert any("decoding per batch" in w for w in warnings)
     a, b = weights(first.out), weights(again.out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["train_loss"] for h in first.history] == [h["train_loss"] for h in again.history]
@@ -375,7 +553,7 @@ def test_config_is_checked_at_the_edge(tmp_path, base, shapes):
     from mmsearch.finetune import FinetuneConfig, finetune
 
     for bad in ({"method": "magic"}, {"epochs": 0}, {"batch_size": 1}, {"val_fraction": 1.0},
-                {"grad_accum": 0}, {"precision": "fp8"}):  # fmt: skip
+                {"grad_accum": 0}, {"precision": "fp8"}, {"unlocked_text_layers": 1}):  # fmt: skip
         with pytest.raises(UsageError):
             FinetuneConfig(model=str(base), out=tmp_path / "o", **bad)
     with pytest.raises(UsageError, match="differ from the model directory"):

@@ -10,7 +10,8 @@ keys, so the saved model loads in plain open_clip.
   tower's last projection Linear for timm / Hugging Face towers).
 - lora: `W -> W + (alpha / rank) * B @ A` on the attention and MLP linears named by `targets`.
 - lock-image: the image tower is frozen (timm towers keep their projection head trainable, as in
-  open_clip's `lock_image_tower`); the text tower trains.
+  open_clip's `lock_image_tower`); the text tower trains, all of it or its last
+  `unlocked_text_layers` blocks (plus final norm and projection).
 - full: everything trains.
 The learnable temperature (`logit_scale`) trains in every method.
 """
@@ -68,6 +69,7 @@ def apply_method(
     lora_rank: int = 8,
     lora_alpha: float | None = None,
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    unlocked_text_layers: int | None = None,
 ) -> list[str]:
     """Freeze and adapt `model` in place for `method`; returns the names of what was adapted."""
     if method not in METHODS:
@@ -98,13 +100,42 @@ def apply_method(
         if not hasattr(model, "lock_image_tower"):
             raise UsageError("this model has no image tower to lock")
         model.lock_image_tower()
-        adapted.append("text tower")
+        if unlocked_text_layers is not None:
+            adapted.append(lock_text_bottom(model, unlocked_text_layers))
+        else:
+            adapted.append("text tower")
     else:
         adapted.append("all weights")
     logit_scale = getattr(model, "logit_scale", None)
     if isinstance(logit_scale, nn.Parameter):
         logit_scale.requires_grad_(True)
     return adapted
+
+
+def lock_text_bottom(model: nn.Module, keep: int) -> str:
+    """Freeze the text tower but its last `keep` blocks, its final norm and its projection."""
+    text = model.text if hasattr(model, "text") else model
+    hf_config = getattr(text, "config", None)
+    if hf_config is not None and hasattr(text, "transformer"):  # Hugging Face tower
+        # the block stack: the longest ModuleList (encoder.layer in BERT, block in T5, ...)
+        stacks = [m for m in text.transformer.modules() if isinstance(m, nn.ModuleList)]
+        blocks = max(stacks, key=len) if stacks else []
+        text.transformer.requires_grad_(False)
+        name = "text.transformer"
+    elif hasattr(getattr(text, "transformer", None), "resblocks"):  # open_clip text transformer
+        blocks = text.transformer.resblocks
+        for part in ("token_embedding", "positional_embedding", "cls_emb", "transformer"):
+            p = getattr(text, part, None)
+            if p is not None:
+                p.requires_grad_(False)
+        name = "text blocks" if text is model else "text.transformer.resblocks"
+    else:
+        raise UsageError("--unlocked-text-layers: this text tower has no blocks to count")
+    if not 0 <= keep <= len(blocks):
+        raise UsageError(f"--unlocked-text-layers must be between 0 and {len(blocks)}")
+    for block in list(blocks)[len(blocks) - keep :]:
+        block.requires_grad_(True)
+    return f"{name}: last {keep} of {len(blocks)} blocks, final norm and projection"
 
 
 def output_projections(model: nn.Module) -> list[tuple[str, nn.Module, str, str]]:

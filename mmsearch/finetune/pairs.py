@@ -22,7 +22,7 @@ from ..loaders import modality_of as _modality_by_extension
 
 PATH_KEYS = (
     "path", "filepath", "file_path", "filepaths", "file", "filename", "file_name",
-    "image", "image_path", "img", "img_path", "audio", "audio_path", "media", "url",
+    "image", "image_path", "img", "img_path", "audio", "audio_path", "media",
 )  # fmt: skip
 CAPTION_KEYS = (
     "caption", "captions", "text", "title", "description", "label", "sentence", "prompt",

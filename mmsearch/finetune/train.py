@@ -46,7 +46,7 @@ MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the temperature the same w
 # Fields that may differ between a run and its --resume (they do not change what is computed).
 RESUME_FREE = frozenset(
     {"resume", "overwrite", "device", "precision", "workers", "image_cache_mb", "plot",
-     "keep_checkpoint", "checkpoint_every", "out"}
+     "keep_checkpoint", "checkpoint_every", "out", "feature_cache"}
 )  # fmt: skip
 
 
@@ -71,6 +71,7 @@ class FinetuneConfig:
     lora_rank: int = 8
     lora_alpha: float | None = None  # None: 2 * rank
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    unlocked_text_layers: int | None = None  # lock-image: train only the text tower's last N blocks
     grad_checkpointing: bool = False
     # auto: mixed precision on CUDA (bf16 where supported, else fp16), fp32 elsewhere; or
     # fp32 | bf16 | fp16. Master weights stay fp32 either way.
@@ -82,11 +83,19 @@ class FinetuneConfig:
     keep_checkpoint: bool = False  # keep out/checkpoint after a finished run
     # Decoded images stay in memory up to this size; beyond it they are decoded per batch.
     image_cache_mb: int = 4096
+    # Where features of frozen tower parts (e.g. a locked image trunk) are kept between runs, so
+    # another run on the same files and base skips recomputing them. None: not kept.
+    feature_cache: Path | None = None
+    # Each epoch visits every file once with one of its captions (seeded draw), instead of every
+    # pair: epochs cost the same whatever the number of captions per file.
+    one_caption_per_file: bool = False
     workers: int | None = None  # image decoding threads; None: the core count (at most 8)
     plot: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out).expanduser())
+        if self.feature_cache is not None:
+            object.__setattr__(self, "feature_cache", Path(self.feature_cache).expanduser())
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         checks = [
             (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}"),
@@ -103,6 +112,8 @@ class FinetuneConfig:
             (bool(self.lora_targets), "--lora-targets must name at least one layer"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
             (self.checkpoint_every >= 0, "--checkpoint-every must not be negative"),
+            (self.unlocked_text_layers is None or self.method == "lock-image",
+             "--unlocked-text-layers goes with --method lock-image"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -115,6 +126,7 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["out"] = str(self.out)
+        d["feature_cache"] = str(self.feature_cache) if self.feature_cache else None
         d["lora_targets"] = list(self.lora_targets)
         return d
 
@@ -176,7 +188,7 @@ def finetune(
     import torch
 
     from ..encoders.clip import _prep_from, pick_device
-    from .methods import apply_method, frozen_image_stage, set_train_mode
+    from .methods import apply_method, set_train_mode
 
     progress = progress or _quiet
     spec = ModelSpec.parse(config.model)
@@ -211,8 +223,9 @@ def finetune(
     # --- method: freeze, add adapters; `plain` is the merged copy that gets saved ------------
     plain = _frozen_copy(model)  # no adapters yet: safe to deep-copy
     adapted = apply_method(
-        model, config.method, config.lora_rank, config.lora_alpha, config.lora_targets
-    )
+        model, config.method, config.lora_rank, config.lora_alpha, config.lora_targets,
+        config.unlocked_text_layers,
+    )  # fmt: skip
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -225,12 +238,12 @@ def finetune(
     autocast = (
         (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     )
-    encode = _Encoder(model, device, prep, autocast, config)
-    stage = frozen_image_stage(model)
-    if stage is not None:  # frozen image prefix: run it once per file, not every step
-        encode.cache_image_prefix(stage, train, val, progress)
+    encode = _Encoder(model, device, prep, autocast, config, amp_dtype)
+    # Frozen tower parts run once per file / caption instead of every step.
+    encode.cache_frozen_prefixes(train, val, progress)
 
-    steps_per_epoch = math.ceil(len(train.file_of) / (config.batch_size * config.grad_accum))
+    samples_per_epoch = len(train.files) if config.one_caption_per_file else len(train.file_of)
+    steps_per_epoch = math.ceil(samples_per_epoch / (config.batch_size * config.grad_accum))
     total_steps = steps_per_epoch * config.epochs
     warmup = (
         config.warmup_steps
@@ -254,15 +267,22 @@ def finetune(
         st["history"].append({"epoch": 0, "train_loss": None, "recall": before.to_dict()})
         progress("eval", epoch=0, recall=before)
         _install_best(plain, model, model_cfg, preprocess_cfg, out)
+        if hasattr(tokenizer, "save_pretrained"):
+            # open_clip loads a local-dir model's Hugging Face tokenizer from the directory itself
+            tokenizer.save_pretrained(str(out))
         _write_log(out, config, spec, adapted, train, val, skipped, st, finished=False)
 
     # --- the loop -------------------------------------------------------------------------------
     logit_scale = getattr(model, "logit_scale", None)
     groups_all = torch.from_numpy(train.file_of).to(device)
-    tokens_all = train.tokens.to(device)
+    captions_of = _captions_by_file(train)
     since_ckpt = 0
     for epoch in range(st["epoch"] + 1, config.epochs + 1):
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(train.file_of))
+        rng = np.random.default_rng([config.seed, epoch])
+        if config.one_caption_per_file:
+            order = rng.permutation([c[rng.integers(len(c))] for c in captions_of])
+        else:
+            order = rng.permutation(len(train.file_of))
         step_size = config.batch_size * config.grad_accum
         set_train_mode(model)
         t_epoch = time.perf_counter()
@@ -273,9 +293,7 @@ def finetune(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = [idx[i : i + config.batch_size] for i in range(0, len(idx), config.batch_size)]
-            loss = _accumulate(
-                encode, micro, train, tokens_all, groups_all, logit_scale, scaler, autocast
-            )
+            loss = _accumulate(encode, micro, train, groups_all, logit_scale, scaler, autocast)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if config.max_grad_norm:
@@ -363,9 +381,7 @@ def finetune(
 # --- one optimizer step ---------------------------------------------------------------------------
 
 
-def _accumulate(
-    encode, micro, split, tokens_all, groups_all, logit_scale, scaler, autocast
-) -> float:
+def _accumulate(encode, micro, split, groups_all, logit_scale, scaler, autocast) -> float:
     """Backward of the contrastive loss over all micro-batches of one step, as if they were one
     batch: features of the other micro-batches come from a no-grad pass (open_clip's accum_freq),
     so the gradients add up to the full-batch gradient."""
@@ -382,15 +398,15 @@ def _accumulate(
     groups = groups_all[torch.from_numpy(np.concatenate(micro)).to(groups_all.device)]
     if len(micro) == 1:
         with autocast():
-            img, txt = encode.features(micro[0], split, tokens_all)
+            img, txt = encode.features(split, micro[0])
             loss = clip_loss(img, txt, scale(0), groups)
         _backward(loss, scaler)
         return float(loss.detach())
     with torch.no_grad(), autocast():
-        cached = [encode.features(m, split, tokens_all) for m in micro]
+        cached = [encode.features(split, m) for m in micro]
     for k, m in enumerate(micro):
         with autocast():
-            img, txt = encode.features(m, split, tokens_all)
+            img, txt = encode.features(split, m)
             imgs = torch.cat([c[0] for c in cached[:k]] + [img] + [c[0] for c in cached[k + 1 :]])
             txts = torch.cat([c[1] for c in cached[:k]] + [txt] + [c[1] for c in cached[k + 1 :]])
             loss = clip_loss(imgs, txts, scale(k), groups)
@@ -444,7 +460,9 @@ class _Split:
     captions: list[str]
     tokens: Any  # torch.LongTensor (n_captions, context)
     pixels: np.ndarray | None = None  # (n_files, H, W, 3) uint8 when cached
-    prefix: Any = None  # frozen image-prefix features per file (torch, on device)
+    image_prefix: Any = None  # frozen image-prefix features per file (torch, on device)
+    text_prefix: Any = None  # frozen text-trunk features per caption (torch, on device)
+    by_length: np.ndarray | None = None  # caption indices, shortest first
 
 
 def _prepare_data(pairs, val_pairs, prep, tokenizer, config, progress):
@@ -548,17 +566,20 @@ def _skip_note(skipped) -> str:
 
 
 class _Encoder:
-    """Image and text features of the model being trained, from cached pixels or prefixes."""
+    """Image and text features of the model being trained, from cached pixels, cached frozen
+    prefixes, or full forward passes."""
 
-    def __init__(self, model, device, prep, autocast, config):
+    def __init__(self, model, device, prep, autocast, config, amp_dtype=None):
         import torch
 
         self.model, self.device, self.prep = model, device, prep
-        self.autocast, self.config = autocast, config
+        self.autocast, self.config, self.amp = autocast, config, str(amp_dtype)
         self.mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1) * 255
-        self.suffix = None
-        self.cached = False
+        self.image_suffix = self.text_suffix = None
+        self.image_cached = self.text_cached = False
+        self.text_parts = text_parts(model)
+        self.pad_id = self.text_parts[3] if self.text_parts else 0
 
     def pixels(self, split: _Split, file_idx: np.ndarray):
         import torch
@@ -566,51 +587,137 @@ class _Encoder:
         if split.pixels is not None:
             batch = split.pixels[file_idx]
         else:
-            decoded = decode_images(
-                [split.files[i] for i in file_idx], self.prep, self.config.workers
-            )
-            batch = np.stack(decoded)  # files were checked when the data was prepared
+            paths = [split.files[i] for i in file_idx]
+            batch = np.stack(decode_images(paths, self.prep, self.config.workers))
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
         return (x - self.mean) / self.std
 
     def image(self, split: _Split, file_idx: np.ndarray):
-        if self.cached:
+        if self.image_cached:
             import torch
 
-            x = split.prefix[torch.from_numpy(file_idx).to(self.device)]
-            return self.suffix(x) if self.suffix is not None else x
+            x = split.image_prefix[torch.from_numpy(file_idx).to(self.device)]
+            return self.image_suffix(x) if self.image_suffix is not None else x
         return self.model.encode_image(self.pixels(split, file_idx))
 
-    def text(self, tokens):
-        return encode_text(self.model, tokens)
-
-    def features(self, idx: np.ndarray, split: _Split, tokens_all):
+    def text(self, split: _Split, caption_idx: np.ndarray):
         import torch
 
-        file_idx = split.file_of[idx]
-        return self.image(split, file_idx), self.text(
-            tokens_all[torch.from_numpy(idx).to(tokens_all.device)]
-        )
+        idx = torch.from_numpy(caption_idx).to(self.device)
+        if self.text_cached:
+            return self.text_suffix(split.text_prefix[idx])
+        return encode_text(self.model, split.tokens[idx])
 
-    def cache_image_prefix(self, stage, train: _Split, val: _Split, progress) -> None:
+    def features(self, split: _Split, caption_idx: np.ndarray):
+        return self.image(split, split.file_of[caption_idx]), self.text(split, caption_idx)
+
+    def cache_frozen_prefixes(self, train: _Split, val: _Split, progress) -> None:
         import torch
 
-        prefix, self.suffix = stage
-        prefix.eval()
-        bs = max(self.config.batch_size, 64)
-        total = len(train.files) + len(val.files)
-        done = 0
+        from .methods import frozen_image_stage
+
         for split in (train, val):
-            parts = []
-            for s in range(0, len(split.files), bs):
-                file_idx = np.arange(s, min(s + bs, len(split.files)))
-                with torch.no_grad(), self.autocast():
-                    parts.append(prefix(self.pixels(split, file_idx)).float())
-                done += len(file_idx)
-                progress("features", done=done, total=total)
-            split.prefix = torch.cat(parts)
-            split.pixels = None  # the prefix features replace the pixels
-        self.cached = True
+            split.tokens = split.tokens.to(self.device)
+            # shortest first, so each batch is cut to similar lengths (no-grad passes only)
+            split.by_length = np.argsort(
+                (split.tokens != self.pad_id).sum(1).cpu().numpy(), kind="stable"
+            )
+        bs = max(self.config.batch_size, 64)
+        stage = frozen_image_stage(self.model)
+        if stage is not None:
+            prefix, self.image_suffix = stage
+            prefix.eval()
+            # channels-last runs CPU convolution trunks ~1.4x faster; the layout is restored after
+            fmt = torch.channels_last if self.device == "cpu" else torch.contiguous_format
+            for split in (train, val):
+
+                def compute(split=split):
+                    parts = []
+                    prefix.to(memory_format=fmt)
+                    for s in range(0, len(split.files), bs):
+                        x = self.pixels(split, np.arange(s, min(s + bs, len(split.files))))
+                        with torch.no_grad(), self.autocast():
+                            parts.append(prefix(x.contiguous(memory_format=fmt)).float())
+                        progress("features", tower="image", done=min(s + bs, len(split.files)),
+                                 total=len(split.files))  # fmt: skip
+                    prefix.to(memory_format=torch.contiguous_format)
+                    return torch.cat(parts)
+
+                key = [
+                    ("files", [(str(f), _stat(f)) for f in split.files]),
+                    ("prep", self.prep.to_dict()),
+                ]
+                split.image_prefix = self._persisted("image", prefix, key, compute)
+                split.pixels = None  # the prefix features replace the pixels
+            self.image_cached = True
+        trunk_frozen = self.text_parts is not None and not any(
+            p.requires_grad for m in self.text_parts[2] for p in m.parameters()
+        )
+        if trunk_frozen:
+            pooled, self.text_suffix, trunk, _ = self.text_parts
+            for m in trunk:
+                if isinstance(m, torch.nn.Module):
+                    m.eval()  # no dropout in features computed once
+            for split in (train, val):
+
+                def compute(split=split):
+                    out = torch.empty(0)
+                    for s in range(0, len(split.by_length), bs):
+                        idx = torch.from_numpy(split.by_length[s : s + bs]).to(self.device)
+                        with torch.no_grad(), self.autocast():
+                            x = pooled(split.tokens[idx]).float()
+                        if s == 0:
+                            out = torch.empty(len(split.by_length), x.shape[1], device=self.device)
+                        out[idx] = x
+                        progress("features", tower="text", done=min(s + bs, len(split.by_length)),
+                                 total=len(split.by_length))  # fmt: skip
+                    return out
+
+                split.text_prefix = self._persisted("text", trunk, self._text_key(split), compute)
+            self.text_cached = True
+
+    def _text_key(self, split: _Split) -> list:
+        return [("tokens", hashlib.sha256(split.tokens.cpu().numpy().tobytes()).hexdigest())]
+
+    def _cache_path(self, kind: str, modules, key: list) -> Path:
+        """Named by everything the features depend on: weights, inputs, precision."""
+        h = hashlib.sha256(json.dumps([FORMAT_VERSION, kind, self.amp, key]).encode())
+        for m in modules if isinstance(modules, (list, tuple)) else [modules]:
+            for name, t in m.state_dict().items():
+                h.update(name.encode())
+                h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+        return Path(self.config.feature_cache) / f"{kind}-{h.hexdigest()[:32]}.safetensors"
+
+    def _persisted(self, kind: str, modules, key: list, compute):
+        """compute(), or its result from `config.feature_cache` when the same frozen weights
+        already ran on the same inputs."""
+        from safetensors.torch import load_file, save_file
+
+        if self.config.feature_cache is None:
+            return compute()
+        path = self._cache_path(kind, modules, key)
+        if path.is_file():
+            return load_file(str(path))["features"].to(self.device)
+        feats = compute().float()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{secrets.token_hex(3)}.tmp")
+        save_file({"features": feats.detach().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        return feats
+
+    def _known_text_prefix(self, split: _Split):
+        """Text-trunk features of `split` from the feature cache when the (trainable) trunk is
+        still bit-identical to one that ran on these captions, as before the first step of a
+        run that starts from a model whose frozen text trunk was cached."""
+        from safetensors.torch import load_file
+
+        if self.text_cached or self.text_parts is None or self.config.feature_cache is None:
+            return None
+        path = self._cache_path("text", self.text_parts[2], self._text_key(split))
+        return load_file(str(path))["features"].to(self.device) if path.is_file() else None
+
+    def text_suffix_of(self, x):
+        return self.text_parts[1](x)
 
     def recall(self, split: _Split) -> Recall:
         import torch
@@ -618,32 +725,61 @@ class _Encoder:
 
         self.model.eval()
         bs = max(self.config.batch_size, 64)
-        img, txt = [], []
+        img = []
+        txt = torch.empty(0)
+        known = self._known_text_prefix(split)
         with torch.no_grad(), self.autocast():
             for s in range(0, len(split.files), bs):
-                img.append(
-                    F.normalize(
-                        self.image(split, np.arange(s, min(s + bs, len(split.files)))).float(),
-                        dim=-1,
-                    )
-                )
-            tokens = split.tokens.to(self.device)
-            for s in range(0, len(tokens), bs):
-                txt.append(F.normalize(self.text(tokens[s : s + bs]).float(), dim=-1))
-        return recall_at_k(
-            torch.cat(img).cpu().numpy(), torch.cat(txt).cpu().numpy(), split.file_of
-        )
+                x = self.image(split, np.arange(s, min(s + bs, len(split.files))))
+                img.append(F.normalize(x.float(), dim=-1))
+            for s in range(0, len(split.by_length), bs):
+                idx = split.by_length[s : s + bs]
+                if known is not None:  # the suffix on features an earlier run cached
+                    x = self.text_suffix_of(known[torch.from_numpy(idx).to(self.device)])
+                else:
+                    x = self.text(split, idx)
+                x = F.normalize(x.float(), dim=-1)
+                if s == 0:
+                    txt = torch.empty(len(split.by_length), x.shape[1], device=x.device)
+                txt[torch.from_numpy(idx).to(x.device)] = x
+        image_emb = torch.cat(img).cpu().numpy()
+        return recall_at_k(image_emb, txt.cpu().numpy(), split.file_of)
 
 
-def encode_text(model, tokens):
-    """`model.encode_text`, with the batch cut to its longest text where padding provably cannot
-    change the result (causal mask + argmax pooling, or a padding-masked Hugging Face tower)."""
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _captions_by_file(split: _Split) -> list[np.ndarray]:
+    order = np.argsort(split.file_of, kind="stable")
+    bounds = np.searchsorted(split.file_of[order], np.arange(len(split.files) + 1))
+    return [order[bounds[i] : bounds[i + 1]] for i in range(len(split.files))]
+
+
+def text_parts(model):
+    """(pooled, project, trunk modules, pad id) for text towers whose forward splits at the output
+    projection (open_clip's CLIP text tower, Hugging Face towers); None for others.
+
+    `pooled(tokens)` cuts the batch to its longest text where padding provably cannot change the
+    result: a causal mask with argmax pooling, or a padding-masked Hugging Face tower.
+    """
     import torch
 
     text = getattr(model, "text", None)
-    hf_config = getattr(text, "config", None) if text is not None else None
-    if hf_config is not None and getattr(hf_config, "pad_token_id", None) is not None:
-        return model.encode_text(tokens[:, : _used_columns(tokens, hf_config.pad_token_id)])
+    if text is not None and all(
+        hasattr(text, a) for a in ("transformer", "pooler", "proj", "config")
+    ):
+        pad = text.config.pad_token_id
+        if pad is None:
+            return None
+
+        def hf_pooled(tokens):  # HFTextEncoder.forward up to its projection
+            tokens = tokens[:, : _used_columns(tokens, pad)]
+            mask = (tokens != pad).long()
+            return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
+
+        return hf_pooled, text.proj, [text.transformer], pad
     trimmable = (
         text is None
         and getattr(model, "text_pool_type", None) == "argmax"
@@ -651,18 +787,47 @@ def encode_text(model, tokens):
         and hasattr(model, "positional_embedding")
     )
     if not trimmable:
+        return None
+
+    def clip_pooled(tokens):  # CLIP.encode_text up to its projection
+        n = _used_columns(tokens, 0)
+        tokens = tokens[:, :n]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+        x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
+        x = model.ln_final(x)
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+
+    def clip_project(x):
+        proj = model.text_projection
+        if isinstance(proj, torch.nn.Linear):
+            return proj(x)
+        return x @ proj if proj is not None else x
+
+    trunk = [model.token_embedding, model.transformer, model.ln_final]
+    return clip_pooled, clip_project, [*trunk, _ParamHolder(model.positional_embedding)], 0
+
+
+class _ParamHolder:
+    """Lets a bare parameter sit in a list of modules for freezing checks and hashing."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def parameters(self):
+        return iter([self.p])
+
+    def state_dict(self):
+        return {"p": self.p}
+
+
+def encode_text(model, tokens):
+    """`model.encode_text`, through `text_parts` where the tower allows (same result, faster)."""
+    parts = text_parts(model)
+    if parts is None:
         return model.encode_text(tokens)
-    n = _used_columns(tokens, 0)
-    tokens = tokens[:, :n]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-    proj = model.text_projection
-    if isinstance(proj, torch.nn.Linear):
-        return proj(x)
-    return x @ proj if proj is not None else x
+    pooled, project, _, _ = parts
+    return project(pooled(tokens))
 
 
 def _used_columns(tokens, pad_id: int) -> int:

