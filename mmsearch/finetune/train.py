@@ -1056,7 +1056,7 @@ def _plot_curve(st: dict, path: Path, progress) -> Path | None:
     except ImportError:
         progress(
             "warning",
-            message="matplotlib is not installed (pip install 'mmsearch[finetune]'); no curve.png",
+            message="matplotlib is not installed (pip install matplotlib); no curve.png",
         )
         return None
     hist = st["history"]
