@@ -170,6 +170,30 @@ def index(
     )
 
 
+def _rich_bar(*extra_columns):
+    """A transient rich progress bar on stderr: description, bar, done/total, extras, ETA."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra_columns,
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    bar.__enter__()
+    return bar
+
+
 class _progress:
     """A rich progress bar on a terminal; silent otherwise."""
 
@@ -180,26 +204,11 @@ class _progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} files/s"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                transient=True,
+            self.bar = _rich_bar(
+                TextColumn("{task.fields[rate]} files/s"), TimeElapsedColumn(), TextColumn("ETA")
             )
-            self.bar.__enter__()
         return self
 
     def __call__(self, stage: str, done: int, total: int) -> None:
@@ -451,22 +460,7 @@ class _TrainProgress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                transient=True,
-            )
-            self.bar.__enter__()
+            self.bar = _rich_bar()
         return self
 
     def __call__(self, event: str, **info) -> None:

@@ -168,12 +168,14 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
         vectors.remove(removed_ids)
     finally:
         col.save_vectors()
+    return _totals(col, report)
+
+
+def _totals(col: Collection, report: IndexReport) -> IndexReport:
+    """Fill in what the index holds now (files, vectors, files currently failing)."""
     counts = col.catalog.counts()
-    report.files, report.vectors, report.failed = (
-        counts["files"],
-        counts["vectors"],
-        counts["failures"],
-    )
+    report.files, report.vectors = counts["files"], counts["vectors"]
+    report.failed = counts["failures"]
     return report
 
 
@@ -376,12 +378,7 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
             report.removed = len(gone)
         finally:
             col.save_vectors()
-        counts = col.catalog.counts()
-        report.files, report.vectors, report.failed = (
-            counts["files"],
-            counts["vectors"],
-            counts["failures"],
-        )
+        _totals(col, report)
     finally:
         col.close()
     report.seconds = time.perf_counter() - started
