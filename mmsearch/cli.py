@@ -354,6 +354,10 @@ def finetune(
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Files held out for evaluation.")
     ] = 0.1,
+    val: Annotated[
+        Path | None,
+        typer.Option("--val", help="Separate held-out pairs (instead of --val-fraction)."),
+    ] = None,
     lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 8,
     lora_targets: Annotated[
         str | None, typer.Option("--lora-targets", help="Comma-separated layer names.")
@@ -395,8 +399,9 @@ def finetune(
         **extra,
     )
     pairs = read_pairs(source)
+    val_pairs = read_pairs(val) if val is not None else None
     with _TrainProgress(not as_json and sys.stderr.isatty()) as progress:
-        result = run_finetune(pairs, config, progress=progress)
+        result = run_finetune(pairs, config, progress=progress, val_pairs=val_pairs)
     if as_json:
         _emit_json(result.to_dict())
         return

@@ -83,3 +83,19 @@ def test_finetune_errors(tmp_path, tiny_model):
     pairs = make_pairs(tmp_path)
     r = cli("finetune", pairs, "--out", tmp_path / "o", "--model", tiny_model, "--method", "magic")
     assert r.exit_code != 0 and "--method" in r.stderr
+
+
+def test_finetune_with_separate_validation_pairs(tiny_model, tmp_path):
+    pairs = make_pairs(tmp_path)
+    rows = pairs.read_text().splitlines()
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    train.write_text("\n".join([rows[0]] + [r for r in rows[1:] if "_2.png" not in r]) + "\n")
+    val.write_text("\n".join([rows[0]] + [r for r in rows[1:] if "_2.png" in r]) + "\n")
+    out = tmp_path / "m"
+    r = cli(
+        "finetune", train, "--val", val, "--out", out, "--model", tiny_model,
+        "--epochs", "1", "--batch-size", "8", "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["val_files"] == 8 and result["train_files"] == 16
