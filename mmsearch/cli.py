@@ -94,6 +94,24 @@ def handle_errors(fn):
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        _say(f"mmsearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Search your photos, recordings and notes by text, image or sound."""
+
+
 def _root(index_dir: Path | None) -> Path:
     return index_root(index_dir)
 
