@@ -1,0 +1,93 @@
+"""Audio projector fine-tuning on (audio, caption) pairs, with tiny CLIP and CLAP models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from test_audio_tower import make_tiny_clap, make_tiny_clip
+
+from mmsearch.config import EncoderOptions, ModelSpec
+from mmsearch.encoders import audio as audio_enc
+from mmsearch.encoders.audio import (
+    PROJECTOR_FILENAME,
+    FitSettings,
+    load_audio_tower,
+    load_projector,
+)
+from mmsearch.finetune.audio import train_audio_projector
+from mmsearch.finetune.pairs import Pair, PairSet
+from mmsearch.items import AUDIO
+
+CLASSES = {
+    220.0: ["a low hum", "deep droning bass", "a low rumble"],
+    440.0: ["a steady beep", "a plain middle tone", "a beeping alarm"],
+    880.0: ["a high whistle", "a shrill pitch", "a piercing squeal"],
+    1760.0: ["a very high chirp", "a tiny bird tweet", "a thin hiss"],
+}
+FAST = FitSettings(refine_steps=20)
+
+
+def tone(path: Path, freq: float, seconds: float, seed: int, rate: int = 16000) -> Path:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.02 * rng.standard_normal(len(t))
+    sf.write(path, wave.astype(np.float32), rate)
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    few = audio_enc.read_captions()[::12]
+    monkeypatch.setattr(audio_enc, "read_captions", lambda: few)
+    clip_dir = make_tiny_clip(tmp_path / "clip")
+    clap_dir = make_tiny_clap(tmp_path / "clap")
+    media = tmp_path / "media"
+    media.mkdir()
+    pairs = []
+    for c, (freq, caps) in enumerate(CLASSES.items()):
+        for i in range(6):
+            p = tone(media / f"c{c}_{i}.wav", freq * (1 + 0.01 * i), 1.0 + 0.2 * i, seed=c * 10 + i)
+            pairs += [Pair(p, cap, AUDIO) for cap in caps[:2] if cap]
+    (media / "bad.wav").write_bytes(b"not audio at all")
+    pairs.append(Pair(media / "bad.wav", "broken", AUDIO))
+    return tmp_path, clip_dir, clap_dir, PairSet(pairs)
+
+
+def test_trains_saves_and_is_picked_up(setup):
+    from mmsearch.encoders.clip import load_clip
+
+    root, clip_dir, clap_dir, pairs = setup
+    events = []
+    result = train_audio_projector(
+        pairs,
+        clip_dir,
+        str(clap_dir),
+        root / "cache",
+        val_fraction=0.25,
+        progress=lambda event, **info: events.append(event),
+        settings=FAST,
+    )
+    saved = clip_dir / PROJECTOR_FILENAME
+    assert result.projector == saved and saved.is_file()
+    assert result.skipped == {"undecodable": 1}
+    assert result.train_pairs + result.val_pairs == 48
+    assert result.val_pairs == 12 and result.before.images == result.after.images == 6
+    assert result.after.mean >= result.before.mean
+    assert "embed-audio" in events and "fit" in events
+
+    enc = load_clip(ModelSpec.parse(str(clip_dir)), EncoderOptions(device="cpu", precision="fp32"))
+    tower = load_audio_tower(str(clap_dir), enc, root / "other-cache")
+    assert tower.projector.hash == load_projector(saved).hash
+    assert tower.identity["projector_fit"] in ("finetuned", "ridge", "ridge+contrastive")
+    assert not list((root / "other-cache").glob("*.safetensors"))  # no bridge fit was needed
+    assert result.to_dict()["kept"] == result.kept
+
+
+def test_no_audio_pairs_is_a_usage_error(tmp_path):
+    from mmsearch.errors import UsageError
+
+    with pytest.raises(UsageError, match="no audio pairs"):
+        train_audio_projector(PairSet([]), tmp_path, None, tmp_path)
