@@ -383,6 +383,10 @@ def finetune(
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing")] = False,
     precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16, fp16.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    audio_model: Annotated[
+        str | None,
+        typer.Option("--audio-model", help="CLAP model whose projector audio pairs train."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
     device: Device = "auto",
@@ -416,12 +420,50 @@ def finetune(
         overwrite=overwrite,
         **extra,
     )
+    from .items import AUDIO, IMAGE
+
     pairs = read_pairs(source)
     val_pairs = read_pairs(val) if val is not None else None
+    has_audio = bool(pairs.of(AUDIO).pairs)
+    result = audio = None
     with _TrainProgress(not as_json and sys.stderr.isatty()) as progress:
-        result = run_finetune(pairs, config, progress=progress, val_pairs=val_pairs)
+        if pairs.of(IMAGE).pairs or not has_audio:
+            result = run_finetune(pairs, config, progress=progress, val_pairs=val_pairs)
+        if has_audio:
+            # Audio pairs train the audio projector against the (tuned) CLIP text tower; it is
+            # saved in the model directory, where indexing with --model picks it up.
+            from .encoders.clip import materialize_model_dir
+            from .finetune.audio import train_audio_projector
+
+            if result is None:
+                materialize_model_dir(ModelSpec.parse(model), config.out, overwrite)
+            audio = train_audio_projector(
+                pairs,
+                config.out,
+                audio_model,
+                cache_dir=index_root() / ".models",
+                val_fraction=max(val_fraction, 0.1),
+                seed=seed,
+                device=device,
+                progress=progress,
+            )
     if as_json:
-        _emit_json(result.to_dict())
+        data = result.to_dict() if result else {"out": str(config.out)}
+        if audio is not None:
+            data["audio"] = audio.to_dict()
+        _emit_json(data)
+        return
+    if audio is not None:
+        _say(
+            f"audio projector: {audio.train_pairs} training pairs, {audio.val_pairs} held out; "
+            f"kept the {'fitted' if audio.kept == 'after' else 'previous'} projector "
+            f"({audio.projector})"
+        )
+        _say(
+            _recall_table(audio.before, audio.after).replace("i->t", "a->t").replace("t->i", "t->a")
+        )
+    if result is None:
+        _say(f"re-index with it: mmsearch index PATH --model {config.out} --rebuild")
         return
     _say(
         f"{result.method}: {result.train_pairs} training pairs ({result.train_files} files), "

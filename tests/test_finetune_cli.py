@@ -99,3 +99,32 @@ def test_finetune_with_separate_validation_pairs(tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["val_files"] == 8 and result["train_files"] == 16
+
+
+def test_audio_pairs_train_the_projector_saved_with_the_model(tiny_model, tmp_path, monkeypatch):
+    from test_audio_cli import few_captions, tone
+    from test_audio_tower import make_tiny_clap
+
+    few_captions(monkeypatch)
+    clap = make_tiny_clap(tmp_path / "clap")
+    rows = []
+    for k, freq in enumerate([200, 900, 2500, 6000]):
+        for i in range(5):
+            p = tone(tmp_path / "snd" / f"c{k}_{i}.wav", freq * (1 + 0.02 * i), 1.0)
+            rows.append(f"{p},sound number {k}")
+    pairs = tmp_path / "audio_pairs.csv"
+    pairs.write_text("path,caption\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "with-audio"
+    r = cli(
+        "finetune", pairs, "--out", out, "--model", tiny_model,
+        "--audio-model", clap, "--val-fraction", "0.25", "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    audio = json.loads(r.stdout)["audio"]
+    assert audio["after"]["mean"] >= audio["before"]["mean"] or audio["kept"] == "before"
+    assert (out / "audio_projector.safetensors").is_file()
+    assert (out / "open_clip_model.safetensors").is_file()
+    r = cli("index", tmp_path / "snd", "--model", out, "--audio-model", clap, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(cli("info", "--json").stdout)
+    assert info["modalities"]["audio"]["files"] == 20

@@ -240,3 +240,19 @@ def save_model_dir(model, model_cfg: dict, out: Path, preprocess_cfg: dict | Non
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / "open_clip_model.safetensors"))
     return out
+
+
+def materialize_model_dir(spec: ModelSpec, out: Path, overwrite: bool = False) -> Path:
+    """`out` as a self-contained local-dir copy of `spec` (fp32 weights), e.g. to add an audio
+    projector beside a model that was not fine-tuned."""
+    import shutil
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ModelError(f"{out} exists and is not empty (use --overwrite to replace it)")
+    if spec.is_local:
+        shutil.copytree(spec.local_path, out, dirs_exist_ok=True)
+        return out
+    enc = load_clip(spec, EncoderOptions(device="cpu", precision="fp32"))
+    model = enc.extras["model"]
+    return save_model_dir(model, _model_cfg(spec), out, dict(model.visual.preprocess_cfg))
