@@ -158,7 +158,7 @@ class Collection:
     def encoder_identity(self) -> dict | None:
         return self.manifest.get("encoder")
 
-    def check_encoder(self, identity: dict, what: str = "audio_encoder") -> None:
+    def check_encoder(self, identity: dict) -> None:
         """Refuse to mix vectors of two models in one index."""
         mine = self.manifest.get("encoder")
         if mine and mine.get("key") != identity.get("key"):

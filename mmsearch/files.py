@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
-from pathlib import Path
 
 from .errors import UsageError
 from .items import FileEntry
@@ -107,11 +106,3 @@ def _entry(path: bytes, st) -> FileEntry | None:
     if modality is None or not stat.S_ISREG(st.st_mode):
         return None
     return FileEntry(path=path, modality=modality, size=st.st_size, mtime_ns=st.st_mtime_ns)
-
-
-def under(path: bytes, roots: list[bytes]) -> bool:
-    return any(path == r or path.startswith(r.rstrip(b"/") + b"/") for r in roots)
-
-
-def display(path: bytes) -> str:
-    return str(Path(os.fsdecode(path)))

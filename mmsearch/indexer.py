@@ -31,7 +31,6 @@ Progress = Callable[..., None]
 class Plan:
     todo: list[tuple[FileEntry, FileRow | None]]  # new or changed files, with their old row
     unchanged: int
-    still_failing: int
     vanished: dict[bytes, FileRow]  # indexed files under the roots that are gone
     vanished_failures: list[bytes]
 
@@ -112,20 +111,18 @@ def _attach_audio(
 def plan(col: Collection, entries: list[FileEntry], roots: list[bytes]) -> Plan:
     known = col.catalog.files_under(roots)
     failing = col.catalog.failures_under(roots)
-    todo, unchanged, still_failing = [], 0, 0
+    todo, unchanged = [], 0
     present = set()
     for e in entries:
         present.add(e.path)
         row = known.get(e.path)
         if row and row.size == e.size and row.mtime_ns == e.mtime_ns and row.modality == e.modality:
             unchanged += 1
-        elif not row and failing.get(e.path) == (e.size, e.mtime_ns):
-            still_failing += 1
-        else:
-            todo.append((e, row))
+        elif row or failing.get(e.path) != (e.size, e.mtime_ns):
+            todo.append((e, row))  # new or changed (a file that failed is retried once changed)
     vanished = {p: r for p, r in known.items() if p not in present}
     gone_failures = [p for p in failing if p not in present]
-    return Plan(todo, unchanged, still_failing, vanished, gone_failures)
+    return Plan(todo, unchanged, vanished, gone_failures)
 
 
 def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> IndexReport:
@@ -226,19 +223,14 @@ def _commit_chunk(
     first_of_hash = {}
     for i in to_embed:
         first_of_hash.setdefault(ok[i].hash, i)
-    try:
-        ticked = 0
+    ticked = 0
 
-        def counted(n: int) -> None:
-            nonlocal ticked
-            ticked += n
-            tick(n)
+    def counted(n: int) -> None:
+        nonlocal ticked
+        ticked += n
+        tick(n)
 
-        embedded = _embed(
-            encoder, [ok[i] for i in first_of_hash.values()], options.batch_size, counted
-        )
-    except LoadError as e:  # pragma: no cover - defensive: _embed records per-file problems
-        raise RuntimeError(str(e)) from e
+    embedded = _embed(encoder, [ok[i] for i in first_of_hash.values()], options.batch_size, counted)
     for (digest, _i), result in zip(first_of_hash.items(), embedded, strict=True):
         if isinstance(result, str):
             failed[_i] = result
@@ -358,7 +350,7 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
                 gone.append(row)
                 continue
             todo.append((FileEntry(row.path, AUDIO, st.st_size, st.st_mtime_ns), row))
-        p = Plan(todo, 0, 0, {r.path: r for r in gone}, [])
+        p = Plan(todo, 0, {r.path: r for r in gone}, [])
         report = IndexReport()
         settings = LoadSettings(modalities=frozenset({AUDIO}), audio=encoder.extras["audio_load"])
         done = 0

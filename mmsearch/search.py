@@ -11,7 +11,7 @@ import numpy as np
 from .collection import Collection, model_cache_dir
 from .config import EncoderOptions, ModelSpec, SearchOptions
 from .errors import ModelMismatchError, UsageError
-from .items import AUDIO, IMAGE, MODALITIES, TEXT, Hit
+from .items import MODALITIES, Hit
 
 _SPLIT = re.compile(r"\s+([+-])\s+")
 _WEIGHT = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:\s*(.+)$", re.S)
@@ -210,4 +210,4 @@ def search(query: str | None = None, options: SearchOptions | None = None, **kw)
         return s.search(query, **kw)
 
 
-__all__ = ["Searcher", "search", "parse_query", "combine", "Term", "IMAGE", "TEXT", "AUDIO"]
+__all__ = ["Searcher", "Term", "combine", "parse_query", "search"]
