@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -33,6 +34,11 @@ class Plan:
     unchanged: int
     vanished: dict[bytes, FileRow]  # indexed files under the roots that are gone
     vanished_failures: list[bytes]
+
+    @cached_property
+    def old_rows(self) -> dict[bytes, FileRow | None]:
+        """Each file to embed's previous row, by path (built once, read by every chunk)."""
+        return {e.path: row for e, row in self.todo}
 
 
 def default_workers() -> int:
@@ -204,7 +210,7 @@ def _commit_chunk(
 ) -> int:
     """Embed and commit one chunk; returns how many files `tick` was already called for."""
     catalog = col.catalog
-    old_rows = {e.path: row for e, row in p.todo}
+    old_rows = p.old_rows
     ok = [x for x in loaded if x.error is None]
     # 1. Reuse vectors of identical content already in the index (copies, moves, touched files).
     reuse: dict[int, FileRow] = {}
