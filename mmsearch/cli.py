@@ -385,8 +385,25 @@ def finetune(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     audio_model: Annotated[
         str | None,
-        typer.Option("--audio-model", help="CLAP model whose projector audio pairs train."),
+        typer.Option(
+            "--audio-model",
+            help="CLAP model whose projector audio pairs train (default: the one --model's "
+            "directory carries, else laion/clap-htsat-unfused).",
+        ),
     ] = None,
+    audio_tower: Annotated[
+        str,
+        typer.Option(
+            "--audio-tower",
+            help="Audio pairs: 'head' also trains CLAP's audio projection head (the MLP after "
+            "the frozen HTSAT trunk) with the projector, kept if it beats the projector alone "
+            "on held-out recall and saved in OUT/audio_model; 'none' trains the projector only.",
+        ),
+    ] = "none",
+    audio_steps: Annotated[
+        int,
+        typer.Option("--audio-steps", min=1, help="Training steps of --audio-tower head."),
+    ] = 300,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
     device: Device = "auto",
@@ -396,7 +413,10 @@ def finetune(
     """Fine-tune the alignment on your own (file, caption) pairs; keeps the best epoch."""
     from .finetune import FinetuneConfig, read_pairs
     from .finetune import finetune as run_finetune
+    from .finetune.audio import TOWERS
 
+    if audio_tower not in TOWERS:
+        _fail(f"unknown --audio-tower {audio_tower!r}; use one of: {', '.join(TOWERS)}")
     extra = {}
     if lora_targets:
         extra["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
@@ -433,7 +453,7 @@ def finetune(
             # Audio pairs train the audio projector against the (tuned) CLIP text tower; it is
             # saved in the model directory, where indexing with --model picks it up.
             from .encoders.clip import materialize_model_dir
-            from .finetune.audio import train_audio_projector
+            from .finetune.audio import HeadSettings, train_audio_projector
 
             if result is None:
                 materialize_model_dir(ModelSpec.parse(model), config.out, overwrite)
@@ -446,6 +466,9 @@ def finetune(
                 seed=seed,
                 device=device,
                 progress=progress,
+                val_pairs=val_pairs if val_pairs is not None and val_pairs.of(AUDIO) else None,
+                tower=audio_tower,
+                head_settings=HeadSettings(steps=audio_steps, batch_size=batch_size, seed=seed),
             )
     if as_json:
         data = result.to_dict() if result else {"out": str(config.out)}
@@ -454,14 +477,27 @@ def finetune(
         _emit_json(data)
         return
     if audio is not None:
+        kept = {
+            "before": "the previous projector",
+            "after": "the fitted projector",
+            "head": f"the trained audio head (step {audio.head_step}) and its projector",
+        }[audio.kept]
         _say(
-            f"audio projector: {audio.train_pairs} training pairs, {audio.val_pairs} held out; "
-            f"kept the {'fitted' if audio.kept == 'after' else 'previous'} projector "
-            f"({audio.projector})"
+            f"audio: {audio.train_pairs} training pairs, {audio.val_pairs} held out; "
+            f"kept {kept} ({audio.projector}"
+            + (f", {audio.audio_model}" if audio.audio_model else "")
+            + ")"
         )
-        _say(
-            _recall_table(audio.before, audio.after).replace("i->t", "a->t").replace("t->i", "t->a")
-        )
+        if audio.head is not None:
+            _say(f"audio head: training loss {audio.head_loss[0]:.3f} -> {audio.head_loss[1]:.3f}")
+        names = ["before", "projector"] + (["+ head"] if audio.head is not None else [])
+        recalls = [audio.before, audio.after] + ([audio.head] if audio.head is not None else [])
+        _say(_recall_table(*recalls, names=names, audio=True))
+        if audio.skipped:
+            _say(
+                "skipped audio files: " + ", ".join(f"{v} {k}" for k, v in audio.skipped.items()),
+                err=True,
+            )
     if result is None:
         _say(f"re-index with it: mmsearch index PATH --model {config.out} --rebuild")
         return
@@ -485,30 +521,61 @@ def eval_(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Model to evaluate (any --model spec).")
     ] = "ViT-B-32",
+    audio_model: Annotated[
+        str | None,
+        typer.Option(
+            "--audio-model",
+            help="CLAP model for audio pairs (default: the one --model's directory carries, "
+            "else laion/clap-htsat-unfused), as indexing with --model uses.",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
     device: Device = "auto",
     as_json: Json = False,
     debug: Debug = False,
 ):
-    """Retrieval recall@1/5/10, image->text and text->image, of a model on your pairs."""
+    """Retrieval recall@1/5/10 of a model on your pairs: image->text and text->image for image
+    pairs, audio->text and text->audio for audio pairs (with the audio tower and projector that
+    indexing with --model uses)."""
     from .finetune import evaluate, read_pairs
+    from .items import AUDIO, IMAGE
 
-    recall = evaluate(read_pairs(source), model, device=device, batch_size=batch_size)
+    pairs = read_pairs(source)
+    recall = audio = None
+    if pairs.of(IMAGE).pairs or not pairs.of(AUDIO).pairs:
+        recall = evaluate(pairs, model, device=device, batch_size=batch_size)
+    if pairs.of(AUDIO).pairs:
+        from .finetune.audio import evaluate_audio
+
+        audio = evaluate_audio(
+            pairs, model, audio_model, cache_dir=index_root() / ".models", device=device
+        )
     if as_json:
-        _emit_json({"model": model, **recall.to_dict()})
+        data = {"model": model, **(recall.to_dict() if recall else {})}
+        if audio is not None:
+            data["audio"] = audio.to_dict()
+        _emit_json(data)
         return
-    _say(f"{model}: {recall.images} images, {recall.texts} captions")
-    _say(_recall_table(recall))
+    if recall is not None:
+        _say(f"{model}: {recall.images} images, {recall.texts} captions")
+        _say(_recall_table(recall))
+    if audio is not None:
+        _say(f"{model}: {audio.images} audio files, {audio.texts} distinct captions")
+        _say(_recall_table(audio, audio=True))
+        if audio.skipped:
+            _say(
+                "skipped audio files: " + ", ".join(f"{v} {k}" for k, v in audio.skipped.items()),
+                err=True,
+            )
 
 
-def _recall_table(*recalls) -> str:
-    head = "            " + "".join(
-        f"{name:>22}" for name in (["before", "after"] if len(recalls) == 2 else ["recall"])
-    )
-    rows = [head]
-    for direction in ("image_to_text", "text_to_image"):
+def _recall_table(*recalls, names: list[str] | None = None, audio: bool = False) -> str:
+    names = names or (["before", "after"] if len(recalls) == 2 else ["recall"])
+    rows = ["            " + "".join(f"{name:>22}" for name in names)]
+    arrows = ("a->t", "t->a") if audio else ("i->t", "t->i")
+    for direction, arrow in zip(("image_to_text", "text_to_image"), arrows, strict=True):
         for k in sorted(getattr(recalls[0], direction)):
-            label = f"{'i->t' if direction == 'image_to_text' else 't->i'} R@{k}"
+            label = f"{arrow} R@{k}"
             rows.append(
                 f"{label:<12}" + "".join(f"{getattr(r, direction)[k]:>22.3f}" for r in recalls)
             )
@@ -539,6 +606,16 @@ class _TrainProgress:
         elif event == "eval" and "recall" in info:
             self.bar.console.print(
                 f"epoch {info['epoch']}: mean recall {info['recall'].mean:.3f}", style="dim"
+            )
+        elif event == "audio-step":
+            desc = f"audio head, loss {info['loss']:.3f}"
+            if self.task is None:
+                self.task = self.bar.add_task(desc, total=info["steps"])
+            self.bar.update(self.task, completed=info["step"], description=desc)
+        elif event == "audio-eval":
+            self.bar.console.print(
+                f"audio head step {info['step']}: mean recall {info['recall'].mean:.3f}",
+                style="dim",
             )
         elif event in ("load_model", "decode", "features", "data"):
             detail = f" {info.get('done')}/{info.get('total')}" if "done" in info else ""

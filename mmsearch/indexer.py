@@ -83,12 +83,34 @@ def _encoder_for(col: Collection, options: IndexOptions) -> Encoder:
 def _attach_audio(
     col: Collection, encoder: Encoder, options: IndexOptions, progress, realign: bool = False
 ) -> None:
-    """Load the audio tower for this index (the one it was built with unless --audio-model).
-    With `realign`, the projector is fitted afresh and replaces the index's one."""
+    """Load the audio tower for this index: --audio-model if given, else the audio model and
+    projector of a fine-tuned --model directory if it has them, else the index's own. With
+    `realign`, the projector is fitted afresh and replaces the index's one."""
+    from .encoders.audio import (
+        AUDIO_MODEL_DIRNAME,
+        PROJECTOR_FILENAME,
+        model_dir_audio_model,
+        model_dir_of,
+    )
+
     known = col.manifest.get("audio_encoder")
-    requested = options.encoder.audio_model or (known["spec"] if known else None)
+    model_dir = model_dir_of(encoder) if options.encoder.model is not None else None
+    from_model_dir = model_dir is not None and (
+        (model_dir / AUDIO_MODEL_DIRNAME).is_dir() or (model_dir / PROJECTOR_FILENAME).is_file()
+    )
+    requested = options.encoder.audio_model
+    if requested is None and from_model_dir:
+        requested = model_dir_audio_model(encoder)
+    if requested is None and known:
+        requested = known["spec"]
     stored = col.dir / AUDIO_PROJECTOR
-    use_stored = known and not options.encoder.audio_model and stored.is_file() and not realign
+    use_stored = (
+        known
+        and not from_model_dir
+        and requested == known["spec"]
+        and stored.is_file()
+        and not realign
+    )
     attach_audio(
         encoder,
         requested,
@@ -101,10 +123,11 @@ def _attach_audio(
     if realign:
         known = None
     elif known and known.get("key") != identity["key"]:
+        source = f" (from model directory {model_dir})" if from_model_dir else ""
         raise ModelMismatchError(
             f"index {col.name!r} holds audio embedded with {known.get('spec')} (projector "
             f"{known.get('projector')}), not {identity['spec']} (projector "
-            f"{identity['projector']}). Use the index's audio model, re-align it with "
+            f"{identity['projector']}){source}. Use the index's audio model, re-align it with "
             f"`mmsearch align-audio --index {col.name}`, or rebuild with --rebuild"
         )
     if not known:

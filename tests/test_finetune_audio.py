@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from test_audio_tower import make_tiny_clap, make_tiny_clip
+from typer.testing import CliRunner
 
+from mmsearch.cli import app
 from mmsearch.config import EncoderOptions, ModelSpec
 from mmsearch.encoders import audio as audio_enc
 from mmsearch.encoders.audio import (
@@ -18,7 +22,7 @@ from mmsearch.encoders.audio import (
     load_projector,
 )
 from mmsearch.finetune.audio import train_audio_projector
-from mmsearch.finetune.pairs import Pair, PairSet
+from mmsearch.finetune.pairs import Pair, PairSet, split_by_file
 from mmsearch.items import AUDIO
 
 CLASSES = {
@@ -84,6 +88,19 @@ def test_trains_saves_and_is_picked_up(setup):
     assert tower.identity["projector_fit"] in ("finetuned", "ridge", "ridge+contrastive")
     assert not list((root / "other-cache").glob("*.safetensors"))  # no bridge fit was needed
     assert result.to_dict()["kept"] == result.kept
+
+    # `mmsearch eval` on the held-out pairs, with the model directory alone (it names its audio
+    # model), measures what training measured for the projector it kept.
+    usable = PairSet([p for p in pairs.pairs if p.path.name != "bad.wav"])
+    _, val = split_by_file(usable, 0.25, 0)
+    val_csv = root / "val.csv"
+    with open(val_csv, "w", newline="") as f:
+        csv.writer(f).writerows(
+            [("path", "caption")] + [(str(p.path), p.caption) for p in val.pairs]
+        )
+    r = CliRunner().invoke(app, ["eval", str(val_csv), "--model", str(clip_dir), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["audio"] == result.to_dict()[result.kept]
 
 
 def test_no_audio_pairs_is_a_usage_error(tmp_path):

@@ -31,6 +31,7 @@ from .base import Encoder, Tower, l2_normalize
 
 DEFAULT_AUDIO_MODEL = "laion/clap-htsat-unfused"
 PROJECTOR_FILENAME = "audio_projector.safetensors"  # in a fine-tuned model directory
+AUDIO_MODEL_DIRNAME = "audio_model"  # a fine-tuned CLAP model (from_pretrained layout) beside it
 PROJECTOR_FORMAT = "1"
 FIT_VERSION = "1"  # bump when fit_projector changes what it produces: cached fits are then refit
 CLAP_MAX_TOKENS = 77  # LAION-CLAP tokenizes captions to 77 tokens
@@ -219,6 +220,33 @@ def load_clap(audio_model: str = DEFAULT_AUDIO_MODEL, device: str = "cpu") -> Cl
     )
 
 
+def save_clap(clap: Clap, out: str | os.PathLike, audio_projection: dict | None = None) -> Path:
+    """Write `clap` (fp32, with `audio_projection`'s state dict in place of its own if given) and
+    its processor in from_pretrained layout, so `ClapModel.from_pretrained(out)` loads it. It is
+    written beside `out` and moved into place: a crash never leaves a half-written `out`."""
+    import copy
+    import shutil
+
+    from transformers import ClapProcessor
+
+    out = Path(out)
+    model = copy.deepcopy(clap.model).float().cpu()
+    if audio_projection is not None:
+        model.audio_projection.load_state_dict(audio_projection)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_transformers():
+        model.save_pretrained(tmp)
+        ClapProcessor(
+            feature_extractor=clap.feature_extractor, tokenizer=clap.tokenizer
+        ).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """Loading prints progress bars and warnings; the library never prints."""
@@ -332,6 +360,7 @@ class ClapAudioTower(Tower):
             raise ModelError(
                 f"audio projector takes {projector.d_in}-d input but {clap.spec} gives {clap.dim}-d"
             )
+        self.clap = clap
         self.audio_model = clap.model.audio_model
         self.audio_projection = clap.model.audio_projection
         self.features = LogMel(clap.feature_extractor, clap.device)
@@ -379,6 +408,10 @@ class ClapAudioTower(Tower):
         """(n, d_clap) L2-normalised CLAP audio embeddings, before the projector."""
         return self._clap(batch).float().cpu().numpy()
 
+    def pooled(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, hidden) HTSAT pooled features, the input of CLAP's audio projection head."""
+        return self._pooled(batch).float().cpu().numpy()
+
     def embed_batch(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         import torch
 
@@ -387,15 +420,21 @@ class ClapAudioTower(Tower):
             y = z @ self._w + self._b
         return y.cpu().numpy()
 
-    def _clap(self, batch: Sequence[np.ndarray]):
+    def _pooled(self, batch: Sequence[np.ndarray]):
         import torch
-        import torch.nn.functional as F
 
         feats = self.features(batch).to(self.dtype)
         n = feats.shape[0]
         is_longer = torch.zeros((n, 1), dtype=torch.bool, device=self.device)
         with torch.inference_mode():
-            pooled = self.audio_model(input_features=feats, is_longer=is_longer).pooler_output
+            return self.audio_model(input_features=feats, is_longer=is_longer).pooler_output
+
+    def _clap(self, batch: Sequence[np.ndarray]):
+        import torch
+        import torch.nn.functional as F
+
+        pooled = self._pooled(batch)
+        with torch.inference_mode():
             return F.normalize(self.audio_projection(pooled).float(), dim=-1)
 
 
@@ -581,7 +620,8 @@ def load_audio_tower(
 ) -> ClapAudioTower:
     """The audio tower for `text_encoder`'s space.
 
-    The projector is, in order: `projector` if given; `audio_projector.safetensors` in the CLIP
+    The CLAP model is `audio_model` if given, else the one a fine-tuned model directory carries
+    (`model_dir_audio_model`), else LAION's. The projector is, in order: `projector` if given; `audio_projector.safetensors` in the CLIP
     model's directory if it is a fine-tuned local model (unless `refit`); the cached fit for this
     (CLIP model, CLAP weights, corpus, fit settings) in `cache_dir` (unless `refit`); else a new fit
     (a few minutes on CPU with the default models), which is then cached.
@@ -589,7 +629,9 @@ def load_audio_tower(
     `progress(stage, done, total)` is called while fitting, with stage "clap-text" and "clip-text"
     (captions embedded) and "fit".
     """
-    clap = load_clap(audio_model or DEFAULT_AUDIO_MODEL, device)
+    clap = load_clap(
+        audio_model or model_dir_audio_model(text_encoder) or DEFAULT_AUDIO_MODEL, device
+    )
     proj = _pick_projector(
         clap, text_encoder, Path(cache_dir), refit, progress, projector, captions, settings
     )
@@ -599,6 +641,27 @@ def load_audio_tower(
             f"audio projector maps to {proj.d_out}-d but the model's space is {text_encoder.dim}-d"
         )
     return tower
+
+
+def model_dir_of(text_encoder: Encoder) -> Path | None:
+    """The local model directory `text_encoder` was loaded from, if it was."""
+    spec = str(text_encoder.identity.get("spec", ""))
+    return Path(spec[len("local-dir:") :]) if spec.startswith("local-dir:") else None
+
+
+def model_dir_audio_model(text_encoder: Encoder) -> str | None:
+    """The audio model a fine-tuned model directory names: its own `audio_model/` folder, else the
+    CLAP model its `audio_projector.safetensors` was fitted for (if recorded), else None."""
+    model_dir = model_dir_of(text_encoder)
+    if model_dir is None:
+        return None
+    tuned = model_dir / AUDIO_MODEL_DIRNAME
+    if (tuned / "config.json").is_file():
+        return str(tuned.resolve())
+    projector = model_dir / PROJECTOR_FILENAME
+    if projector.is_file():
+        return load_projector(projector).meta.get("clap_spec") or None
+    return None
 
 
 def projector_cache_path(
@@ -620,9 +683,9 @@ def _pick_projector(clap, text_encoder, cache_dir, refit, progress, given, capti
         return given
     if given is not None:
         return _checked(load_projector(given), clap, given)
-    spec = str(text_encoder.identity.get("spec", ""))
-    if spec.startswith("local-dir:") and not refit:
-        in_model = Path(spec[len("local-dir:") :]) / PROJECTOR_FILENAME
+    model_dir = model_dir_of(text_encoder)
+    if model_dir is not None and not refit:
+        in_model = model_dir / PROJECTOR_FILENAME
         if in_model.is_file():
             return _checked(load_projector(in_model), clap, in_model)
     captions = list(captions if captions is not None else read_captions())

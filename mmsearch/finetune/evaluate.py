@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import EncoderOptions, ImagePrep, ModelSpec
 from ..errors import LoadError, UsageError
-from ..items import AUDIO, IMAGE
+from ..items import IMAGE
 from ..loaders.image import load_image
 from .pairs import UNDECODABLE, PairSet, Skipped
 
@@ -108,6 +108,36 @@ def recall_at_k(
     return Recall(i2t, t2i, int(has_caption.sum()), n_txt)
 
 
+def recall_shared_captions(
+    item_emb: np.ndarray,
+    text_emb: np.ndarray,
+    relevant: Sequence[tuple[int, int]],
+    ks: Sequence[int] = KS,
+) -> Recall:
+    """Recall when a caption may describe several items (tags, class words): `relevant` lists the
+    (text row, item row) pairs that match; texts should be distinct. item->text is a hit when any
+    of the item's texts ranks in the top k among all texts; text->item when any of the text's items
+    does among all items. Ties count against the model. With one item per text this is
+    `recall_at_k`'s protocol."""
+    item_emb = np.asarray(item_emb, dtype=np.float32)
+    text_emb = np.asarray(text_emb, dtype=np.float32)
+    if len(item_emb) == 0 or len(text_emb) == 0 or not relevant:
+        raise UsageError("no pairs to evaluate")
+    sims = text_emb @ item_emb.T  # (texts, items)
+    match = np.zeros(sims.shape, dtype=bool)
+    t, i = np.asarray(relevant, dtype=np.int64).T
+    match[t, i] = True
+    pos = np.where(match, sims, -np.inf)
+    t_best = pos.max(1)  # each text's best matching item
+    i_best = pos.max(0)  # each item's best matching text
+    t_rank = ((sims >= t_best[:, None]) & ~match).sum(1)
+    i_rank = ((sims >= i_best[None, :]) & ~match).sum(0)
+    has_t, has_i = match.any(1), match.any(0)
+    i2t = {k: float((i_rank[has_i] < k).mean()) for k in ks}
+    t2i = {k: float((t_rank[has_t] < k).mean()) for k in ks}
+    return Recall(i2t, t2i, int(has_i.sum()), int(has_t.sum()))
+
+
 def decode_images(
     paths: Sequence[Path], prep: ImagePrep, workers: int | None = None
 ) -> list[np.ndarray | LoadError]:
@@ -137,17 +167,13 @@ def evaluate(
     """Recall@1/5/10 both ways of `model_spec` (a name, hf-hub id or model directory) on `pairs`.
 
     Uses the same encoder path as indexing (`load_clip`). Undecodable files are left out and
-    counted in `Recall.skipped`; audio pairs are not evaluated yet.
+    counted in `Recall.skipped`. Audio pairs are left to `finetune.audio.evaluate_audio`.
     """
     from ..encoders.clip import load_clip
 
     progress = progress or _quiet
     spec = model_spec if isinstance(model_spec, ModelSpec) else ModelSpec.parse(str(model_spec))
     skipped = dict(pairs.skipped_counts())
-    audio = len(pairs.of(AUDIO))
-    if audio:
-        # HOOK(audio): evaluate audio->text with the audio projector once encoders/audio.py has it.
-        skipped["audio pairs (not evaluated yet)"] = audio
     images = pairs.of(IMAGE)
     if not images.pairs:
         raise UsageError("no image pairs to evaluate")
