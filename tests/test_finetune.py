@@ -488,6 +488,65 @@ def test_interrupted_run_resumes_to_the_same_result(shapes, base, tmp_path):
         finetune(pairs, config(base, out, "head", epochs=2, resume=True))
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_learns_keeps_fp32_weights_and_resumes(shapes, base, tmp_path, precision):
+    """The path `--precision auto` takes on CUDA (autocast; fp16 with loss scaling), run here
+    through CPU autocast with the same code."""
+    import torch
+
+    from mmsearch.finetune import finetune
+
+    pairs = read_pairs(shapes)
+    straight = finetune(pairs, config(base, tmp_path / "straight", "full", precision=precision))
+    losses = [h["train_loss"] for h in straight.history[1:]]
+    assert losses[-1] < losses[0] - 0.1
+    assert straight.after.mean > straight.before.mean + 0.05
+    saved = weights(straight.out)
+    assert {v.dtype for v in saved.values()} == {torch.float32}  # master weights stay fp32
+
+    out = tmp_path / "resumed"
+    steps_per_epoch = int(np.ceil(straight.train_pairs / 32))
+
+    def ctrl_c(event, **info):
+        if event == "step" and info["step"] == steps_per_epoch + 2:
+            raise KeyboardInterrupt
+
+    cfg = dict(precision=precision, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(pairs, config(base, out, "full", **cfg), progress=ctrl_c)
+    finetune(pairs, config(base, out, "full", resume=True, **cfg))
+    resumed = weights(out)
+    assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
+def test_cuda_mixed_precision_learns_and_reloads_on_cpu(shapes, base, tmp_path, precision):
+    import open_clip
+    import torch
+
+    from mmsearch.finetune import finetune
+
+    r = finetune(
+        read_pairs(shapes),
+        config(base, tmp_path / "cuda", "lora", device="cuda", precision=precision),
+    )
+    losses = [h["train_loss"] for h in r.history[1:]]
+    assert losses[-1] < losses[0] - 0.1
+    assert r.after.mean > r.before.mean + 0.05
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{r.out}")
+    images, tokens = probe_inputs()
+    with torch.no_grad():
+        assert torch.equal(model.eval().encode_image(images), r.model.encode_image(images))
+
+
 def test_grad_accumulation_matches_one_big_batch(shapes, base, tmp_path):
     from mmsearch.finetune import finetune
 

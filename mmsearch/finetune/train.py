@@ -73,8 +73,9 @@ class FinetuneConfig:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     unlocked_text_layers: int | None = None  # lock-image: train only the text tower's last N blocks
     grad_checkpointing: bool = False
-    # auto: mixed precision on CUDA (bf16 where supported, else fp16), fp32 elsewhere; or
-    # fp32 | bf16 | fp16. Master weights stay fp32 either way.
+    # auto: mixed precision on CUDA (bf16 where supported, else fp16) and on CPUs with native
+    # bf16, fp32 elsewhere; or fp32 | bf16 | fp16 (autocast; fp16 adds loss scaling). Master
+    # weights and optimizer state stay fp32 either way.
     precision: str = "auto"
     device: str = "auto"
     resume: bool = False
@@ -197,8 +198,6 @@ def finetune(
     resume_state = _check_out_dir(spec, config, ckpt_root)
     device = pick_device(config.device)
     amp_dtype = _amp_dtype(device, config.precision)
-    if amp_dtype is not None and device != "cuda":
-        raise UsageError("--precision bf16/fp16 (mixed precision) needs a CUDA device")
 
     # --- base model: seeded, so random-init towers and adapter inits repeat --------------------
     progress("load_model", model=str(spec), device=device)
@@ -234,9 +233,10 @@ def finetune(
         _param_groups(params, config.weight_decay), lr=config.learning_rate,
         betas=(0.9, 0.98), eps=1e-6, fused=device in ("cpu", "cuda"),  # fused: ~7x faster on CPU
     )  # fmt: skip
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    # fp16 needs loss scaling against gradient underflow; bf16 has fp32's exponent range
+    scaler = torch.amp.GradScaler(device) if amp_dtype == torch.float16 else None
     autocast = (
-        (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        (lambda: torch.autocast(device, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     )
     encode = _Encoder(model, device, prep, autocast, config, amp_dtype)
     # Frozen tower parts run once per file / caption instead of every step.
@@ -439,12 +439,17 @@ def _param_groups(params, weight_decay: float) -> list[dict]:
 
 
 def _amp_dtype(device: str, precision: str):
+    """The autocast dtype, None for plain fp32. auto: bf16 on CUDA where supported (else fp16)
+    and on CPUs with native bf16 (AVX512-BF16/AMX); fp32 elsewhere, where emulated bf16 is slower
+    than fp32. Explicit bf16/fp16 run on any device torch autocasts on (cuda, cpu, mps)."""
     import torch
 
+    from ..encoders.clip import cpu_has_native_bf16
+
     if precision == "auto":
-        if device != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device == "cpu" and cpu_has_native_bf16() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
