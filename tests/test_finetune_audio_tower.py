@@ -201,3 +201,33 @@ def test_eval_of_undecodable_audio_is_a_one_line_error(run, tmp_path):
     r = cli("eval", pairs, "--model", run["out"])
     assert r.exit_code != 0 and "no decodable audio" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_head_training_is_seeded_and_reproducible():
+    """The training loop alone, on made-up pooled features: same seed, same weights and loss."""
+    import torch
+
+    from mmsearch.encoders.audio import Projector
+    from mmsearch.finetune.audio import HeadSettings, _Set, _train_head
+    from mmsearch.finetune.pairs import Pair, PairSet
+    from mmsearch.items import AUDIO
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((5, 16))
+    feats, pairs = {}, []
+    for i in range(40):
+        path = Path(f"/made/up/{i}.wav")
+        feats[path] = (centers[i % 5] + 0.5 * rng.standard_normal((1 + i % 2, 16))).astype("f4")
+        pairs.append(Pair(path, f"class {i % 5}", AUDIO))
+    text = {f"class {c}": v for c, v in enumerate(rng.standard_normal((5, 8)).astype("f4"))}
+    train, val = _Set(PairSet(pairs[:30]), feats, text), _Set(PairSet(pairs[30:]), feats, text)
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(16, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3))
+    start = Projector(rng.standard_normal((3, 8)).astype("f4"), np.zeros(8, "f4"))
+    s = HeadSettings(steps=40, batch_size=16, lr=1e-2, eval_every=10, seed=3)
+    a = _train_head(head, start, train, val, s, lambda *a, **k: None)
+    b = _train_head(head, start, train, val, s, lambda *a, **k: None)
+    assert a[3][1] < a[3][0]  # training loss fell
+    assert a[3] == b[3] and a[2] == b[2] and a[4] == b[4]
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert torch.equal(a[1].weight, b[1].weight)
