@@ -108,6 +108,20 @@ class EncoderOptions:
     audio_model: str | None = None
 
 
+LOCAL_RAY = "local"  # RaySettings.address: start a Ray instance on this machine
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where and how `mmsearch index --ray` embeds (see mmsearch.distributed)."""
+
+    address: str = "auto"  # "auto": the running cluster (RAY_ADDRESS); "local"; or ray://host:port
+    actors: int | None = None  # encoder actors; None: one per GPU, else (CPUs - 1), at least 1
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    files_per_batch: int = 64  # files one actor call hashes, decodes and embeds
+
+
 @dataclass(frozen=True)
 class IndexOptions:
     roots: tuple[Path, ...]
@@ -120,6 +134,7 @@ class IndexOptions:
     follow_links: bool = False
     rebuild: bool = False
     commit_every: int = 256  # files per committed chunk
+    ray: RaySettings | None = None  # embed on a Ray cluster instead of this machine
 
 
 @dataclass(frozen=True)

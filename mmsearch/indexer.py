@@ -181,8 +181,8 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
 
     tick(0)
     try:
-        for loaded in _load_chunks(p.todo, settings, options):
-            embedded = _commit_chunk(col, encoder, loaded, p, report, options, tick)
+        for loaded, embed in _chunks(col, encoder, p.todo, settings, options):
+            embedded = _commit_chunk(col, encoder, loaded, p, report, options, tick, embed=embed)
             tick(len(loaded) - embedded)
         with col.catalog.transaction():
             removed_ids = []
@@ -203,6 +203,25 @@ def _totals(col: Collection, report: IndexReport) -> IndexReport:
     report.files, report.vectors = counts["files"], counts["vectors"]
     report.failed = counts["failures"]
     return report
+
+
+def _chunks(col, encoder, todo, settings: LoadSettings, options: IndexOptions):
+    """(loaded files, embed function) per chunk to commit: decoded here and embedded by
+    `_commit_chunk`, or hashed, decoded and embedded on a Ray cluster (`options.ray`)."""
+    if options.ray is None or not todo:
+        for loaded in _load_chunks(todo, settings, options):
+            yield loaded, None
+        return
+    from .distributed import ray_chunks
+
+    cache = model_cache_dir(col.root_dir, encoder.identity["key"])
+    for loaded, results in ray_chunks(todo, encoder, settings, options, options.ray, cache):
+
+        def embed(items, tick, results=results):
+            tick(len(items))
+            return [results[x.entry.path] for x in items]
+
+        yield loaded, embed
 
 
 def _load_chunks(todo, settings: LoadSettings, options: IndexOptions) -> Iterator[list[Loaded]]:
@@ -229,9 +248,11 @@ def _load_chunks(todo, settings: LoadSettings, options: IndexOptions) -> Iterato
 
 
 def _commit_chunk(
-    col, encoder: Encoder, loaded, p: Plan, report, options, tick, reuse_ok=True
+    col, encoder: Encoder, loaded, p: Plan, report, options, tick, reuse_ok=True, embed=None
 ) -> int:
-    """Embed and commit one chunk; returns how many files `tick` was already called for."""
+    """Embed and commit one chunk; returns how many files `tick` was already called for.
+    `embed(items, tick)` gives each item's (segments, vectors) or failure reason (default: embed
+    here with `encoder`)."""
     catalog = col.catalog
     old_rows = p.old_rows
     ok = [x for x in loaded if x.error is None]
@@ -259,7 +280,12 @@ def _commit_chunk(
         ticked += n
         tick(n)
 
-    embedded = _embed(encoder, [ok[i] for i in first_of_hash.values()], options.batch_size, counted)
+    if embed is None:
+
+        def embed(items, tick):
+            return _embed(encoder, items, options.batch_size, tick)
+
+    embedded = embed([ok[i] for i in first_of_hash.values()], counted)
     for (digest, _i), result in zip(first_of_hash.items(), embedded, strict=True):
         if isinstance(result, str):
             failed[_i] = result

@@ -1,0 +1,205 @@
+"""Embedding on a Ray cluster: the same indexing run, with decoding and encoding spread over
+Ray Data actors (one encoder per actor, one actor per GPU where the cluster has GPUs).
+
+The driver (the machine running `mmsearch index --ray ...`) walks the roots, plans against the
+catalog and commits exactly as a local run does (`indexer._commit_chunk`, chunk by chunk, crash
+safe); only "hash, decode and embed these files" moves to the cluster. Workers must see the files
+at the same paths as the driver (a shared or replicated filesystem), and load the model from the
+same spec: a hub tag or a path they can read. A worker whose model differs from the index's (other
+weights at the same path) is refused rather than mixing vector spaces.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+
+from .config import LOCAL_RAY, RaySettings
+from .errors import ModelMismatchError, UsageError
+from .items import FileEntry, Segment
+from .loaders import Loaded, LoadSettings, load_file
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise UsageError(
+            "--ray needs Ray Data: pip install 'mmsearch[ray]' (or pip install 'ray[data]')"
+        ) from e
+    return ray
+
+
+def connect(settings: RaySettings):
+    """Join the cluster at `settings.address` (or start a local one) unless already connected."""
+    ray = _ray()
+    if not ray.is_initialized():
+        address = None if settings.address == LOCAL_RAY else settings.address
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="WARNING",
+                configure_logging=True,
+            )
+        except ConnectionError as e:
+            raise UsageError(
+                f"cannot reach a Ray cluster at {settings.address!r} ({e}); start one with "
+                "`ray start --head`, or use --ray local to run one on this machine"
+            ) from e
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray
+
+
+class EmbedActor:
+    """Holds one encoder (and audio tower) for the whole run; embeds batches of files."""
+
+    def __init__(self, spec: str, precision: str, audio: dict | None, settings: LoadSettings,
+                 batch_size: int):  # fmt: skip
+        from .config import EncoderOptions, ModelSpec
+        from .encoders import create_encoder
+
+        self.encoder = create_encoder(
+            ModelSpec.parse(spec), EncoderOptions(device="auto", precision=precision)
+        )
+        if audio is not None:
+            from .encoders.audio import load_audio_tower
+
+            tower = load_audio_tower(
+                audio["spec"], self.encoder, audio["cache_dir"],
+                device=self.encoder.extras.get("device", "cpu"), projector=audio["projector"],
+            )  # fmt: skip
+            self.encoder.audio = tower
+            self.encoder.extras["audio_load"] = tower.loader_settings()
+        self.settings = settings
+        self.batch_size = batch_size
+        self.key = self.encoder.identity["key"]
+        self.audio_key = self.encoder.audio.identity["key"] if self.encoder.audio else ""
+
+    def __call__(self, batch: dict) -> dict:
+        from .indexer import _embed
+
+        entries = [
+            FileEntry(bytes(p), str(m), int(s), int(t))
+            for p, m, s, t in zip(
+                batch["path"], batch["modality"], batch["size"], batch["mtime_ns"], strict=True
+            )
+        ]
+        loaded = [load_file(e, self.settings) for e in entries]
+        ok = [x for x in loaded if x.error is None]
+        results = dict(
+            zip((id(x) for x in ok), _embed(self.encoder, ok, self.batch_size, _no_tick),
+                strict=True)
+        )  # fmt: skip
+        out = {k: [] for k in ("hash", "error", "reason", "segments", "vectors", "dim")}
+        for x in loaded:
+            result = results.get(id(x))
+            segments, vectors, reason = "", b"", ""
+            if isinstance(result, str):
+                reason = result
+            elif result is not None:
+                segments = json.dumps([[s.start, s.end] for s in result[0]])
+                vectors = np.ascontiguousarray(result[1], np.float32).tobytes()
+            out["hash"].append(x.hash or "")
+            out["error"].append(x.error or "")
+            out["reason"].append(reason)
+            out["segments"].append(segments)
+            out["vectors"].append(vectors)
+            out["dim"].append(self.encoder.dim)
+        n = len(loaded)
+        return {
+            "path": list(batch["path"]), "modality": list(batch["modality"]),
+            "size": list(batch["size"]), "mtime_ns": list(batch["mtime_ns"]),
+            **out, "key": [self.key] * n, "audio_key": [self.audio_key] * n,
+        }  # fmt: skip
+
+
+def _no_tick(n: int) -> None:
+    pass
+
+
+def ray_chunks(todo, encoder, settings: LoadSettings, options, ray_settings: RaySettings,
+               cache_dir) -> Iterator[tuple[list[Loaded], dict[bytes, object]]]:  # fmt: skip
+    """(loaded files, path -> embedding result) per committed chunk, computed on the cluster.
+
+    Results are what `indexer._embed` returns per file: (segments, vectors) or a reason string.
+    """
+    ray = connect(ray_settings)
+    resources = ray.cluster_resources()
+    gpus = ray_settings.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    actors = ray_settings.actors
+    if actors is None:
+        if gpus > 0:
+            actors = max(1, int(resources.get("GPU", 0) // gpus))
+        else:
+            actors = max(1, int(resources.get("CPU", 1) - 1))
+    audio = None
+    if encoder.audio is not None:
+        audio = {
+            "spec": encoder.audio.identity["spec"],
+            "projector": encoder.audio.projector,
+            "cache_dir": str(cache_dir),
+        }
+    rows = [
+        {"path": e.path, "modality": e.modality, "size": e.size, "mtime_ns": e.mtime_ns}
+        for e, _ in todo
+    ]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // 16))
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_args=(
+            encoder.identity["spec"],
+            options.encoder.precision,
+            audio,
+            settings,
+            options.batch_size,
+        ),  # fmt: skip
+        batch_size=ray_settings.files_per_batch,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus,
+        num_cpus=ray_settings.cpus_per_actor,
+        batch_format="numpy",
+    )
+    want = encoder.identity["key"]
+    want_audio = encoder.audio.identity["key"] if encoder.audio is not None else ""
+    for batch in ds.iter_batches(batch_size=max(1, options.commit_every), batch_format="numpy"):
+        keys = set(batch["key"].tolist())
+        if keys != {want} or (want_audio and set(batch["audio_key"].tolist()) != {want_audio}):
+            raise ModelMismatchError(
+                f"a Ray worker loaded {encoder.identity['spec']} with different weights "
+                f"(model key {sorted(keys)} vs the index's {want}); make the same model "
+                "files available to every worker"
+            )
+        loaded, results = [], {}
+        for i in range(len(batch["path"])):
+            entry = FileEntry(
+                bytes(batch["path"][i]), str(batch["modality"][i]), int(batch["size"][i]),
+                int(batch["mtime_ns"][i]),
+            )  # fmt: skip
+            error = str(batch["error"][i]) or None
+            loaded.append(Loaded(entry, str(batch["hash"][i]) or None, None, error))
+            if error is None:
+                results[entry.path] = _result(batch, i)
+        yield loaded, results
+
+
+def _result(batch, i: int):
+    reason = str(batch["reason"][i])
+    if reason:
+        return reason
+    segments = [Segment(s, e) for s, e in json.loads(str(batch["segments"][i]))]
+    vectors = np.frombuffer(bytes(batch["vectors"][i]), np.float32)
+    return segments, vectors.reshape(len(segments), int(batch["dim"][i])).copy()
+
+
+def check_available() -> None:
+    """Raise the install hint early (before any work) when Ray is missing."""
+    _ray()
