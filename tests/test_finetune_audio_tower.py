@@ -231,3 +231,18 @@ def test_head_training_is_seeded_and_reproducible():
     assert a[3] == b[3] and a[2] == b[2] and a[4] == b[4]
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
     assert torch.equal(a[1].weight, b[1].weight)
+
+
+def test_window_features_stream_files_window_by_window(run, tmp_path):
+    from mmsearch.finetune.audio import window_features
+    from mmsearch.loaders.audio import iter_windows
+
+    tower = load_audio_tower(None, load_dir(run["out"]), tmp_path / "cache")
+    long = tone(tmp_path / "long.wav", 300, 5.0, seed=2)
+    short = sorted((run["root"] / "val").glob("*.wav"))[:3]
+    (tmp_path / "bad.wav").write_bytes(b"RIFF junk")
+    feats, failed = window_features(tower, [short[0], long, tmp_path / "bad.wav", *short[1:]])
+    assert set(failed) == {tmp_path / "bad.wav"} and set(feats) == {long, *short}
+    windows = [w for _, _, w in iter_windows(long, **tower.loader_settings())]
+    assert len(windows) >= 3 and feats[long].shape == (len(windows), 32)
+    np.testing.assert_allclose(feats[long], tower.pooled(windows), atol=1e-5)

@@ -47,7 +47,7 @@ from ..encoders.audio import (
 )
 from ..errors import LoadError, UsageError
 from ..items import AUDIO
-from ..loaders.audio import load_audio
+from ..loaders.audio import iter_windows
 from .evaluate import Recall, recall_shared_captions
 from .pairs import UNDECODABLE, PairSet, split_by_file
 
@@ -114,41 +114,36 @@ def window_features(
     """Each file's HTSAT pooled features, one row per window (the frozen trunk's output, computed
     once), and the files that failed with their reason."""
     settings = tower.loader_settings()
-    feats: dict[Path, np.ndarray] = {}
+    rows: dict[Path, list[np.ndarray]] = {}
     failed: dict[Path, str] = {}
-    pending: list[tuple[Path, list]] = []  # short files share batches: one window each is common
+    batch: list[tuple[Path, np.ndarray]] = []  # windows of several short files share a batch
 
     def flush() -> None:
-        windows = [w for _, ws in pending for w in ws]
-        out = np.concatenate(
-            [
-                tower.pooled(windows[s : s + tower.batch_size])
-                for s in range(0, len(windows), tower.batch_size)
-            ]
-        )
-        start = 0
-        for path, ws in pending:
-            feats[path] = out[start : start + len(ws)]
-            start += len(ws)
-        pending.clear()
+        for (path, _), row in zip(batch, tower.pooled([w for _, w in batch]), strict=True):
+            rows.setdefault(path, []).append(row)
+        batch.clear()
 
     for i, path in enumerate(paths):
+        n = 0
         try:
-            windows = [w[2] for w in load_audio(path, **settings).windows]
+            for _, _, window in iter_windows(path, **settings):  # streamed: long files too
+                batch.append((path, window))
+                n += 1
+                if len(batch) == tower.batch_size:
+                    flush()
         except LoadError as e:
             failed[path] = str(getattr(e, "reason", e))
+            batch[:] = [b for b in batch if b[0] != path]
+            rows.pop(path, None)
             continue
-        if not windows:
+        if n == 0:
             failed[path] = "no audio"
-            continue
-        pending.append((path, windows))
-        if sum(len(ws) for _, ws in pending) >= tower.batch_size:
-            flush()
+        if i + 1 < len(paths):
             progress("embed-audio", done=i + 1, total=len(paths))
-    if pending:
+    if batch:
         flush()
     progress("embed-audio", done=len(paths), total=len(paths))
-    return feats, failed
+    return {p: np.stack(r) for p, r in rows.items()}, failed
 
 
 class _Set:
