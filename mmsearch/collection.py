@@ -13,7 +13,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from .errors import (
     IndexFormatError,
@@ -22,7 +25,20 @@ from .errors import (
     ModelMismatchError,
     UsageError,
 )
-from .index import VectorIndex
+from .index import (
+    EXACT_BELOW,
+    FLAT,
+    RETRAIN_GROWTH,
+    TARGET_RECALL,
+    TRAIN_POINTS_PER_LIST,
+    TUNING_QUERIES,
+    VectorIndex,
+    build_ivf,
+    choose_type,
+    is_ivf,
+    ivf_encoding,
+    ivf_lists,
+)
 from .store import Catalog
 
 FORMAT_VERSION = 1
@@ -182,25 +198,138 @@ class Collection:
         return self._vectors
 
     def _load_vectors(self) -> VectorIndex:
+        """vectors.faiss if it reflects the catalog, else the same kind of index rebuilt from the
+        catalog in memory (a run was killed before saving, or the file is damaged)."""
         path = self.dir / VECTORS
+        index_type = self.manifest.get("index_type", FLAT)
+        info = self.manifest.get("vector_index") or {}
         generation = self.catalog.generation()
         if path.is_file() and self.manifest.get("vectors_generation") == generation:
             try:
-                return VectorIndex.load(path, self.dim)
+                # Readers map the file instead of reading it (a cold search opens it in
+                # milliseconds); writers need it in memory to add and remove vectors.
+                vi = VectorIndex.load(path, self.dim, mmap=not self.writer, index_type=index_type)
+                if vi.index_type == index_type:
+                    vi.trained_on, vi.recall = info.get("trained_on"), info.get("recall_at_10")
+                    return vi
             except (RuntimeError, ValueError):
                 pass  # damaged file: rebuilt from the catalog below
-        ids, vecs = self.catalog.all_vectors(self.dim)
-        return VectorIndex.build(self.dim, ids, vecs)
+        return self._rebuild_vectors(index_type, trained_on=info.get("trained_on"))
 
-    def save_vectors(self) -> None:
+    def _rebuild_vectors(
+        self, index_type: str, trained_on: int | None = None, progress=None
+    ) -> VectorIndex:
+        """An index of `index_type` over every vector in the catalog, read in batches (at tens of
+        millions of vectors the catalog's vectors are never all in memory besides the index).
+
+        An IVF index is trained on a sample of the catalog, or keeps the training of the
+        vectors.faiss on disk when that one is of the same type (it is only out of date), and its
+        nprobe is tuned on held-out catalog vectors against an exact scan made in the same pass."""
+        db = self.catalog.db
+        db.execute("BEGIN")  # one snapshot for the sample and the full pass
+        try:
+            ids = _unit_ids(db)
+            n = len(ids)
+            if is_ivf(index_type) and ivf_lists(n) == 0:
+                index_type = FLAT  # too few vectors to train lists on
+            if not is_ivf(index_type):
+                vi = VectorIndex(self.dim)
+                for batch_ids, vecs in _vector_batches(db, self.dim):
+                    vi.add(batch_ids, vecs)
+                return vi
+            trained = self._trained_like(index_type)
+            nlist = int(index_type[3:].partition(",")[0])
+            if trained is None and TRAIN_POINTS_PER_LIST * nlist > n:
+                index_type = f"IVF{ivf_lists(n)},{ivf_encoding(index_type)}"
+                nlist = ivf_lists(n)
+            # Queries and training sample are disjoint random draws (fixed seed: a rebuild of the
+            # same catalog gives the same index).
+            order = np.random.default_rng(0).permutation(n)
+            n_queries = min(TUNING_QUERIES, max(1, n // 10))
+            query_ids = np.sort(ids[order[:n_queries]])
+            train = None
+            if trained is None:
+                n_train = min(n - n_queries, TRAIN_POINTS_PER_LIST * nlist)
+                train = _vectors_of(db, np.sort(ids[order[-n_train:]]), self.dim)
+            vi = build_ivf(
+                index_type,
+                self.dim,
+                _vector_batches(db, self.dim),
+                (query_ids, _vectors_of(db, query_ids, self.dim)),
+                train=train,
+                trained=trained,
+                n=n,
+                progress=progress,
+            )
+            if trained is not None:
+                vi.trained_on = trained_on or n
+            return vi
+        finally:
+            db.execute("COMMIT")
+
+    def _trained_like(self, index_type: str) -> VectorIndex | None:
+        """The vectors.faiss on disk if it is a trained index of that type (its lists are out of
+        date, its training is not)."""
+        path = self.dir / VECTORS
+        if not path.is_file():
+            return None
+        try:
+            vi = VectorIndex.load(path, self.dim)
+        except (RuntimeError, ValueError):
+            return None
+        return vi if vi.index_type == index_type and vi.is_trained else None
+
+    def save_vectors(self, options=None, progress=None) -> None:
+        """Write vectors.faiss, stamped with the catalog generation it reflects.
+
+        With `options` (an IndexOptions: index_type, exact_below, vector_memory) the kind of index
+        is chosen afresh first: exact below the threshold, IVF above it, retrained once the index
+        has grown RETRAIN_GROWTH-fold since its training. Without, the index is saved as it is
+        (what a failed run does: no minutes of training on the way out)."""
         if self._vectors is None:
             return
-        self._vectors.save(self.dir / VECTORS)
+        info = dict(self.manifest.get("vector_index") or {})
+        choice = info.get("choice", "auto")
+        if options is not None:
+            choice = getattr(options, "index_type", None) or choice
+            self._restructure(options, choice, progress)
+        vi = self._vectors
+        vi.save(self.dir / VECTORS)
+        info = {"choice": choice}
+        if not vi.exact:
+            info.update(
+                nlist=vi.nlist,
+                nprobe=vi.nprobe,
+                recall_at_10=vi.recall,
+                recall_target=TARGET_RECALL,
+                trained_on=vi.trained_on,
+            )
         self.write_manifest(
             vectors_generation=self.catalog.generation(),
-            index_type="IDMap2,FlatIP",
-            vectors=self._vectors.ntotal,
+            index_type=vi.index_type,
+            vectors=vi.ntotal,
+            vector_index=info,
         )
+
+    def _restructure(self, options, choice: str, progress) -> None:
+        vi = self._vectors
+        n = vi.ntotal
+        want = choose_type(
+            n,
+            self.dim,
+            choice,
+            getattr(options, "exact_below", EXACT_BELOW),
+            getattr(options, "vector_memory", None),
+        )
+        have = vi.index_type
+        if is_ivf(want) and is_ivf(have):
+            grown = vi.trained_on is not None and n >= RETRAIN_GROWTH * vi.trained_on
+            if ivf_encoding(want) == ivf_encoding(have) and not grown:
+                return
+        elif want == have:
+            return
+        self._vectors = None  # freed before the new one is built
+        self._vectors = self._rebuild_vectors(want, progress=progress)
 
     def reset(self) -> None:
         """Empty the index (for --rebuild): catalog rows, vectors and the encoder record."""
@@ -218,3 +347,28 @@ def remove_index(root_dir: Path, name: str) -> None:
         shutil.rmtree(col.dir)
     finally:
         col.close()
+
+
+# Streaming reads of the catalog's vectors for building an index. They belong with the catalog in
+# store.py (Catalog.vector_batches / vectors_of); they live here until that file can take them.
+def _unit_ids(db) -> np.ndarray:
+    return np.fromiter((r[0] for r in db.execute("SELECT id FROM units ORDER BY id")), np.int64)
+
+
+def _vectors_of(db, ids: np.ndarray, dim: int) -> np.ndarray:
+    out = np.empty((len(ids), dim), np.float32)
+    row_of = {int(i): j for j, i in enumerate(ids)}
+    for start in range(0, len(ids), 500):
+        part = [int(i) for i in ids[start : start + 500]]
+        marks = ",".join("?" * len(part))
+        for uid, blob in db.execute(f"SELECT id, vector FROM units WHERE id IN ({marks})", part):
+            out[row_of[uid]] = np.frombuffer(blob, np.float32)
+    return out
+
+
+def _vector_batches(db, dim: int, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    cursor = db.execute("SELECT id, vector FROM units ORDER BY id")
+    while rows := cursor.fetchmany(size):
+        ids = np.fromiter((r[0] for r in rows), np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(-1, dim)
+        yield ids, vecs

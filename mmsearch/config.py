@@ -134,6 +134,11 @@ class IndexOptions:
     follow_links: bool = False
     rebuild: bool = False
     commit_every: int = 256  # files per committed chunk
+    # Vector index (mmsearch.index.choose_type): auto | flat | ivf; None keeps the index's own
+    # choice (auto for a new index). auto is exact below `exact_below` vectors, IVF above.
+    index_type: str | None = None
+    exact_below: int = 300_000
+    vector_memory: int | None = None  # bytes the vector index may take; None: half the RAM
     ray: RaySettings | None = None  # embed on a Ray cluster instead of this machine
 
 

@@ -192,8 +192,10 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
             for path in p.vanished_failures:
                 col.catalog.clear_failure(path)
         vectors.remove(removed_ids)
-    finally:
-        col.save_vectors()
+    except BaseException:
+        col.save_vectors()  # what was committed, as it is: no retraining on the way out
+        raise
+    col.save_vectors(options, progress)
     return _totals(col, report)
 
 
@@ -423,8 +425,10 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
                 removed = [i for r in gone for i in col.catalog.delete_file(r.id)]
             col.vectors.remove(removed)
             report.removed = len(gone)
-        finally:
+        except BaseException:
             col.save_vectors()
+            raise
+        col.save_vectors(options, progress)
         _totals(col, report)
     finally:
         col.close()
