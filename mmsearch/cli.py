@@ -21,10 +21,11 @@ from .config import (
     EncoderOptions,
     IndexOptions,
     ModelSpec,
+    RaySettings,
     SearchOptions,
     index_root,
 )
-from .errors import MMSearchError
+from .errors import MMSearchError, UsageError
 
 app = typer.Typer(
     name="mmsearch",
@@ -149,11 +150,33 @@ def index(
         bool, typer.Option("--rebuild", help="Re-embed everything (e.g. with a new --model).")
     ] = False,
     device: Device = "auto",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Embed on a Ray cluster: auto (the running one), ray://HOST:PORT, or local "
+            "(start one here). Workers must see the files and the model at the same paths.",
+            show_default=False,
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        int | None,
+        typer.Option("--ray-actors", min=1, help="Encoder actors (default: one per GPU)."),
+    ] = None,
     as_json: Json = False,
     debug: Debug = False,
 ):
     """Index folders of images, notes and audio (incremental: only new/changed files are embedded)."""
     from .indexer import index_paths
+
+    ray = None
+    if ray_address is not None:
+        from .distributed import check_available
+
+        check_available()
+        ray = RaySettings(address=ray_address, actors=ray_actors)
+    elif ray_actors is not None:
+        raise UsageError("--ray-actors goes with --ray")
 
     options = IndexOptions(
         roots=tuple(paths),
@@ -169,6 +192,7 @@ def index(
         hidden=hidden,
         follow_links=follow_links,
         rebuild=rebuild,
+        ray=ray,
     )
     show_bar = not as_json and sys.stderr.isatty()
     with _progress(show_bar) as progress:

@@ -108,9 +108,6 @@ class EncoderOptions:
     audio_model: str | None = None
 
 
-LOCAL_RAY = "local"  # RaySettings.address: start a Ray instance on this machine
-
-
 @dataclass(frozen=True)
 class RaySettings:
     """Where and how `mmsearch index --ray` embeds (see mmsearch.distributed)."""

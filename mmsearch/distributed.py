@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .config import LOCAL_RAY, RaySettings
+from .config import RaySettings
 from .errors import ModelMismatchError, UsageError
 from .items import FileEntry, Segment
 from .loaders import Loaded, LoadSettings, load_file
@@ -28,7 +28,7 @@ def _ray():
         import ray.data  # noqa: F401
     except ImportError as e:
         raise UsageError(
-            "--ray needs Ray Data: pip install 'mmsearch[ray]' (or pip install 'ray[data]')"
+            "--ray needs Ray Data: pip install 'mmsearch[ray]' (or pip install 'ray[data,client]')"
         ) from e
     return ray
 
@@ -37,16 +37,15 @@ def connect(settings: RaySettings):
     """Join the cluster at `settings.address` (or start a local one) unless already connected."""
     ray = _ray()
     if not ray.is_initialized():
-        address = None if settings.address == LOCAL_RAY else settings.address
         try:
             ray.init(
-                address=address,
+                address=settings.address,  # Ray's own: "auto", "local" or ray://
                 include_dashboard=False,
                 log_to_driver=False,
                 logging_level="WARNING",
                 configure_logging=True,
             )
-        except ConnectionError as e:
+        except (ConnectionError, ValueError) as e:  # ValueError: a ray:// without ray[client]
             raise UsageError(
                 f"cannot reach a Ray cluster at {settings.address!r} ({e}); start one with "
                 "`ray start --head`, or use --ray local to run one on this machine"

@@ -51,6 +51,10 @@ def index_paths(options: IndexOptions, progress: Progress | None = None) -> Inde
     started = time.perf_counter()
     progress = progress or (lambda *a, **k: None)
     roots = check_roots(list(options.roots))
+    if options.ray is not None:  # reach the cluster before seconds of model loading
+        from .distributed import connect
+
+        connect(options.ray)
     col = Collection.open_writer(options.root_dir, options.name)
     try:
         # With the index's own model, loading it (seconds of torch imports) waits until a file

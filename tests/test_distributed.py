@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow  # a Ray instance takes ~10-40 s to start on 2 cor
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
     ray.init(
+        address="local",  # a new instance, never another process's cluster
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
@@ -119,3 +120,21 @@ def test_ray_runs_are_incremental(tiny_model, media):
     assert again.files == r.files and again.vectors == r.vectors
     a, b = contents("local"), contents("remote")
     assert {p: v[0] for p, v in a["files"].items()} == {p: v[0] for p, v in b["files"].items()}
+
+
+def test_cli_index_on_ray_and_its_errors(tiny_model, media):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmsearch.cli import app
+
+    runner = CliRunner()
+    args = ["index", str(media), "--model", str(tiny_model), "--json"]
+    r = runner.invoke(app, [*args, "--ray", "local", "--ray-actors", "1"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert (report["added"], report["failed"], report["files"]) == (6, 1, 6)
+
+    r = runner.invoke(app, [*args, "--ray-actors", "2"])
+    assert r.exit_code == 2 and "--ray-actors goes with --ray" in r.output
