@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 from common import DATASETS, OUT, machine, random_model_dir, require_datasets
 
@@ -38,52 +39,7 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 def random_clap_dir(seed: int = 0) -> Path:
     """laion/clap-htsat-unfused's architecture with random weights, in from_pretrained layout."""
-    out = OUT / f"clap-htsat-unfused-random-{seed}"
-    if (out / "model.safetensors").is_file():
-        return out
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (
-        ClapConfig,
-        ClapFeatureExtractor,
-        ClapModel,
-        ClapProcessor,
-        RobertaTokenizer,
-    )
-
-    from mmsearch.encoders.audio import read_captions
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tok.train_from_iterator(
-        read_captions(),
-        trainers.BpeTrainer(
-            vocab_size=2000,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    tokenizer = RobertaTokenizer(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        model_max_length=77,
-    )
-    # laion/clap-htsat-unfused's feature settings: 48 kHz, 10 s, 64 mels 50-14000 Hz.
-    fe = ClapFeatureExtractor(frequency_min=50, truncation="rand_trunc", padding="repeatpad")
-    ClapProcessor(feature_extractor=fe, tokenizer=tokenizer).save_pretrained(out)
-    torch.manual_seed(seed)
-    ClapModel(ClapConfig()).save_pretrained(out)
-    return out
+    return common.random_clap_dir("clap-htsat-unfused-random", seed)
 
 
 def digits_rows(per_class: int, speakers: set[str] | None, limit_images: int | None = None):

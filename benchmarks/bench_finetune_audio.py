@@ -35,7 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DATASETS, OUT, machine, random_model_dir, require_datasets
+import common
+from common import DATASETS, machine, random_model_dir, require_datasets
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPEAKERS = ("george", "jackson", "lucas", "nicolas")
@@ -43,79 +44,20 @@ SPEAKERS = ("george", "jackson", "lucas", "nicolas")
 
 def small_random_clap_dir(seed: int = 0) -> Path:
     """A random ClapModel smaller than laion/clap-htsat-unfused (see the module docstring)."""
-    out = OUT / f"clap-small-random-{seed}"
-    if (out / "model.safetensors").is_file():
-        return out
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (
-        ClapConfig,
-        ClapFeatureExtractor,
-        ClapModel,
-        ClapProcessor,
-        RobertaTokenizer,
-    )
-
-    from mmsearch.encoders.audio import read_captions
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tok.train_from_iterator(
-        read_captions(),
-        trainers.BpeTrainer(
-            vocab_size=2000,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    tokenizer = RobertaTokenizer(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        model_max_length=77,
-    )
-    fe = ClapFeatureExtractor(
-        feature_size=64,
-        sampling_rate=16000,
-        hop_length=160,
-        max_length_s=2,
-        fft_window_size=400,
-        frequency_min=50,
-        frequency_max=8000,
-        truncation="rand_trunc",
-        padding="repeatpad",
-    )
-    ClapProcessor(feature_extractor=fe, tokenizer=tokenizer).save_pretrained(out)
+    feature_extractor = dict(
+        feature_size=64, sampling_rate=16000, hop_length=160, max_length_s=2,
+        fft_window_size=400, frequency_min=50, frequency_max=8000,
+    )  # fmt: skip
     audio = dict(
-        spec_size=128,
-        num_mel_bins=64,
-        patch_size=4,
-        patch_stride=(4, 4),
-        window_size=4,
-        patch_embeds_hidden_size=48,
-        depths=[1, 1, 2, 1],
-        num_attention_heads=[2, 4, 8, 16],
+        spec_size=128, num_mel_bins=64, patch_size=4, patch_stride=(4, 4), window_size=4,
+        patch_embeds_hidden_size=48, depths=[1, 1, 2, 1], num_attention_heads=[2, 4, 8, 16],
         hidden_size=384,
-    )
+    )  # fmt: skip
     text = dict(
-        vocab_size=2000,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
+        vocab_size=2000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
         intermediate_size=1024,
-    )
-    torch.manual_seed(seed)
-    ClapModel(ClapConfig(text_config=text, audio_config=audio)).save_pretrained(out)
-    return out
+    )  # fmt: skip
+    return common.random_clap_dir("clap-small-random", seed, feature_extractor, audio, text)
 
 
 def digit_pairs(speakers: set[str], per_class: int):

@@ -46,3 +46,62 @@ def random_model_dir(arch: str = "ViT-B-32", seed: int = 0) -> Path:
 def require_datasets() -> None:
     if not DATASETS.is_dir():
         raise SystemExit(f"datasets not found at {DATASETS} (see ../shared/datasets/README.md)")
+
+
+def random_clap_dir(
+    name: str,
+    seed: int = 0,
+    feature_extractor: dict | None = None,
+    audio_config: dict | None = None,
+    text_config: dict | None = None,
+) -> Path:
+    """A ClapModel with random weights and a BPE tokenizer trained on our caption corpus, in
+    from_pretrained layout, written once under benchmarks/out/<name>-<seed> and reused. With no
+    configs: laion/clap-htsat-unfused's architecture and feature settings (48 kHz, 10 s, 64 mels)."""
+    out = OUT / f"{name}-{seed}"
+    if (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import (
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+        ClapProcessor,
+        RobertaTokenizer,
+    )
+
+    from mmsearch.encoders.audio import read_captions
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok.train_from_iterator(
+        read_captions(),
+        trainers.BpeTrainer(
+            vocab_size=2000,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = RobertaTokenizer(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=77,
+    )
+    fe_kwargs = feature_extractor or {"frequency_min": 50}
+    fe = ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad", **fe_kwargs)
+    ClapProcessor(feature_extractor=fe, tokenizer=tokenizer).save_pretrained(out)
+    torch.manual_seed(seed)
+    config = ClapConfig(text_config=text_config, audio_config=audio_config)
+    ClapModel(config).save_pretrained(out)
+    return out
