@@ -405,7 +405,14 @@ def finetune(
         str | None, typer.Option("--lora-targets", help="Comma-separated layer names.")
     ] = None,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing")] = False,
-    precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16, fp16.")] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="auto (mixed precision on CUDA and on CPUs with native bf16, else fp32), fp32, "
+            "bf16 or fp16 (autocast; fp16 adds loss scaling). Weights stay fp32.",
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     audio_model: Annotated[
         str | None,
