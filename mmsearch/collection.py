@@ -31,13 +31,13 @@ from .index import (
     RETRAIN_GROWTH,
     TARGET_RECALL,
     TRAIN_POINTS_PER_LIST,
-    TUNING_QUERIES,
     VectorIndex,
     build_ivf,
     choose_type,
     is_ivf,
     ivf_encoding,
     ivf_lists,
+    tuning_sample,
 )
 from .store import Catalog
 
@@ -214,16 +214,17 @@ class Collection:
                     return vi
             except (RuntimeError, ValueError):
                 pass  # damaged file: rebuilt from the catalog below
-        return self._rebuild_vectors(index_type, trained_on=info.get("trained_on"))
+        return self._rebuild_vectors(index_type, True, info.get("trained_on"))
 
     def _rebuild_vectors(
-        self, index_type: str, trained_on: int | None = None, progress=None
+        self, index_type: str, reuse_training: bool = False, trained_on=None, progress=None
     ) -> VectorIndex:
         """An index of `index_type` over every vector in the catalog, read in batches (at tens of
         millions of vectors the catalog's vectors are never all in memory besides the index).
 
-        An IVF index is trained on a sample of the catalog, or keeps the training of the
-        vectors.faiss on disk when that one is of the same type (it is only out of date), and its
+        An IVF index is trained on a sample of the catalog, or with `reuse_training` keeps the
+        training of the vectors.faiss on disk when that one is of the same type (after a crash or
+        damage: the file's lists are out of date, not its centroids), and its
         nprobe is tuned on held-out catalog vectors against an exact scan made in the same pass."""
         db = self.catalog.db
         db.execute("BEGIN")  # one snapshot for the sample and the full pass
@@ -237,20 +238,14 @@ class Collection:
                 for batch_ids, vecs in _vector_batches(db, self.dim):
                     vi.add(batch_ids, vecs)
                 return vi
-            trained = self._trained_like(index_type)
+            trained = self._trained_like(index_type) if reuse_training else None
             nlist = int(index_type[3:].partition(",")[0])
             if trained is None and TRAIN_POINTS_PER_LIST * nlist > n:
                 index_type = f"IVF{ivf_lists(n)},{ivf_encoding(index_type)}"
                 nlist = ivf_lists(n)
-            # Queries and training sample are disjoint random draws (fixed seed: a rebuild of the
-            # same catalog gives the same index).
-            order = np.random.default_rng(0).permutation(n)
-            n_queries = min(TUNING_QUERIES, max(1, n // 10))
-            query_ids = np.sort(ids[order[:n_queries]])
-            train = None
-            if trained is None:
-                n_train = min(n - n_queries, TRAIN_POINTS_PER_LIST * nlist)
-                train = _vectors_of(db, np.sort(ids[order[-n_train:]]), self.dim)
+            query_rows, train_rows = tuning_sample(n, nlist)
+            query_ids = ids[query_rows]
+            train = None if trained is not None else _vectors_of(db, ids[train_rows], self.dim)
             vi = build_ivf(
                 index_type,
                 self.dim,
@@ -288,8 +283,7 @@ class Collection:
         (what a failed run does: no minutes of training on the way out)."""
         if self._vectors is None:
             return
-        info = dict(self.manifest.get("vector_index") or {})
-        choice = info.get("choice", "auto")
+        choice = (self.manifest.get("vector_index") or {}).get("choice", "auto")
         if options is not None:
             choice = getattr(options, "index_type", None) or choice
             self._restructure(options, choice, progress)
@@ -301,6 +295,7 @@ class Collection:
                 nlist=vi.nlist,
                 nprobe=vi.nprobe,
                 recall_at_10=vi.recall,
+                recall_at_10_shifted=vi.recall_shifted,
                 recall_target=TARGET_RECALL,
                 trained_on=vi.trained_on,
             )
