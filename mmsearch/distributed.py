@@ -12,6 +12,8 @@ weights at the same path) is refused rather than mixing vector spaces.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -35,15 +37,19 @@ def _ray():
 
 def connect(settings: RaySettings):
     """Join the cluster at `settings.address` (or start a local one) unless already connected."""
+    # Ray's own chatter (startup notices, Ray Data's progress lines, the core worker's C++ log)
+    # would drown the command's output; errors still show, and workers log to Ray's log folder.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     ray = _ray()
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
         try:
             ray.init(
                 address=settings.address,  # Ray's own: "auto", "local" or ray://
                 include_dashboard=False,
                 log_to_driver=False,
-                logging_level="WARNING",
-                configure_logging=True,
+                logging_level="ERROR",
             )
         except (ConnectionError, ValueError) as e:  # ValueError: a ray:// without ray[client]
             raise UsageError(

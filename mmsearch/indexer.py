@@ -51,7 +51,8 @@ def index_paths(options: IndexOptions, progress: Progress | None = None) -> Inde
     started = time.perf_counter()
     progress = progress or (lambda *a, **k: None)
     roots = check_roots(list(options.roots))
-    if options.ray is not None:  # reach the cluster before seconds of model loading
+    if options.ray is not None and options.ray.address != "local":
+        # reach the cluster before seconds of model loading (a local one starts when needed)
         from .distributed import connect
 
         connect(options.ray)
