@@ -200,3 +200,24 @@ def test_installed_command_end_to_end(tiny_model, media, tmp_path):
         timeout=300,
     )
     assert out.returncode != 0 and out.stderr.count("\n") == 1
+
+
+def test_index_type_option_is_remembered_and_checked(tiny_model, media):
+    from mmsearch.collection import Collection
+    from mmsearch.config import index_root
+
+    def choice():
+        with Collection.open_reader(index_root(), "default") as col:
+            return col.manifest["vector_index"]["choice"], col.manifest["index_type"]
+
+    r = cli("index", media, "--model", tiny_model, "--workers", "0", "--index-type", "flat")
+    assert r.exit_code == 0, r.output
+    assert choice() == ("flat", "IDMap2,FlatIP")
+    make_image(media / "photos" / "later.png", pattern=5)
+    assert cli("index", media, "--workers", "0").exit_code == 0
+    assert choice()[0] == "flat"  # a later run without the option keeps the index's choice
+    # ivf needs enough vectors to train its lists (a few hundred): a handful stays exact
+    assert cli("index", media, "--workers", "0", "--index-type", "ivf").exit_code == 0
+    assert choice() == ("ivf", "IDMap2,FlatIP")
+    r = cli("index", media, "--index-type", "hnsw")
+    assert r.exit_code == 2 and "--index-type" in r.output
