@@ -13,10 +13,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import numpy as np
 
 from .errors import (
     IndexFormatError,
@@ -229,13 +226,13 @@ class Collection:
         db = self.catalog.db
         db.execute("BEGIN")  # one snapshot for the sample and the full pass
         try:
-            ids = _unit_ids(db)
+            ids = self.catalog.unit_ids()
             n = len(ids)
             if is_ivf(index_type) and ivf_lists(n) == 0:
                 index_type = FLAT  # too few vectors to train lists on
             if not is_ivf(index_type):
                 vi = VectorIndex(self.dim)
-                for batch_ids, vecs in _vector_batches(db, self.dim):
+                for batch_ids, vecs in self.catalog.vector_batches(self.dim):
                     vi.add(batch_ids, vecs)
                 return vi
             trained = self._trained_like(index_type) if reuse_training else None
@@ -245,12 +242,14 @@ class Collection:
                 nlist = ivf_lists(n)
             query_rows, train_rows = tuning_sample(n, nlist)
             query_ids = ids[query_rows]
-            train = None if trained is not None else _vectors_of(db, ids[train_rows], self.dim)
+            train = (
+                None if trained is not None else self.catalog.vectors_of(ids[train_rows], self.dim)
+            )
             vi = build_ivf(
                 index_type,
                 self.dim,
-                _vector_batches(db, self.dim),
-                (query_ids, _vectors_of(db, query_ids, self.dim)),
+                self.catalog.vector_batches(self.dim),
+                (query_ids, self.catalog.vectors_of(query_ids, self.dim)),
                 train=train,
                 trained=trained,
                 n=n,
@@ -342,28 +341,3 @@ def remove_index(root_dir: Path, name: str) -> None:
         shutil.rmtree(col.dir)
     finally:
         col.close()
-
-
-# Streaming reads of the catalog's vectors for building an index. They belong with the catalog in
-# store.py (Catalog.vector_batches / vectors_of); they live here until that file can take them.
-def _unit_ids(db) -> np.ndarray:
-    return np.fromiter((r[0] for r in db.execute("SELECT id FROM units ORDER BY id")), np.int64)
-
-
-def _vectors_of(db, ids: np.ndarray, dim: int) -> np.ndarray:
-    out = np.empty((len(ids), dim), np.float32)
-    row_of = {int(i): j for j, i in enumerate(ids)}
-    for start in range(0, len(ids), 500):
-        part = [int(i) for i in ids[start : start + 500]]
-        marks = ",".join("?" * len(part))
-        for uid, blob in db.execute(f"SELECT id, vector FROM units WHERE id IN ({marks})", part):
-            out[row_of[uid]] = np.frombuffer(blob, np.float32)
-    return out
-
-
-def _vector_batches(db, dim: int, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    cursor = db.execute("SELECT id, vector FROM units ORDER BY id")
-    while rows := cursor.fetchmany(size):
-        ids = np.fromiter((r[0] for r in rows), np.int64, count=len(rows))
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(-1, dim)
-        yield ids, vecs

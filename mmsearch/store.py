@@ -145,6 +145,33 @@ class Catalog:
         vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, dim)
         return ids, vecs
 
+    def unit_ids(self) -> np.ndarray:
+        return np.fromiter(
+            (r[0] for r in self.db.execute("SELECT id FROM units ORDER BY id")), np.int64
+        )
+
+    def vectors_of(self, ids: np.ndarray, dim: int) -> np.ndarray:
+        """The vectors of units `ids`, in that order."""
+        out = np.empty((len(ids), dim), np.float32)
+        row_of = {int(i): j for j, i in enumerate(ids)}
+        for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            part = [int(i) for i in ids[start : start + 500]]
+            marks = ",".join("?" * len(part))
+            query = f"SELECT id, vector FROM units WHERE id IN ({marks})"
+            for uid, blob in self.db.execute(query, part):
+                out[row_of[uid]] = np.frombuffer(blob, np.float32)
+        return out
+
+    def vector_batches(
+        self, dim: int, size: int = 65536
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, vectors) in id order, `size` at a time (never the whole table in memory)."""
+        cursor = self.db.execute("SELECT id, vector FROM units ORDER BY id")
+        while rows := cursor.fetchmany(size):
+            ids = np.fromiter((r[0] for r in rows), np.int64, count=len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(-1, dim)
+            yield ids, vecs
+
     def units(self, ids: Iterable[int]) -> dict[int, UnitRow]:
         ids = [int(i) for i in ids]
         if not ids:
