@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
 
 import numpy as np
 
 from .config import RaySettings
 from .errors import ModelMismatchError, UsageError
 from .items import FileEntry, Segment
-from .loaders import Loaded, LoadSettings, load_file
+from .loaders import Loaded, LoadSettings, file_hash, load_file
 
 
 def _ray():
@@ -96,8 +95,16 @@ class EmbedActor:
                 batch["path"], batch["modality"], batch["size"], batch["mtime_ns"], strict=True
             )
         ]
-        loaded = [load_file(e, self.settings) for e in entries]
-        ok = [x for x in loaded if x.error is None]
+        known = [set(str(k).split(",")) - {""} for k in batch["known"]]
+        loaded = []
+        for e, reusable in zip(entries, known, strict=True):
+            if reusable:  # a touched or moved file: hash it first, decode only if it changed
+                digest = file_hash(e.path) if _readable(e.path) else None
+                if digest in reusable:
+                    loaded.append(Loaded(e, digest, _REUSED))
+                    continue
+            loaded.append(load_file(e, self.settings))
+        ok = [x for x in loaded if x.error is None and x.payload is not _REUSED]
         results = dict(
             zip((id(x) for x in ok), _embed(self.encoder, ok, self.batch_size, _no_tick),
                 strict=True)
@@ -106,7 +113,9 @@ class EmbedActor:
         for x in loaded:
             result = results.get(id(x))
             segments, vectors, reason = "", b"", ""
-            if isinstance(result, str):
+            if x.payload is _REUSED:
+                reason = _REUSED
+            elif isinstance(result, str):
                 reason = result
             elif result is not None:
                 segments = json.dumps([[s.start, s.end] for s in result[0]])
@@ -129,11 +138,37 @@ def _no_tick(n: int) -> None:
     pass
 
 
-def ray_chunks(todo, encoder, settings: LoadSettings, options, ray_settings: RaySettings,
-               cache_dir) -> Iterator[tuple[list[Loaded], dict[bytes, object]]]:  # fmt: skip
+# Marks a file whose content hash matched vectors the index already holds: not decoded or embedded
+# on the cluster; the driver reuses the stored vectors.
+_REUSED = "<reused>"
+
+
+def _readable(path: bytes) -> bool:
+    return os.access(path, os.R_OK)
+
+
+def known_hashes(todo, vanished: dict) -> list[str]:
+    """Per file to embed, the content hashes whose vectors the index already holds for it: its
+    own previous row's (a touched file) and those of vanished files of the same size and
+    modality (a move). A worker that finds one of them skips decoding and embedding the file."""
+    by_size: dict[tuple[int, str], list[str]] = {}
+    for row in vanished.values():
+        by_size.setdefault((row.size, row.modality), []).append(row.hash)
+    out = []
+    for entry, old in todo:
+        hashes = list(by_size.get((entry.size, entry.modality), ()))
+        if old is not None and old.modality == entry.modality:
+            hashes.append(old.hash)
+        out.append(",".join(h for h in hashes if h))
+    return out
+
+
+def ray_chunks(todo, vanished, encoder, settings: LoadSettings, options,
+               ray_settings: RaySettings, cache_dir):  # fmt: skip
     """(loaded files, path -> embedding result) per committed chunk, computed on the cluster.
 
-    Results are what `indexer._embed` returns per file: (segments, vectors) or a reason string.
+    Results are what `indexer._embed` returns per file: (segments, vectors) or a reason string;
+    files whose content the index already holds (see `known_hashes`) have none.
     """
     ray = connect(ray_settings)
     resources = ray.cluster_resources()
@@ -154,9 +189,10 @@ def ray_chunks(todo, encoder, settings: LoadSettings, options, ray_settings: Ray
             "cache_dir": str(cache_dir),
         }
     rows = [
-        {"path": e.path, "modality": e.modality, "size": e.size, "mtime_ns": e.mtime_ns}
-        for e, _ in todo
-    ]
+        {"path": e.path, "modality": e.modality, "size": e.size, "mtime_ns": e.mtime_ns,
+         "known": known}
+        for (e, _), known in zip(todo, known_hashes(todo, vanished), strict=True)
+    ]  # fmt: skip
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // 16))
     ds = ds.map_batches(
         EmbedActor,
@@ -191,7 +227,7 @@ def ray_chunks(todo, encoder, settings: LoadSettings, options, ray_settings: Ray
             )  # fmt: skip
             error = str(batch["error"][i]) or None
             loaded.append(Loaded(entry, str(batch["hash"][i]) or None, None, error))
-            if error is None:
+            if error is None and str(batch["reason"][i]) != _REUSED:
                 results[entry.path] = _result(batch, i)
         yield loaded, results
 

@@ -186,7 +186,7 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
 
     tick(0)
     try:
-        for loaded, embed in _chunks(col, encoder, p.todo, settings, options):
+        for loaded, embed in _chunks(col, encoder, p, settings, options):
             embedded = _commit_chunk(col, encoder, loaded, p, report, options, tick, embed=embed)
             tick(len(loaded) - embedded)
         with col.catalog.transaction():
@@ -212,9 +212,10 @@ def _totals(col: Collection, report: IndexReport) -> IndexReport:
     return report
 
 
-def _chunks(col, encoder, todo, settings: LoadSettings, options: IndexOptions):
+def _chunks(col, encoder, p: Plan, settings: LoadSettings, options: IndexOptions):
     """(loaded files, embed function) per chunk to commit: decoded here and embedded by
     `_commit_chunk`, or hashed, decoded and embedded on a Ray cluster (`options.ray`)."""
+    todo = p.todo
     if options.ray is None or not todo:
         for loaded in _load_chunks(todo, settings, options):
             yield loaded, None
@@ -222,9 +223,20 @@ def _chunks(col, encoder, todo, settings: LoadSettings, options: IndexOptions):
     from .distributed import ray_chunks
 
     cache = model_cache_dir(col.root_dir, encoder.identity["key"])
-    for loaded, results in ray_chunks(todo, encoder, settings, options, options.ray, cache):
+    chunks = ray_chunks(todo, dict(p.vanished), encoder, settings, options, options.ray, cache)
+    for loaded, results in chunks:
 
         def embed(items, tick, results=results):
+            # A worker skips files whose content the index holds; should the commit still want
+            # one embedded (its stored twin went meanwhile), it is embedded here.
+            missing = [x for x in items if x.entry.path not in results]
+            if missing:
+                again = [load_file(x.entry, settings) for x in missing]
+                done = _embed(encoder, [x for x in again if x.error is None], options.batch_size,
+                              lambda n: None)  # fmt: skip
+                fresh = iter(done)
+                for x in again:
+                    results[x.entry.path] = x.error if x.error is not None else next(fresh)
             tick(len(items))
             return [results[x.entry.path] for x in items]
 

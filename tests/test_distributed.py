@@ -103,17 +103,33 @@ def test_ray_run_builds_the_same_index_as_a_local_run(tiny_model, media, monkeyp
     assert hits == expected
 
 
-def test_ray_runs_are_incremental(tiny_model, media):
+def test_ray_runs_are_incremental(tiny_model, media, monkeypatch):
+    import mmsearch.distributed
+
     run(tiny_model, media, "remote", on_ray=True)
     make_image(media / "photos" / "new.png", pattern=77)
     changed = media / "photos" / "p1.jpg"
     make_image(changed, pattern=78, size=(72, 48))
     bump_mtime(changed)
+    bump_mtime(media / "photos" / "p0.jpg")  # touched, same content
     (media / "photos" / "p2.jpg").unlink()
     (media / "photos" / "p3.jpg").rename(media / "photos" / "moved.jpg")
-    r = run(tiny_model, media, "remote", on_ray=True)
+
+    embedded_remotely = set()
+    real = mmsearch.distributed.ray_chunks
+
+    def spy(*a, **k):
+        for loaded, results in real(*a, **k):
+            embedded_remotely.update(os.fsdecode(p) for p in results)
+            yield loaded, results
+
+    with monkeypatch.context() as m:
+        m.setattr(mmsearch.distributed, "ray_chunks", spy)
+        r = run(tiny_model, media, "remote", on_ray=True)
     assert (r.added, r.updated, r.removed, r.moved, r.unchanged) == (1, 1, 1, 1, 3)
     assert r.failed == 1 and r.failed_now == 0
+    # the cluster embedded only new content: the touched and the moved file were only hashed
+    assert embedded_remotely == {str(media / "photos" / "new.png"), str(changed)}
 
     # the same changes replayed locally on a copy give the same index
     again = run(tiny_model, media, "local", on_ray=False)
