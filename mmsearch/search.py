@@ -71,6 +71,7 @@ class Searcher:
         self.identity = identity
         self._text = None
         self._full = None
+        self._gpu_vectors = None
 
     def close(self) -> None:
         self.col.close()
@@ -187,11 +188,23 @@ class Searcher:
         q = self.query_vector(query, image, audio)
         return self.rank(q, k, modality)
 
+    def _vectors(self):
+        """The index's FAISS vectors, or all of them on the GPU through torch when this process
+        has a GPU to search on (see torch_search.wanted)."""
+        from .torch_search import TorchExactIndex, wanted
+
+        if self._gpu_vectors is None:
+            device = wanted(self.options.device)
+            self._gpu_vectors = (
+                False if device is None else TorchExactIndex(self.col.catalog, self.col.dim, device)
+            )
+        return self._gpu_vectors or self.col.vectors
+
     def rank(self, q: np.ndarray, k: int, modality: str = "any") -> list[Hit]:
         allowed = None
         if modality != "any":
             allowed = self.col.catalog.unit_ids_with_modality(modality)
-        scores, ids = self.col.vectors.search(q, k, allowed)
+        scores, ids = self._vectors().search(q, k, allowed)
         rows = self.col.catalog.units(ids)
         hits = []
         for score, uid in zip(scores, ids, strict=True):

@@ -114,3 +114,57 @@ def test_search_errors(indexed, tmp_path):
             s.search("x", modality="video")
     with pytest.raises(IndexNotFoundError, match="no index named 'other'"):
         Searcher(SearchOptions(name="other"))
+
+
+def _torch_answers(monkeypatch, device: str, options: SearchOptions, queries) -> list:
+    import mmsearch.torch_search
+
+    monkeypatch.setattr(mmsearch.torch_search, "wanted", lambda _device: device)
+    with Searcher(options) as s:
+        out = [s.search(q, k=k, modality=m) for q, k, m in queries]
+        assert isinstance(s._vectors(), mmsearch.torch_search.TorchExactIndex)
+    return out
+
+
+QUERIES = [("a dog", 3, "any"), ("a cat", 50, "any"), ("a dog", 2, "image"), ("sofa", 5, "text")]
+
+
+def test_torch_search_gives_the_faiss_answers(indexed, monkeypatch):
+    """The exact torch path (used on GPUs) run on the CPU: same hits, same scores."""
+    with Searcher(SearchOptions()) as s:
+        expected = [s.search(q, k=k, modality=m) for q, k, m in QUERIES]
+    got = _torch_answers(monkeypatch, "cpu", SearchOptions(), QUERIES)
+    for want, have in zip(expected, got, strict=True):
+        assert names(have) == names(want)
+        assert [h.score for h in have] == pytest.approx([h.score for h in want], abs=1e-5)
+    assert names(got[2]) and all(h.modality == "image" for h in got[2])
+
+
+@pytest.mark.gpu
+def test_torch_search_on_cuda_gives_the_faiss_answers(indexed, monkeypatch):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mmsearch.torch_search import wanted
+
+    assert wanted("cuda") == "cuda"
+    with Searcher(SearchOptions()) as s:
+        expected = [s.search(q, k=k, modality=m) for q, k, m in QUERIES]
+    got = _torch_answers(monkeypatch, "cuda", SearchOptions(device="cuda"), QUERIES)
+    for want, have in zip(expected, got, strict=True):
+        assert names(have) == names(want)
+        assert [h.score for h in have] == pytest.approx([h.score for h in want], abs=1e-5)
+
+
+def test_cold_search_does_not_pick_torch():
+    """In a fresh process (a CLI search), auto neither imports torch nor searches with it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mmsearch.torch_search import wanted; "
+        "assert wanted('auto') is None and wanted('cpu') is None; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
