@@ -521,12 +521,19 @@ def finetune(
                 tower=audio_tower,
                 head_settings=HeadSettings(steps=audio_steps, batch_size=batch_size, seed=seed),
             )
+    # With image pairs the image run reports the pairs left out (missing files, empty captions,
+    # of any modality); with audio pairs only, they are reported here.
+    unread = pairs.skipped_counts() if result is None else {}
     if as_json:
         data = result.to_dict() if result else {"out": str(config.out)}
+        if unread:
+            data["skipped"] = unread
         if audio is not None:
             data["audio"] = audio.to_dict()
         _emit_json(data)
         return
+    if unread:
+        _say("skipped pairs: " + ", ".join(f"{v} {k}" for k, v in unread.items()), err=True)
     if audio is not None:
         kept = {
             "before": "the previous projector",

@@ -104,15 +104,17 @@ def run(tmp_path_factory):
             p = tone(root / split / f"{word}_{i}.wav", 200 * 1.5**c * (1 + 0.02 * (i - 4)),
                      0.5 + 0.1 * i, seed=100 * c + i)  # fmt: skip
             (val if split == "val" else train).append((p, f"the word {word}"))
+    bad = [(root / "train" / "gone.wav", "the word zero"), (root / "train" / "zero_0.wav", " ")]
     out = root / "tuned"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MMSEARCH_HOME", str(root / "home"))
         data = json_of(
-            cli("finetune", write_pairs(root / "train.csv", train), "--model", clip_dir,
+            cli("finetune", write_pairs(root / "train.csv", train + bad), "--model", clip_dir,
                 "--out", out, "--audio-model", clap_dir, "--audio-tower", "head",
                 "--audio-steps", 150, "--val", write_pairs(root / "val.csv", val), "--json")
         )  # fmt: skip
-    return {"root": root, "clip": clip_dir, "clap": clap_dir, "out": out, "audio": data["audio"]}
+    return {"root": root, "clip": clip_dir, "clap": clap_dir, "out": out, "audio": data["audio"],
+            "skipped": data.get("skipped")}  # fmt: skip
 
 
 def test_head_lowers_loss_and_beats_the_projector_alone(run):
@@ -121,6 +123,7 @@ def test_head_lowers_loss_and_beats_the_projector_alone(run):
     assert audio["head_loss"]["end"] < audio["head_loss"]["start"]
     assert audio["head"]["mean"] > audio["after"]["mean"] >= audio["before"]["mean"] - 1e-9
     assert (audio["train_pairs"], audio["val_pairs"]) == (60, 20)
+    assert run["skipped"] == {"missing file": 1, "empty caption": 1}  # counted, not fatal
     assert audio["head"]["images"] == 20 and audio["head"]["texts"] == 10
     assert Path(audio["audio_model"]) == run["out"] / AUDIO_MODEL_DIRNAME
 
