@@ -82,3 +82,16 @@ def media(tmp_path) -> Path:
 def bump_mtime(path: Path, seconds: int = 10) -> None:
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))
+
+
+def make_tone(
+    path: Path, freq: float, seconds: float, seed: int, rate: int = 16000, noise: float = 0.02
+) -> Path:
+    """A sine tone with a little seeded noise, written as a WAV file."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * freq * t) + noise * rng.standard_normal(len(t))
+    sf.write(path, wave.astype(np.float32), rate)
+    return path

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
+from conftest import make_tone
 from test_audio_tower import make_tiny_clap, make_tiny_clip
 from typer.testing import CliRunner
 
@@ -34,12 +32,7 @@ CLASSES = {
 FAST = FitSettings(refine_steps=20)
 
 
-def tone(path: Path, freq: float, seconds: float, seed: int, rate: int = 16000) -> Path:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.02 * rng.standard_normal(len(t))
-    sf.write(path, wave.astype(np.float32), rate)
-    return path
+tone = make_tone
 
 
 @pytest.fixture

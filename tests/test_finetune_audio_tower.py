@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import make_tone
 from test_audio_tower import make_tiny_clap, make_tiny_clip
 from typer.testing import CliRunner
 
@@ -56,12 +57,8 @@ def bottleneck_clap(out: Path) -> Path:
     return out
 
 
-def tone(path: Path, freq: float, seconds: float, seed: int, rate: int = 16000) -> Path:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(len(t))
-    sf.write(path, wave.astype(np.float32), rate)
-    return path
+def tone(path: Path, freq: float, seconds: float, seed: int) -> Path:
+    return make_tone(path, freq, seconds, seed, noise=0.05)
 
 
 def write_pairs(path: Path, rows: list[tuple[Path, str]]) -> Path:
