@@ -164,7 +164,6 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
     entries = list(walk(roots, hidden=options.hidden, follow_links=options.follow_links))
     p = plan(col, entries, roots)
     report = IndexReport(unchanged=p.unchanged)
-    vectors = col.vectors
     if encoder is None and p.todo:
         encoder = _encoder_for(col, options)
     if encoder is None:  # nothing to embed: only removals
@@ -176,6 +175,15 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
         audio=encoder.extras.get("audio_load"),
         modalities=frozenset(m for m in (IMAGE, TEXT, AUDIO) if getattr(encoder, m) is not None),
     )
+    _apply(col, encoder, p, settings, options, report, progress)
+    return _totals(col, report)
+
+
+def _apply(col, encoder, p: Plan, settings, options, report, progress, reuse_ok=True) -> None:
+    """Embed and commit `p.todo` chunk by chunk, drop `p.vanished`, save the vectors."""
+    # The vectors are loaded before the first commit: loaded after it, from a catalog that
+    # already holds the chunk's rows, they would get those rows twice.
+    vectors = col.vectors
     total = len(p.todo)
     done = 0
 
@@ -187,7 +195,9 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
     tick(0)
     try:
         for loaded, embed in _chunks(col, encoder, p, settings, options):
-            embedded = _commit_chunk(col, encoder, loaded, p, report, options, tick, embed=embed)
+            embedded = _commit_chunk(
+                col, encoder, loaded, p, report, options, tick, reuse_ok, embed=embed
+            )
             tick(len(loaded) - embedded)
         with col.catalog.transaction():
             removed_ids = []
@@ -201,7 +211,6 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
         col.save_vectors()  # what was committed, as it is: no retraining on the way out
         raise
     col.save_vectors(options, progress)
-    return _totals(col, report)
 
 
 def _totals(col: Collection, report: IndexReport) -> IndexReport:
@@ -427,25 +436,8 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
         p = Plan(todo, 0, {r.path: r for r in gone}, [])
         report = IndexReport()
         settings = LoadSettings(modalities=frozenset({AUDIO}), audio=encoder.extras["audio_load"])
-        done = 0
-
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            progress("embed", done, len(todo))
-
-        try:
-            for loaded in _load_chunks(todo, settings, options):
-                ticked = _commit_chunk(col, encoder, loaded, p, report, options, tick, False)
-                tick(len(loaded) - ticked)
-            with col.catalog.transaction():
-                removed = [i for r in gone for i in col.catalog.delete_file(r.id)]
-            col.vectors.remove(removed)
-            report.removed = len(gone)
-        except BaseException:
-            col.save_vectors()
-            raise
-        col.save_vectors(options, progress)
+        # every recording is embedded afresh: no reuse of the vectors being replaced
+        _apply(col, encoder, p, settings, options, report, progress, reuse_ok=False)
         _totals(col, report)
     finally:
         col.close()

@@ -139,6 +139,10 @@ def test_align_audio_refits_and_reembeds(library, monkeypatch):
     assert summary["updated"] == 3
     after = hits_of(cli("search", "a bird", "--type", "audio", "--json", "-k", "1"))
     assert len(before) == len(after) == 1
+    # every re-embedded window is in the vector index once: no stale and no doubled vectors
+    every = hits_of(cli("search", "a bird", "--type", "audio", "--json", "-k", "1000"))
+    windows = hits_of(cli("info", "--json"))[0]["modalities"]["audio"]["vectors"]
+    assert len(every) == len({(h["path"], h["start"]) for h in every}) == windows
 
 
 def test_audio_query_on_index_without_audio(tiny_model, tmp_path):
