@@ -73,14 +73,9 @@ class EmbedActor:
             ModelSpec.parse(spec), EncoderOptions(device="auto", precision=precision)
         )
         if audio is not None:
-            from .encoders.audio import load_audio_tower
+            from .encoders import attach_audio
 
-            tower = load_audio_tower(
-                audio["spec"], self.encoder, audio["cache_dir"],
-                device=self.encoder.extras.get("device", "cpu"), projector=audio["projector"],
-            )  # fmt: skip
-            self.encoder.audio = tower
-            self.encoder.extras["audio_load"] = tower.loader_settings()
+            attach_audio(self.encoder, audio["spec"], audio["cache_dir"], audio["projector"])
         self.settings = settings
         self.batch_size = batch_size
         self.key = self.encoder.identity["key"]
@@ -99,7 +94,10 @@ class EmbedActor:
         loaded = []
         for e, reusable in zip(entries, known, strict=True):
             if reusable:  # a touched or moved file: hash it first, decode only if it changed
-                digest = file_hash(e.path) if _readable(e.path) else None
+                try:
+                    digest = file_hash(e.path)
+                except OSError:  # load_file below records why
+                    digest = None
                 if digest in reusable:
                     loaded.append(Loaded(e, digest, _REUSED))
                     continue
@@ -141,10 +139,6 @@ def _no_tick(n: int) -> None:
 # Marks a file whose content hash matched vectors the index already holds: not decoded or embedded
 # on the cluster; the driver reuses the stored vectors.
 _REUSED = "<reused>"
-
-
-def _readable(path: bytes) -> bool:
-    return os.access(path, os.R_OK)
 
 
 def known_hashes(todo, vanished: dict) -> list[str]:

@@ -67,14 +67,15 @@ def attach_audio(
     encoder: Encoder,
     audio_model: str | None,
     cache_dir: Path,
-    projector: Path | None = None,
+    projector=None,
     refit: bool = False,
     progress=None,
 ) -> Encoder:
     """Give `encoder` an audio tower: CLAP's audio encoder projected into its space.
 
-    The projector is `projector` if given, else the one fitted for this (CLIP, CLAP) pair and
-    cached in `cache_dir` (fitted on first use, or again with `refit`).
+    The projector is `projector` if given (a file or an `audio.Projector`), else the one fitted
+    for this (CLIP, CLAP) pair and cached in `cache_dir` (fitted on first use, or again with
+    `refit`).
     """
     from .audio import load_audio_tower
 
