@@ -171,13 +171,6 @@ class VectorIndex:
         return cls(dim, index)
 
     @classmethod
-    def build(cls, dim: int, ids: np.ndarray, vectors: np.ndarray) -> VectorIndex:
-        """An exact index holding these vectors."""
-        vi = cls(dim)
-        vi.add(ids, vectors)
-        return vi
-
-    @classmethod
     def load(cls, path: Path, dim: int, mmap: bool = False, index_type: str = FLAT) -> VectorIndex:
         """Read a saved index. With `mmap` (readers) the file is mapped, not copied: opening an IVF
         file then reads only its centroids (0.5 ms instead of 0.6 s at 200k x 512) and a query

@@ -621,8 +621,9 @@ def load_audio_tower(
     """The audio tower for `text_encoder`'s space.
 
     The CLAP model is `audio_model` if given, else the one a fine-tuned model directory carries
-    (`model_dir_audio_model`), else LAION's. The projector is, in order: `projector` if given; `audio_projector.safetensors` in the CLIP
-    model's directory if it is a fine-tuned local model (unless `refit`); the cached fit for this
+    (`model_dir_audio_model`), else LAION's. The projector is, in order: `projector` if given;
+    `audio_projector.safetensors` in the CLIP model's directory if it is a fine-tuned local model
+    (unless `refit`); the cached fit for this
     (CLIP model, CLAP weights, corpus, fit settings) in `cache_dir` (unless `refit`); else a new fit
     (a few minutes on CPU with the default models), which is then cached.
 
