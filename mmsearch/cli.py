@@ -181,11 +181,25 @@ def index(
         int | None,
         typer.Option("--ray-actors", min=1, help="Encoder actors (default: one per GPU)."),
     ] = None,
+    types: Annotated[
+        str | None,
+        typer.Option(
+            "--types",
+            help="Comma-separated types this run indexes: image, text, audio (default: all). "
+            "Indexed files of other types are left as they are.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Json = False,
     debug: Debug = False,
 ):
     """Index folders of images, notes and audio (incremental: only new/changed files are embedded)."""
-    from .indexer import index_paths
+    from .indexer import check_types, index_paths
+
+    chosen = None
+    if types is not None:
+        chosen = tuple(t.strip() for t in types.split(",") if t.strip())
+        check_types(chosen or ("",))
 
     ray = None
     if ray_address is not None:
@@ -212,10 +226,13 @@ def index(
         rebuild=rebuild,
         index_type=index_type.value if index_type else None,
         ray=ray,
+        types=chosen,
     )
     show_bar = not as_json and sys.stderr.isatty()
-    with _progress(show_bar) as progress:
+    with _progress(show_bar) as progress, _term_as_interrupt():
         report = index_paths(options, progress=progress)
+    for note in report.notes:
+        _say(f"mmsearch: {note}", err=True)
     if as_json:
         _emit_json(report.to_dict())
         return
@@ -229,6 +246,29 @@ def index(
         f"{r.moved} moved, {r.unchanged} unchanged, {r.failed} failed; "
         f"{r.files} files, {r.vectors} vectors ({r.seconds:.1f}s)"
     )
+
+
+class _term_as_interrupt:
+    """SIGTERM (kill, a closing terminal) stops a run like Ctrl-C: what is embedded is
+    committed first."""
+
+    def __enter__(self):
+        import signal
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        try:
+            self.old = signal.signal(signal.SIGTERM, stop)
+        except ValueError:  # not the main thread (an embedding application)
+            self.old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self.old)
 
 
 def _rich_bar(*extra_columns):
@@ -327,6 +367,8 @@ def search(
     )
     with Searcher(options) as searcher:
         hits = searcher.search(query, image=image, audio=audio)
+        for note in searcher.col.notes:
+            _say(f"mmsearch: warning: {note}", err=True)
     if as_json:
         for hit in hits:
             _emit_json(hit.to_dict())
@@ -374,8 +416,10 @@ def align_audio(
         encoder=EncoderOptions(device=device, audio_model=audio_model),
     )
     show_bar = not as_json and sys.stderr.isatty()
-    with _progress(show_bar) as progress:
+    with _progress(show_bar) as progress, _term_as_interrupt():
         report = realign(options, progress=progress)
+    for note in report.notes:
+        _say(f"mmsearch: {note}", err=True)
     if as_json:
         _emit_json(report.to_dict())
     else:

@@ -131,6 +131,10 @@ class IndexOptions:
     follow_links: bool = False
     rebuild: bool = False
     commit_every: int = 256  # files per committed chunk
+    # ... and a commit at least every this many seconds of work (None: by count only), so a
+    # kill or Ctrl-C on a slow model loses seconds, not minutes
+    commit_seconds: float | None = 10.0
+    types: tuple[str, ...] | None = None  # modalities this run indexes (None: all)
     # Vector index (mmsearch.index.choose_type): auto | flat | ivf; None keeps the index's own
     # choice (auto for a new index). auto is exact below `exact_below` vectors, IVF above.
     index_type: str | None = None

@@ -35,6 +35,10 @@ class IndexFormatError(MMSearchError):
     """The index on disk is damaged or has an unsupported format version."""
 
 
+class IndexWriteError(MMSearchError):
+    """Writing the index failed (disk full, permissions); it is kept as of its last commit."""
+
+
 class UnsupportedModalityError(MMSearchError):
     """The encoder has no tower for the requested modality."""
 

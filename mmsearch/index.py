@@ -188,11 +188,21 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """Atomic: readers see the old file or the new one, never half of one."""
-        tmp = Path(str(path) + ".tmp")
-        _faiss().write_index(self.index, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from .atomic import replace_file
+
+        faiss = _faiss()
+
+        def write(f) -> None:
+            try:
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
+            except RuntimeError as e:  # faiss wraps the writer's OSError in a C++ exception
+                if "No space left" in str(e) or "Errno 28" in str(e):
+                    import errno
+
+                    raise OSError(errno.ENOSPC, "No space left on device") from None
+                raise
+
+        replace_file(Path(path), write)
 
     # --- contents --------------------------------------------------------------------------
     @property

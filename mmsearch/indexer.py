@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
-from .collection import AUDIO_PROJECTOR, Collection, model_cache_dir
+from .atomic import write_error
+from .collection import Collection, model_cache_dir
 from .config import DEFAULT_MODEL, IndexOptions, ModelSpec
 from .encoders import Encoder, attach_audio, create_encoder, export_query_tower
-from .errors import IndexNotFoundError, LoadError, ModelMismatchError
+from .errors import IndexNotFoundError, LoadError, ModelError, ModelMismatchError, UsageError
 from .files import check_roots, walk
-from .items import AUDIO, IMAGE, TEXT, FileEntry, IndexReport, Segment, show_path
+from .items import AUDIO, IMAGE, MODALITIES, TEXT, FileEntry, IndexReport, Segment, show_path
 from .loaders import Loaded, LoadSettings, load_file
 from .loaders.text import chunk_note
 from .store import FileRow
@@ -34,6 +36,9 @@ class Plan:
     unchanged: int
     vanished: dict[bytes, FileRow]  # indexed files under the roots that are gone
     vanished_failures: list[bytes]
+    # A rebuild's files whose vectors the old generation holds for the same model and the same
+    # size and mtime: copied over without being read.
+    carry: list[FileRow] = field(default_factory=list)
 
     @cached_property
     def old_rows(self) -> dict[bytes, FileRow | None]:
@@ -56,49 +61,81 @@ def index_paths(options: IndexOptions, progress: Progress | None = None) -> Inde
         from .distributed import connect
 
         connect(options.ray)
-    col = Collection.open_writer(options.root_dir, options.name)
+    types = check_types(options.types)
+    col = Collection.open_writer(options.root_dir, options.name, repair=options.rebuild)
     try:
+        if not options.rebuild:
+            col.discard_pending()
         # With the index's own model, loading it (seconds of torch imports) waits until a file
         # actually needs embedding, so a run that finds nothing new is quick.
         eager = options.encoder.model is not None or options.rebuild or not col.encoder_identity
         encoder = _encoder_for(col, options) if eager else None
-        report = _run(col, encoder, roots, options, progress)
+        report = _run(col, encoder, roots, options, types, progress)
+        report.notes = list(col.notes)
     finally:
         col.close()
     report.seconds = time.perf_counter() - started
     return report
 
 
+def check_types(types) -> frozenset[str]:
+    """The modalities a run indexes (--types); all of them by default."""
+    if not types:
+        return frozenset(MODALITIES)
+    unknown = [t for t in types if t not in MODALITIES]
+    if unknown:
+        raise UsageError(
+            f"unknown type {', '.join(map(repr, unknown))} in --types; use {', '.join(MODALITIES)}"
+        )
+    return frozenset(types)
+
+
 def _encoder_for(col: Collection, options: IndexOptions) -> Encoder:
     requested = options.encoder.model
     if requested is None:
         known = col.encoder_identity
-        requested = ModelSpec.parse(known["spec"]) if known else ModelSpec.parse(DEFAULT_MODEL)
+        spec = known["spec"] if known else col.manifest.get("model_spec", DEFAULT_MODEL)
+        requested = ModelSpec.parse(spec)
+    if not col.encoder_identity:
+        # Remembered before seconds of loading: a run killed now still knows its --model.
+        col.write_manifest(name=col.name, model_spec=str(requested))
     encoder = create_encoder(requested, options.encoder)
     if options.rebuild:
-        col.reset()
+        col.begin_generation(encoder.identity)
     else:
         col.check_encoder(encoder.identity)
-    if not col.exists or "encoder" not in col.manifest:
-        col.write_manifest(encoder=encoder.identity, name=col.name)
-    export_query_tower(encoder, model_cache_dir(col.root_dir, encoder.identity["key"]))
+    if not col.encoder_identity:
+        col.set_encoder(encoder.identity)
+    cache = model_cache_dir(col.root_dir, encoder.identity["key"])
+    try:
+        export_query_tower(encoder, cache)
+    except OSError as e:
+        raise write_error(cache, e) from None
     return encoder
 
 
 def _attach_audio(
-    col: Collection, encoder: Encoder, options: IndexOptions, progress, realign: bool = False
+    col: Collection,
+    encoder: Encoder,
+    options: IndexOptions,
+    progress,
+    realign: bool = False,
+    record: bool = True,
 ) -> None:
     """Load the audio tower for this index: --audio-model if given, else the audio model and
     projector of a fine-tuned --model directory if it has them, else the index's own. With
-    `realign`, the projector is fitted afresh and replaces the index's one."""
+    `realign`, the projector is fitted afresh (and recorded by the caller, `record=False`)."""
     from .encoders.audio import (
         AUDIO_MODEL_DIRNAME,
         PROJECTOR_FILENAME,
         model_dir_audio_model,
         model_dir_of,
+        save_projector,
     )
 
-    known = col.manifest.get("audio_encoder")
+    known = col.audio_identity
+    # a rebuild keeps the live generation's audio model unless told otherwise
+    previous = known or col.manifest.get("audio_encoder")
     model_dir = model_dir_of(encoder) if options.encoder.model is not None else None
     from_model_dir = model_dir is not None and (
         (model_dir / AUDIO_MODEL_DIRNAME).is_dir() or (model_dir / PROJECTOR_FILENAME).is_file()
@@ -106,9 +143,9 @@ def _attach_audio(
     requested = options.encoder.audio_model
     if requested is None and from_model_dir:
         requested = model_dir_audio_model(encoder)
-    if requested is None and known:
-        requested = known["spec"]
-    stored = col.dir / AUDIO_PROJECTOR
+    if requested is None and previous:
+        requested = previous["spec"]
+    stored = col.projector_path
     use_stored = (
         known
         and not from_model_dir
@@ -130,46 +167,77 @@ def _attach_audio(
     elif known and known.get("key") != identity["key"]:
         source = f" (from model directory {model_dir})" if from_model_dir else ""
         raise ModelMismatchError(
-            f"index {col.name!r} holds audio embedded with {known.get('spec')} (projector "
-            f"{known.get('projector')}), not {identity['spec']} (projector "
-            f"{identity['projector']}){source}. Use the index's audio model, re-align it with "
-            f"`mmsearch align-audio --index {col.name}`, or rebuild with --rebuild"
+            f"index {col.name!r} holds audio embedded with another audio model than the one "
+            f"requested{source}: {_difference(known, identity)}. Use the index's audio model, "
+            f"re-align it with `mmsearch align-audio --index {col.name}`, or rebuild with --rebuild"
         )
-    if not known:
-        from .encoders.audio import save_projector
-
-        save_projector(encoder.audio.projector, stored)
-        col.write_manifest(audio_encoder=identity)
+    if not known and record:
+        col.set_audio(identity, lambda path: save_projector(encoder.audio.projector, path))
 
 
-def plan(col: Collection, entries: list[FileEntry], roots: list[bytes]) -> Plan:
-    known = col.catalog.files_under(roots)
+def _difference(have: dict, want: dict) -> str:
+    """The fields in which two identities differ, as 'field: index has X, requested Y'."""
+    keys = [k for k in sorted(set(have) | set(want)) if k != "key" and have.get(k) != want.get(k)]
+    if not keys:
+        keys = ["key"]
+    return "; ".join(f"{k}: index has {have.get(k)}, requested {want.get(k)}" for k in keys)
+
+
+def plan(
+    col: Collection,
+    entries: list[FileEntry],
+    roots: list[bytes],
+    types: frozenset[str] = frozenset(MODALITIES),
+) -> Plan:
+    """What a run does with the files under `roots` of the `types` it indexes (files of other
+    types are left as they are, indexed or not)."""
+    known = {p: r for p, r in col.catalog.files_under(roots).items() if r.modality in types}
     failing = col.catalog.failures_under(roots)
-    todo, unchanged = [], 0
+    salvage = col.salvage.files_under(roots) if col.salvage is not None else {}
+    todo, carry, unchanged = [], [], 0
     present = set()
     for e in entries:
+        if e.modality not in types:
+            present.add(e.path)
+            continue
         present.add(e.path)
         row = known.get(e.path)
-        if row and row.size == e.size and row.mtime_ns == e.mtime_ns and row.modality == e.modality:
+        if row and _same(row, e):
             unchanged += 1
+        elif row is None and (old := salvage.get(e.path)) is not None and _same(old, e):
+            carry.append(old)
         elif row or failing.get(e.path) != (e.size, e.mtime_ns):
             todo.append((e, row))  # new or changed (a file that failed is retried once changed)
     vanished = {p: r for p, r in known.items() if p not in present}
     gone_failures = [p for p in failing if p not in present]
-    return Plan(todo, unchanged, vanished, gone_failures)
+    return Plan(todo, unchanged, vanished, gone_failures, carry)
 
 
-def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> IndexReport:
+def _same(row: FileRow, e: FileEntry) -> bool:
+    return row.size == e.size and row.mtime_ns == e.mtime_ns and row.modality == e.modality
+
+
+def _run(col: Collection, encoder, roots, options: IndexOptions, types, progress) -> IndexReport:
     progress("scan", 0, 0)
     entries = list(walk(roots, hidden=options.hidden, follow_links=options.follow_links))
-    p = plan(col, entries, roots)
+    p = plan(col, entries, roots, types)
     report = IndexReport(unchanged=p.unchanged)
     if encoder is None and p.todo:
         encoder = _encoder_for(col, options)
     if encoder is None:  # nothing to embed: only removals
         encoder = Encoder(identity=col.encoder_identity, dim=col.dim)
     if encoder.audio is None and any(e.modality == AUDIO for e, _ in p.todo):
-        _attach_audio(col, encoder, options, progress)
+        try:
+            _attach_audio(col, encoder, options, progress)
+        except (ModelError, OSError) as e:
+            # A missing audio model fails the recordings, not the run; they are retried on
+            # every run until it loads.
+            reason = (
+                f"audio model could not be loaded ({e}); pass --audio-model with a CLAP model "
+                "that loads (a hub id or a local directory) and run mmsearch index again"
+            )
+            _fail_model(col, [x for x in p.todo if x[0].modality == AUDIO], reason, report)
+            p.todo = [x for x in p.todo if x[0].modality != AUDIO]
     settings = LoadSettings(
         image_prep=encoder.extras.get("prep"),
         audio=encoder.extras.get("audio_load"),
@@ -179,8 +247,51 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, progress) -> In
     return _totals(col, report)
 
 
+def _fail_model(col: Collection, todo, reason: str, report: IndexReport) -> None:
+    removed: list[int] = []
+    with col.catalog.transaction():
+        for e, old in todo:
+            _fail(col.catalog, e, reason, old, removed, report, retry=True)
+    col.vectors.remove(removed)
+
+
+def _carry(col: Collection, rows: list[FileRow], report: IndexReport) -> None:
+    """Copy a rebuild's intact files from the old generation, a few thousand per commit."""
+    for start in range(0, len(rows), 2048):
+        added = []
+        with col.catalog.transaction():
+            for row in rows[start : start + 2048]:
+                added.append(col.catalog.copy_file(col.salvage, row))
+        for ids, vecs in added:
+            col.vectors.add(ids, vecs)
+        report.unchanged += len(added)
+
+
+class _Pacer:
+    """Splits decoded chunks into pieces committed at most every `seconds` of work, sized from
+    the measured time per file (a slow model commits small pieces, a fast one whole chunks)."""
+
+    def __init__(self, seconds: float | None, first: int):
+        self.seconds = seconds
+        self.size = max(1, first)
+
+    def pieces(self, loaded: list):
+        if not self.seconds:
+            yield loaded
+            return
+        i = 0
+        while i < len(loaded):
+            piece = loaded[i : i + self.size]
+            started = time.perf_counter()
+            yield piece
+            per_file = (time.perf_counter() - started) / len(piece)
+            self.size = max(1, min(len(loaded), int(self.seconds / max(per_file, 1e-6))))
+            i += len(piece)
+
+
 def _apply(col, encoder, p: Plan, settings, options, report, progress, reuse_ok=True) -> None:
-    """Embed and commit `p.todo` chunk by chunk, drop `p.vanished`, save the vectors."""
+    """Embed and commit `p.todo` piece by piece, drop `p.vanished`, save the vectors (or make
+    the generation a rebuild wrote the live one)."""
     # The vectors are loaded before the first commit: loaded after it, from a catalog that
     # already holds the chunk's rows, they would get those rows twice.
     vectors = col.vectors
@@ -193,12 +304,16 @@ def _apply(col, encoder, p: Plan, settings, options, report, progress, reuse_ok=
         progress("embed", done, total)
 
     tick(0)
+    pacer = _Pacer(options.commit_seconds, options.batch_size)
     try:
+        if p.carry:
+            _carry(col, p.carry, report)
         for loaded, embed in _chunks(col, encoder, p, settings, options):
-            embedded = _commit_chunk(
-                col, encoder, loaded, p, report, options, tick, reuse_ok, embed=embed
-            )
-            tick(len(loaded) - embedded)
+            for piece in pacer.pieces(loaded):
+                embedded = _commit_chunk(
+                    col, encoder, piece, p, report, options, tick, reuse_ok, embed=embed
+                )
+                tick(len(piece) - embedded)
         with col.catalog.transaction():
             removed_ids = []
             for row in p.vanished.values():
@@ -208,9 +323,15 @@ def _apply(col, encoder, p: Plan, settings, options, report, progress, reuse_ok=
                 col.catalog.clear_failure(path)
         vectors.remove(removed_ids)
     except BaseException:
-        col.save_vectors()  # what was committed, as it is: no retraining on the way out
+        try:
+            col.save_vectors()  # what was committed, as it is: no retraining on the way out
+        except Exception:  # noqa: BLE001 - the catalog holds every vector; readers rebuild
+            pass
         raise
-    col.save_vectors(options, progress)
+    if col.building is not None:
+        col.finish_generation(options, progress)
+    else:
+        col.save_vectors(options, progress)
 
 
 def _totals(col: Collection, report: IndexReport) -> IndexReport:
@@ -263,7 +384,7 @@ def _load_chunks(todo, settings: LoadSettings, options: IndexOptions) -> Iterato
         return
     # spawn, not fork: the parent holds torch's thread pools, which do not survive a fork.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_ignore_interrupt) as pool:
         pending = None
         for i, chunk in enumerate(chunks):
             if pending is None:
@@ -273,6 +394,18 @@ def _load_chunks(todo, settings: LoadSettings, options: IndexOptions) -> Iterato
                 nxt = pool.starmap_async(load_file, [(e, settings) for e, _ in chunks[i + 1]], 4)
             yield pending.get()
             pending = nxt
+
+
+def _ignore_interrupt() -> None:
+    """Decode workers leave Ctrl-C to the parent, which commits and stops them: no tracebacks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _Interrupted(Exception):
+    """Ctrl-C while embedding: carries the results finished so far, to be committed."""
+
+    def __init__(self, partial: list):
+        self.partial = partial
 
 
 def _commit_chunk(
@@ -286,6 +419,7 @@ def _commit_chunk(
     ok = [x for x in loaded if x.error is None]
     # 1. Reuse vectors of identical content already in the index (copies, moves, touched files).
     reuse: dict[int, FileRow] = {}
+    salvaged: dict[int, FileRow] = {}
     for i, x in enumerate(ok if reuse_ok else []):
         old = old_rows.get(x.entry.path)
         if old is not None and old.hash == x.hash:
@@ -294,10 +428,15 @@ def _commit_chunk(
         src = catalog.file_with_hash(x.hash, x.entry.modality)
         if src is not None:
             reuse[i] = src
+        elif col.salvage is not None:
+            # a rebuild with the same model: intact vectors of the old generation are copied
+            src = col.salvage.file_with_hash(x.hash, x.entry.modality)
+            if src is not None:
+                salvaged[i] = src
     # 2. Embed the rest; identical files within the chunk are embedded once.
     fresh: dict[str, tuple[list[Segment], np.ndarray]] = {}
     failed: dict[int, str] = {}
-    to_embed = [i for i in range(len(ok)) if i not in reuse]
+    to_embed = [i for i in range(len(ok)) if i not in reuse and i not in salvaged]
     first_of_hash = {}
     for i in to_embed:
         first_of_hash.setdefault(ok[i].hash, i)
@@ -313,9 +452,16 @@ def _commit_chunk(
         def embed(items, tick):
             return _embed(encoder, items, options.batch_size, tick)
 
-    embedded = embed([ok[i] for i in first_of_hash.values()], counted)
+    interrupted = False
+    try:
+        embedded = embed([ok[i] for i in first_of_hash.values()], counted)
+    except _Interrupted as stop:  # Ctrl-C: what is embedded is committed, then we stop
+        embedded, interrupted = stop.partial, True
+    not_done = set()
     for (digest, _i), result in zip(first_of_hash.items(), embedded, strict=True):
-        if isinstance(result, str):
+        if result is None:
+            not_done.add(digest)
+        elif isinstance(result, str):
             failed[_i] = result
         else:
             fresh[digest] = result
@@ -327,7 +473,9 @@ def _commit_chunk(
                 _fail(catalog, x.entry, x.error, old_rows.get(x.entry.path), removed_ids, report)
         for i, x in enumerate(ok):
             e, old = x.entry, old_rows.get(x.entry.path)
-            if i in failed or (i not in reuse and x.hash not in fresh):
+            if i not in reuse and x.hash in not_done:
+                continue  # interrupted before it was embedded: the next run does it
+            if i in failed or (i not in reuse and i not in salvaged and x.hash not in fresh):
                 reason = failed.get(i) or failed.get(first_of_hash.get(x.hash), "embedding failed")
                 _fail(catalog, e, reason, old, removed_ids, report)
                 continue
@@ -343,8 +491,8 @@ def _commit_chunk(
                 del p.vanished[src.path]
                 report.moved += 1
                 continue
-            if src is not None:
-                units = catalog.units_of(src.id)
+            if src is not None or i in salvaged:
+                units = catalog.units_of(src.id) if src else col.salvage.units_of(salvaged[i].id)
                 segments = [s for s, _ in units]
                 vecs = np.stack([v for _, v in units]) if units else np.zeros((0, encoder.dim))
             else:
@@ -362,13 +510,16 @@ def _commit_chunk(
     col.vectors.remove(removed_ids)
     for ids, vecs in added_ids:
         col.vectors.add(ids, vecs)
+    if interrupted:
+        raise KeyboardInterrupt
     return ticked
 
 
-def _fail(catalog, entry: FileEntry, reason: str, old: FileRow | None, removed_ids, report):
+def _fail(catalog, entry: FileEntry, reason: str, old: FileRow | None, removed_ids, report,
+          retry: bool = False):  # fmt: skip
     if old is not None:  # the file changed into something we cannot read: its old vectors go
         removed_ids += catalog.delete_file(old.id)
-    catalog.record_failure(entry, reason)
+    catalog.record_failure(entry, reason, retry=retry)
     report.failed_now += 1
     report.failures.append((show_path(entry.path), reason))
 
@@ -377,6 +528,16 @@ def _embed(encoder: Encoder, items: list[Loaded], batch_size: int, tick) -> list
     """(segments, vectors) per item, or a reason string for an item that could not be embedded.
     Calls `tick(n)` as files are done, once per file."""
     out: list = [None] * len(items)
+    try:
+        _embed_into(out, encoder, items, batch_size, tick)
+    except KeyboardInterrupt:
+        # notes whose chunks were cut but not embedded count as not done
+        done = [None if isinstance(r, tuple) and r[1] is None else r for r in out]
+        raise _Interrupted(done) from None
+    return out
+
+
+def _embed_into(out: list, encoder: Encoder, items: list[Loaded], batch_size: int, tick) -> None:
     images = [i for i, x in enumerate(items) if x.entry.modality == IMAGE]
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
@@ -411,11 +572,13 @@ def _embed(encoder: Encoder, items: list[Loaded], batch_size: int, tick) -> list
     for i in sounds:
         out[i] = _embed_recording(encoder, items[i].entry.path, batch_size)
         tick(1)
-    return out
 
 
 def align_audio(options: IndexOptions, progress: Progress | None = None) -> IndexReport:
-    """Fit the audio projector afresh for this index's models and re-embed its audio files."""
+    """Fit the audio projector afresh for this index's models and re-embed its audio files.
+
+    Written as a new generation (the other files' vectors are copied over): killed, the index
+    answers with the old projector as before, and running it again resumes."""
     started = time.perf_counter()
     progress = progress or (lambda *a, **k: None)
     col = Collection.open_writer(options.root_dir, options.name)
@@ -423,22 +586,38 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
         if not col.encoder_identity:
             raise IndexNotFoundError(f"index {options.name!r} is empty: index some files first")
         encoder = _encoder_for(col, options)
-        _attach_audio(col, encoder, options, progress, realign=True)
-        rows = [r for r in col.catalog.files_under([b"/"]).values() if r.modality == AUDIO]
-        todo, gone = [], []
+        _attach_audio(col, encoder, options, progress, realign=True, record=False)
+        col.begin_generation(encoder.identity, audio=encoder.audio.identity)
+        if col.audio_identity is None:
+            from .encoders.audio import save_projector
+
+            projector = encoder.audio.projector
+            col.set_audio(encoder.audio.identity, lambda path: save_projector(projector, path))
+        live = col.salvage
+        done = col.catalog.files_under([b"/"])
+        rows = [r for r in live.files_under([b"/"]).values() if r.path not in done]
+        todo, gone = [], 0
         for row in rows:
+            if row.modality != AUDIO:
+                continue
             try:
                 st = os.stat(row.path)
             except OSError:
-                gone.append(row)
+                gone += 1
                 continue
-            todo.append((FileEntry(row.path, AUDIO, st.st_size, st.st_mtime_ns), row))
-        p = Plan(todo, 0, {r.path: r for r in gone}, [])
-        report = IndexReport()
+            todo.append((FileEntry(row.path, AUDIO, st.st_size, st.st_mtime_ns), None))
+        if not done:  # a fresh generation: the failures stay recorded
+            with col.catalog.transaction():
+                col.catalog.copy_failures(live.all_failures())
+        p = Plan(todo, 0, {}, [], carry=[r for r in rows if r.modality != AUDIO])
+        report = IndexReport(removed=gone)
         settings = LoadSettings(modalities=frozenset({AUDIO}), audio=encoder.extras["audio_load"])
         # every recording is embedded afresh: no reuse of the vectors being replaced
         _apply(col, encoder, p, settings, options, report, progress, reuse_ok=False)
+        report.updated, report.unchanged = report.added, 0
+        report.added = 0
         _totals(col, report)
+        report.notes = list(col.notes)
     finally:
         col.close()
     report.seconds = time.perf_counter() - started

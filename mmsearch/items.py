@@ -78,6 +78,7 @@ class IndexReport:
     vectors: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) from this run
+    notes: list[str] = field(default_factory=list)  # damage found and repaired, resumed work
 
     def to_dict(self) -> dict:
         return {

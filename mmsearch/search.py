@@ -98,10 +98,9 @@ class Searcher:
                 )
             audio = self.col.manifest.get("audio_encoder")
             if audio:
-                from .collection import AUDIO_PROJECTOR
                 from .encoders import attach_audio
 
-                stored = self.col.dir / AUDIO_PROJECTOR
+                stored = self.col.projector_path
                 attach_audio(
                     enc,
                     audio["spec"],

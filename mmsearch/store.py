@@ -4,6 +4,7 @@ FAISS file is rebuilt from after a crash."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import IndexFormatError, IndexWriteError
 from .items import FileEntry, Segment
 
 SCHEMA = """
@@ -90,24 +92,67 @@ class Catalog:
     def close(self) -> None:
         self.db.close()
 
+    def check(self) -> None:
+        """Read the catalog's header and tables once: damage shows up here, as IndexFormatError
+        naming the file, not later as a raw SQLite error in the middle of a command."""
+        try:
+            self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+            self.db.execute("SELECT id FROM files LIMIT 1").fetchone()
+            self.db.execute("SELECT id FROM units LIMIT 1").fetchone()
+            self.db.execute("SELECT path FROM failures LIMIT 1").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise IndexFormatError(f"{self.path} is damaged ({e})") from None
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One commit; the generation counter moves with it. A full disk or a read-only file is
+        an IndexWriteError and the catalog stays as of its last commit."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise self._write_error(e) from None
         try:
             yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute(
+                "INSERT INTO meta(key, value) VALUES('generation', '1') ON CONFLICT(key) "
+                "DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            )
+            self.db.execute("COMMIT")
+        except BaseException as e:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError):
+                raise self._write_error(e) from None
             raise
-        self.db.execute(
-            "INSERT INTO meta(key, value) VALUES('generation', '1') ON CONFLICT(key) "
-            "DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-        )
-        self.db.execute("COMMIT")
+
+    def _write_error(self, e: sqlite3.Error) -> IndexWriteError:
+        text = str(e)
+        if "full" in text:
+            return IndexWriteError(
+                f"disk full while writing {self.path}; the index is kept as of its last commit. "
+                "Free some space and run the command again"
+            )
+        return IndexWriteError(f"cannot write {self.path}: {text}")
 
     # --- metadata -------------------------------------------------------------------------
     def generation(self) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
         return int(row[0]) if row else 0
+
+    def get_meta(self, key: str):
+        """A JSON value stored with the catalog (the encoder identity, ...), or None."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_meta(self, key: str, value) -> None:
+        """Stored in its own commit: what the catalog's vectors are depends on it."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value))
+            )
+
+    def unit_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM units").fetchone()[0]
 
     # --- reading --------------------------------------------------------------------------
     def files_under(self, roots: list[bytes]) -> dict[bytes, FileRow]:
@@ -246,11 +291,36 @@ class Catalog:
             new.append(cur.lastrowid)
         return old, new
 
-    def record_failure(self, entry: FileEntry, reason: str) -> None:
+    def record_failure(self, entry: FileEntry, reason: str, retry: bool = False) -> None:
+        """A file that could not be indexed. It is retried once it changes, or with `retry` on
+        every run (its model was missing: nothing wrong with the file)."""
+        size, mtime = (None, None) if retry else (entry.size, entry.mtime_ns)
         self.db.execute(
             "INSERT OR REPLACE INTO failures(path, modality, size, mtime_ns, reason, time) "
             "VALUES (?,?,?,?,?,?)",
-            (entry.path, entry.modality, entry.size, entry.mtime_ns, reason, time.time()),
+            (entry.path, entry.modality, size, mtime, reason, time.time()),
+        )
+
+    def copy_file(self, source: Catalog, row: FileRow) -> tuple[list[int], np.ndarray]:
+        """Carry a file and its units over from another catalog of the same model (a rebuild
+        salvaging what is intact); returns the new unit ids and their vectors."""
+        units = source.units_of(row.id)
+        entry = FileEntry(row.path, row.modality, row.size, row.mtime_ns)
+        file_id = self.add_file(entry, row.hash)
+        vecs = np.stack([v for _, v in units]) if units else np.zeros((0, 0), np.float32)
+        _, new = self.replace_units(file_id, [s for s, _ in units], vecs)
+        return new, vecs
+
+    def all_failures(self) -> list[tuple]:
+        return list(
+            self.db.execute("SELECT path, modality, size, mtime_ns, reason, time FROM failures")
+        )
+
+    def copy_failures(self, rows: list[tuple]) -> None:
+        self.db.executemany(
+            "INSERT OR REPLACE INTO failures(path, modality, size, mtime_ns, reason, time) "
+            "VALUES (?,?,?,?,?,?)",
+            rows,
         )
 
     def clear_failure(self, path: bytes) -> None:

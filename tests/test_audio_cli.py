@@ -145,6 +145,33 @@ def test_align_audio_refits_and_reembeds(library, monkeypatch):
     assert len(every) == len({(h["path"], h["start"]) for h in every}) == windows
 
 
+def test_interrupted_align_audio_keeps_the_old_audio_and_resumes(library, monkeypatch):
+    from mmsearch.config import IndexOptions, index_root
+    from mmsearch.indexer import align_audio
+
+    few_captions(monkeypatch)
+    before = hits_of(cli("search", "a bird", "--type", "audio", "--json", "-k", "100"))
+    info = hits_of(cli("info", "--json"))[0]
+
+    def kill(stage, done, total):
+        if stage == "embed" and done >= 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        align_audio(IndexOptions(roots=(), root_dir=index_root(), workers=0), progress=kill)
+    # the index answers exactly as before: the old projector over the old windows
+    assert hits_of(cli("search", "a bird", "--type", "audio", "--json", "-k", "100")) == before
+    now = hits_of(cli("info", "--json"))[0]
+    assert {k: v for k, v in now.items() if k != "updated"} == {
+        k: v for k, v in info.items() if k != "updated"
+    }
+    summary = hits_of(cli("align-audio", "--json"))[0]
+    # resumed: the recording committed before the interrupt is not embedded again
+    assert summary["updated"] == 2 and summary["files"] == 6
+    assert hits_of(cli("info", "--json"))[0]["modalities"]["audio"]["files"] == 3
+    assert [Path(f["path"]).name for f in hits_of(cli("failures", "--json"))] == ["corrupt.wav"]
+
+
 def test_audio_query_on_index_without_audio(tiny_model, tmp_path):
     make_image(tmp_path / "only" / "a.png", pattern=1)
     cli("index", tmp_path / "only", "--model", tiny_model, "--index", "imgs")
