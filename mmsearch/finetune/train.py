@@ -185,10 +185,9 @@ def finetune(
     `progress(event, **info)` is called with events: "load_model", "data", "decode", "features",
     "resume", "eval", "step", "epoch", "checkpoint", "warning", "done".
     """
-    import open_clip
     import torch
 
-    from ..encoders.clip import _prep_from, pick_device
+    from ..encoders.clip import _prep_from, create_open_clip, pick_device
     from .methods import apply_method, set_train_mode
 
     progress = progress or _quiet
@@ -202,11 +201,7 @@ def finetune(
     # --- base model: seeded, so random-init towers and adapter inits repeat --------------------
     progress("load_model", model=str(spec), device=device)
     torch.manual_seed(config.seed)
-    try:
-        model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device="cpu")
-        tokenizer = open_clip.get_tokenizer(spec.name)
-    except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError for bad models
-        raise UsageError(f"could not load model {spec}: {e}") from e
+    model, tokenizer, _ = create_open_clip(spec, device="cpu")  # ModelError if it cannot load
     model_cfg = _output_model_cfg(spec, model)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     prep = _prep_from(preprocess_cfg)
