@@ -624,6 +624,37 @@ def test_bad_pairs_are_skipped_with_counts(tmp_path, base):
     assert any("gone.png" in s["reason"] for s in log["data"]["skipped_examples"])
 
 
+def test_pairs_stay_in_the_pairs_files_folder(tmp_path):
+    """A pairs file reads files beside it. `../` out of its folder is skipped (counted) unless
+    allow_outside; absolute paths are read but listed, like everything used from outside."""
+    from conftest import make_image
+
+    from mmsearch.finetune.pairs import OUTSIDE
+
+    data = tmp_path / "data"
+    inside = make_image(data / "img" / "a.png")
+    private = make_image(tmp_path / "private" / "b.png")
+    elsewhere = make_image(tmp_path / "elsewhere" / "c.png")
+    rows = [
+        ("img/a.png", "inside"),
+        ("img/../img/a.png", "still inside"),
+        ("../private/b.png", "up and out"),
+        (str(elsewhere), "absolute"),
+    ]
+    csv_file = write_csv(data / "pairs.csv", rows)
+    jsonl = data / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps({"path": p, "caption": c}) + "\n" for p, c in rows))
+    for source in (csv_file, jsonl):
+        kept = read_pairs(source)
+        assert [p.path for p in kept.pairs] == [inside, inside, elsewhere]
+        assert kept.skipped_counts() == {OUTSIDE: 1}
+        assert kept.skipped[0].reason == "outside the pairs file's folder: ../private/b.png"
+        assert kept.outside == [elsewhere]
+        allowed = read_pairs(source, allow_outside=True)
+        assert [p.path for p in allowed.pairs] == [inside, inside, private, elsewhere]
+        assert not allowed.skipped and allowed.outside == [private, elsewhere]
+
+
 def test_config_is_checked_at_the_edge(tmp_path, base, shapes):
     from mmsearch.finetune import FinetuneConfig, finetune
 
