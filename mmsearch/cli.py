@@ -560,6 +560,8 @@ def finetune(
         return
     if _pairs_notes(pairs):
         _say(_pairs_notes(pairs), err=True)
+    if result is not None and result.note:
+        _say(result.note, err=True)
     if unread:
         _say(_skipped_line(unread), err=True)
     if audio is not None:

@@ -490,6 +490,58 @@ def test_interrupted_run_resumes_to_the_same_result(shapes, base, tmp_path):
         finetune(pairs, config(base, out, "head", epochs=2, resume=True))
 
 
+def test_run_killed_before_its_first_checkpoint_can_be_rerun_or_resumed(shapes, base, tmp_path):
+    """Killed before its first checkpoint, a run left a model and an unfinished log but nothing
+    to resume: --resume said "no checkpoint", a plain rerun said "use --resume". Both now start
+    it over and say so; a finished or foreign model is still not overwritten."""
+    from mmsearch.finetune import finetune
+
+    pairs = read_pairs(shapes)
+    out = tmp_path / "killed"
+    cfg = dict(epochs=1, plot=False)
+
+    def kill_at_first_step(event, **info):
+        if event == "step":
+            raise KeyboardInterrupt
+
+    def killed_run(**kw):
+        with pytest.raises(KeyboardInterrupt):
+            finetune(pairs, config(base, out, "head", **cfg, **kw), progress=kill_at_first_step)
+        assert (out / "open_clip_config.json").is_file() and not (out / "checkpoint").exists()
+
+    killed_run()
+    warnings = []
+    resumed = finetune(
+        pairs, config(base, out, "head", resume=True, **cfg),
+        progress=lambda e, **i: warnings.append(i["message"]) if e == "warning" else None,
+    )  # fmt: skip
+    assert resumed.note == f"no checkpoint to resume in {out}: started from the beginning"
+    assert warnings == [resumed.note] and resumed.to_dict()["note"] == resumed.note
+    assert json.loads((out / "training_log.json").read_text())["finished"]
+
+    killed_run(overwrite=True)
+    rerun = finetune(pairs, config(base, out, "head", **cfg))
+    assert rerun.note == f"{out} held a run stopped before its first checkpoint: started it over"
+    a, b = weights_file(out / "open_clip_model.safetensors"), resumed.model.state_dict()
+    assert all(torch_equal(a[k], b[k]) for k in a)  # the same run as the resumed one
+
+    with pytest.raises(UsageError, match="already holds a fine-tuned model; use --overwrite"):
+        finetune(pairs, config(base, out, "head", **cfg))
+    with pytest.raises(UsageError, match="already finished; nothing to resume"):
+        finetune(pairs, config(base, out, "head", resume=True, **cfg))
+    foreign = tmp_path / "foreign"
+    write_tiny_model(foreign)
+    for kw in ({}, {"resume": True}):
+        with pytest.raises(UsageError, match="model"):
+            finetune(pairs, config(base, foreign, "head", **cfg, **kw))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_learns_keeps_fp32_weights_and_resumes(shapes, base, tmp_path, precision):
     """The path `--precision auto` takes on CUDA (autocast; fp16 with loss scaling), run here
