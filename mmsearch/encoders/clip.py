@@ -251,6 +251,9 @@ def create_open_clip(spec: ModelSpec, device: str = "cpu"):
     from . import hub
 
     ckpt = checkpoint_path(spec)
+    repo = _model_cfg(spec).get("text_cfg", {}).get("hf_model_name")
+    if repo:  # a Hugging Face text tower: open_clip builds it from the repo's config.json
+        hub.fetch(repo, "config.json", f"model {spec} (text tower {repo})", "--model")
     try:
         with hub.cache_only():  # open_clip fetches again what checkpoint_path just cached
             model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device=device)
@@ -275,8 +278,10 @@ def _tokenizer(spec: ModelSpec):
         with hub.cache_only():
             return open_clip.get_tokenizer(spec.name)
     except Exception:  # noqa: BLE001 - a tokenizer from the hub, not cached yet
-        if hub.offline():
+        repo = _model_cfg(spec).get("text_cfg", {}).get("hf_tokenizer_name")
+        if hub.offline() or not repo:
             raise
+        hub.on_hub(repo, "tokenizer_config.json", f"model {spec} (tokenizer {repo})", "--model")
     with hub.quiet():
         return open_clip.get_tokenizer(spec.name)
 
