@@ -728,9 +728,12 @@ def test_read_pairs_from_csv_tsv_jsonl_and_sidecar_folder(tmp_path):
     rows = draw_shapes(media, 3)
     sub = tmp_path / "lists"
     sub.mkdir()
-    # CSV in another folder: relative paths resolve against the file's own folder
+    # CSV in another folder: relative paths resolve against the file's own folder (leading out
+    # of it with ../ takes allow_outside, see test_pairs_stay_in_the_pairs_files_folder)
     rel = [(f"../media/{p}", c) for p, c in rows]
-    csv_set = read_pairs(write_csv(sub / "p.csv", rel, header=("Image", "Text")))
+    csv_set = read_pairs(
+        write_csv(sub / "p.csv", rel, header=("Image", "Text")), allow_outside=True
+    )
     assert [p.caption for p in csv_set.pairs] == [c for _, c in rows]
     assert (
         csv_set.pairs[0].path == (media / rows[0][0]).resolve()
@@ -738,7 +741,8 @@ def test_read_pairs_from_csv_tsv_jsonl_and_sidecar_folder(tmp_path):
     )
     swapped = [(c, p) for p, c in rel[:2]]
     tsv = read_pairs(
-        write_csv(sub / "p.tsv", swapped, header=("caption", "filepath"), delimiter="\t")
+        write_csv(sub / "p.tsv", swapped, header=("caption", "filepath"), delimiter="\t"),
+        allow_outside=True,
     )
     assert [p.caption for p in tsv.pairs] == [c for _, c in rows[:2]]
     headerless = read_pairs(write_csv(media / "h.csv", rows, header=None))
