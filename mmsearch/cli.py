@@ -438,6 +438,30 @@ Pairs = Annotated[
         show_default=False,
     ),
 ]
+AllowOutside = Annotated[
+    bool,
+    typer.Option(
+        "--allow-outside",
+        help="Read relative paths that lead outside the pairs file's folder (../); without it "
+        "those pairs are skipped. Absolute paths are always read and listed.",
+    ),
+]
+
+
+def _pairs_notes(pairs) -> str | None:
+    """The files a pairs file pulled in from outside its folder, for stderr."""
+    if not pairs.outside:
+        return None
+    shown = ", ".join(str(p) for p in pairs.outside[:3])
+    more = f" and {len(pairs.outside) - 3} more" if len(pairs.outside) > 3 else ""
+    return f"read {len(pairs.outside)} files from outside the pairs file's folder: {shown}{more}"
+
+
+def _skipped_line(counts: dict) -> str:
+    from .finetune.pairs import OUTSIDE
+
+    line = "skipped pairs: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    return line + (" (--allow-outside reads them)" if OUTSIDE in counts else "")
 
 
 @app.command()
@@ -501,6 +525,7 @@ def finetune(
     ] = 300,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
+    allow_outside: AllowOutside = False,
     device: Device = "auto",
     as_json: Json = False,
     debug: Debug = False,
@@ -537,8 +562,8 @@ def finetune(
     )
     from .items import AUDIO, IMAGE
 
-    pairs = read_pairs(source)
-    val_pairs = read_pairs(val) if val is not None else None
+    pairs = read_pairs(source, allow_outside=allow_outside)
+    val_pairs = read_pairs(val, allow_outside=allow_outside) if val is not None else None
     has_audio = bool(pairs.of(AUDIO).pairs)
     result = audio = None
     with _TrainProgress(not as_json and sys.stderr.isatty()) as progress:
@@ -572,12 +597,17 @@ def finetune(
         data = result.to_dict() if result else {"out": str(config.out)}
         if unread:
             data["skipped"] = unread
+        data["outside"] = [str(p) for p in pairs.outside]
         if audio is not None:
             data["audio"] = audio.to_dict()
         _emit_json(data)
         return
+    if _pairs_notes(pairs):
+        _say(_pairs_notes(pairs), err=True)
+    if result is not None and result.note:
+        _say(result.note, err=True)
     if unread:
-        _say("skipped pairs: " + ", ".join(f"{v} {k}" for k, v in unread.items()), err=True)
+        _say(_skipped_line(unread), err=True)
     if audio is not None:
         kept = {
             "before": "the previous projector",
@@ -612,7 +642,7 @@ def finetune(
     kept = "the model before training" if result.best_epoch == 0 else f"epoch {result.best_epoch}"
     _say(f"kept {kept}; wrote {result.out}" + (f" (curve: {result.curve})" if result.curve else ""))
     if result.skipped:
-        _say("skipped pairs: " + ", ".join(f"{v} {k}" for k, v in result.skipped.items()), err=True)
+        _say(_skipped_line(result.skipped), err=True)
     _say(f"re-index with it: mmsearch index PATH --model {result.out} --rebuild")
 
 
@@ -632,6 +662,7 @@ def eval_(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
+    allow_outside: AllowOutside = False,
     device: Device = "auto",
     as_json: Json = False,
     debug: Debug = False,
@@ -642,7 +673,7 @@ def eval_(
     from .finetune import evaluate, read_pairs
     from .items import AUDIO, IMAGE
 
-    pairs = read_pairs(source)
+    pairs = read_pairs(source, allow_outside=allow_outside)
     recall = audio = None
     if pairs.of(IMAGE).pairs or not pairs.of(AUDIO).pairs:
         recall = evaluate(pairs, model, device=device, batch_size=batch_size)
@@ -656,8 +687,14 @@ def eval_(
         data = {"model": model, **(recall.to_dict() if recall else {})}
         if audio is not None:
             data["audio"] = audio.to_dict()
+        data["skipped"] = pairs.skipped_counts()
+        data["outside"] = [str(p) for p in pairs.outside]
         _emit_json(data)
         return
+    if _pairs_notes(pairs):
+        _say(_pairs_notes(pairs), err=True)
+    if pairs.skipped:
+        _say(_skipped_line(pairs.skipped_counts()), err=True)
     if recall is not None:
         _say(f"{model}: {recall.images} images, {recall.texts} captions")
         _say(_recall_table(recall))

@@ -48,10 +48,12 @@ class ModelSpec:
         if text.startswith(LOCAL_DIR):
             return cls._local(text[len(LOCAL_DIR) :])
         expanded = Path(text).expanduser()
-        looks_like_path = text.startswith((".", "/", "~")) or os.sep in text
-        if expanded.is_dir() or looks_like_path:
-            return cls._local(text)
         name, sep, tag = text.partition(":")
+        # NAME:TAG, where TAG may be a weights file (ViT-B-32:/path/to/weights.safetensors)
+        tagged = bool(sep) and len(name) > 1 and os.sep not in name and not name.startswith(".")
+        looks_like_path = not tagged and (text.startswith((".", "/", "~")) or os.sep in text)
+        if expanded.is_dir() or expanded.is_file() or looks_like_path:
+            return cls._local(text)
         if sep and not tag:
             raise UsageError(f"model spec {text!r} has an empty weights tag")
         return cls(name, tag or DEFAULT_TAGS.get(name))
@@ -59,6 +61,11 @@ class ModelSpec:
     @classmethod
     def _local(cls, path: str) -> ModelSpec:
         p = Path(path).expanduser()
+        if p.is_file():
+            raise UsageError(
+                f"{path} is a file; --model takes the model directory that holds "
+                "open_clip_config.json and open_clip_model.safetensors"
+            )
         if not p.is_dir():
             raise UsageError(f"model directory not found: {path}")
         if not (p / "open_clip_config.json").is_file():

@@ -40,6 +40,32 @@ def other_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "other", seed=1)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--native-bf16",
+        action="store_true",
+        help="Run as on a CPU with native bf16 (AVX512-BF16/AMX), where precision=auto is bf16.",
+    )
+
+
+@pytest.fixture
+def native_bf16():
+    """Ask for this to run a test as on a CPU with native bf16, on any machine."""
+    return True
+
+
+@pytest.fixture(autouse=True)
+def same_cpu_everywhere(request, monkeypatch):
+    """precision=auto picks bf16 on CPUs with native bf16 and fp32 elsewhere, so a test that left
+    it to auto would give other numbers on some CI machines. Every test sees a CPU without native
+    bf16 unless it asks for `native_bf16` (or the run passes --native-bf16, which shows the tests
+    that depend on it). Tests that compare numbers also pin precision="fp32" themselves."""
+    import mmsearch.encoders.clip as clip
+
+    native = request.config.getoption("--native-bf16") or "native_bf16" in request.fixturenames
+    monkeypatch.setattr(clip, "cpu_has_native_bf16", lambda: native)
+
+
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch) -> Path:
     """Every test gets its own index root through $MMSEARCH_HOME."""

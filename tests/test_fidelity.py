@@ -50,7 +50,9 @@ def test_indexed_vectors_match_open_clip(tiny_model, tmp_path, precision):
         IndexOptions(
             roots=(d,),
             root_dir=index_root(),
-            encoder=EncoderOptions(model=ModelSpec.parse(str(tiny_model)), precision=precision),
+            encoder=EncoderOptions(
+                model=ModelSpec.parse(str(tiny_model)), device="cpu", precision=precision
+            ),
             workers=0,
         )
     )
@@ -75,7 +77,9 @@ def test_torch_free_query_tower_matches_open_clip(tiny_model, tmp_path):
         IndexOptions(
             roots=(d,),
             root_dir=index_root(),
-            encoder=EncoderOptions(model=ModelSpec.parse(str(tiny_model)), precision="bf16"),
+            encoder=EncoderOptions(
+                model=ModelSpec.parse(str(tiny_model)), device="cpu", precision="bf16"
+            ),
             workers=0,
         )
     )

@@ -98,9 +98,11 @@ def base(tmp_path_factory) -> Path:
 def config(base: Path, out: Path, method: str, **kw):
     from mmsearch.finetune import FinetuneConfig
 
+    # fp32 pinned: `auto` is bf16 autocast on CPUs with native bf16, and these tests compare
+    # numbers (tests of mixed precision ask for it by name)
     args = dict(
         model=str(base), out=out, method=method, epochs=EPOCHS, batch_size=32, lr=LR[method],
-        warmup_steps=2, val_fraction=0.25, device="cpu", plot=method == "full",
+        warmup_steps=2, val_fraction=0.25, device="cpu", precision="fp32", plot=method == "full",
     )  # fmt: skip
     args.update(kw)
     return FinetuneConfig(**args)
@@ -488,6 +490,58 @@ def test_interrupted_run_resumes_to_the_same_result(shapes, base, tmp_path):
         finetune(pairs, config(base, out, "head", epochs=2, resume=True))
 
 
+def test_run_killed_before_its_first_checkpoint_can_be_rerun_or_resumed(shapes, base, tmp_path):
+    """Killed before its first checkpoint, a run left a model and an unfinished log but nothing
+    to resume: --resume said "no checkpoint", a plain rerun said "use --resume". Both now start
+    it over and say so; a finished or foreign model is still not overwritten."""
+    from mmsearch.finetune import finetune
+
+    pairs = read_pairs(shapes)
+    out = tmp_path / "killed"
+    cfg = dict(epochs=1, plot=False)
+
+    def kill_at_first_step(event, **info):
+        if event == "step":
+            raise KeyboardInterrupt
+
+    def killed_run(**kw):
+        with pytest.raises(KeyboardInterrupt):
+            finetune(pairs, config(base, out, "head", **cfg, **kw), progress=kill_at_first_step)
+        assert (out / "open_clip_config.json").is_file() and not (out / "checkpoint").exists()
+
+    killed_run()
+    warnings = []
+    resumed = finetune(
+        pairs, config(base, out, "head", resume=True, **cfg),
+        progress=lambda e, **i: warnings.append(i["message"]) if e == "warning" else None,
+    )  # fmt: skip
+    assert resumed.note == f"no checkpoint to resume in {out}: started from the beginning"
+    assert warnings == [resumed.note] and resumed.to_dict()["note"] == resumed.note
+    assert json.loads((out / "training_log.json").read_text())["finished"]
+
+    killed_run(overwrite=True)
+    rerun = finetune(pairs, config(base, out, "head", **cfg))
+    assert rerun.note == f"{out} held a run stopped before its first checkpoint: started it over"
+    a, b = weights_file(out / "open_clip_model.safetensors"), resumed.model.state_dict()
+    assert all(torch_equal(a[k], b[k]) for k in a)  # the same run as the resumed one
+
+    with pytest.raises(UsageError, match="already holds a fine-tuned model; use --overwrite"):
+        finetune(pairs, config(base, out, "head", **cfg))
+    with pytest.raises(UsageError, match="already finished; nothing to resume"):
+        finetune(pairs, config(base, out, "head", resume=True, **cfg))
+    foreign = tmp_path / "foreign"
+    write_tiny_model(foreign)
+    for kw in ({}, {"resume": True}):
+        with pytest.raises(UsageError, match="model"):
+            finetune(pairs, config(base, foreign, "head", **cfg, **kw))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_learns_keeps_fp32_weights_and_resumes(shapes, base, tmp_path, precision):
     """The path `--precision auto` takes on CUDA (autocast; fp16 with loss scaling), run here
@@ -547,7 +601,21 @@ def test_cuda_mixed_precision_learns_and_reloads_on_cpu(shapes, base, tmp_path, 
         assert torch.equal(model.eval().encode_image(images), r.model.encode_image(images))
 
 
-def test_grad_accumulation_matches_one_big_batch(shapes, base, tmp_path):
+def test_numeric_tests_pin_precision_against_native_bf16_cpus(native_bf16):
+    """On a CPU with native bf16 (AVX512-BF16/AMX; simulated here) precision=auto is bf16, which
+    moves fine-tuned weights by ~1e-3: the tests that compare numbers pin fp32."""
+    import torch
+
+    from mmsearch.encoders.clip import pick_dtype
+    from mmsearch.finetune.train import _amp_dtype
+
+    assert _amp_dtype("cpu", "auto") == torch.bfloat16
+    assert pick_dtype("cpu", "auto") == torch.bfloat16
+    assert _amp_dtype("cpu", config(Path("base"), Path("out"), "full").precision) is None
+
+
+def test_grad_accumulation_matches_one_big_batch(shapes, base, tmp_path, native_bf16):
+    """Run as on a CPU with native bf16, where it once failed (0.0015 vs 1e-4) under auto."""
     from mmsearch.finetune import finetune
 
     pairs = read_pairs(shapes)
@@ -608,6 +676,37 @@ def test_bad_pairs_are_skipped_with_counts(tmp_path, base):
     assert any("gone.png" in s["reason"] for s in log["data"]["skipped_examples"])
 
 
+def test_pairs_stay_in_the_pairs_files_folder(tmp_path):
+    """A pairs file reads files beside it. `../` out of its folder is skipped (counted) unless
+    allow_outside; absolute paths are read but listed, like everything used from outside."""
+    from conftest import make_image
+
+    from mmsearch.finetune.pairs import OUTSIDE
+
+    data = tmp_path / "data"
+    inside = make_image(data / "img" / "a.png")
+    private = make_image(tmp_path / "private" / "b.png")
+    elsewhere = make_image(tmp_path / "elsewhere" / "c.png")
+    rows = [
+        ("img/a.png", "inside"),
+        ("img/../img/a.png", "still inside"),
+        ("../private/b.png", "up and out"),
+        (str(elsewhere), "absolute"),
+    ]
+    csv_file = write_csv(data / "pairs.csv", rows)
+    jsonl = data / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps({"path": p, "caption": c}) + "\n" for p, c in rows))
+    for source in (csv_file, jsonl):
+        kept = read_pairs(source)
+        assert [p.path for p in kept.pairs] == [inside, inside, elsewhere]
+        assert kept.skipped_counts() == {OUTSIDE: 1}
+        assert kept.skipped[0].reason == "outside the pairs file's folder: ../private/b.png"
+        assert kept.outside == [elsewhere]
+        allowed = read_pairs(source, allow_outside=True)
+        assert [p.path for p in allowed.pairs] == [inside, inside, private, elsewhere]
+        assert not allowed.skipped and allowed.outside == [private, elsewhere]
+
+
 def test_config_is_checked_at_the_edge(tmp_path, base, shapes):
     from mmsearch.finetune import FinetuneConfig, finetune
 
@@ -629,9 +728,12 @@ def test_read_pairs_from_csv_tsv_jsonl_and_sidecar_folder(tmp_path):
     rows = draw_shapes(media, 3)
     sub = tmp_path / "lists"
     sub.mkdir()
-    # CSV in another folder: relative paths resolve against the file's own folder
+    # CSV in another folder: relative paths resolve against the file's own folder (leading out
+    # of it with ../ takes allow_outside, see test_pairs_stay_in_the_pairs_files_folder)
     rel = [(f"../media/{p}", c) for p, c in rows]
-    csv_set = read_pairs(write_csv(sub / "p.csv", rel, header=("Image", "Text")))
+    csv_set = read_pairs(
+        write_csv(sub / "p.csv", rel, header=("Image", "Text")), allow_outside=True
+    )
     assert [p.caption for p in csv_set.pairs] == [c for _, c in rows]
     assert (
         csv_set.pairs[0].path == (media / rows[0][0]).resolve()
@@ -639,7 +741,8 @@ def test_read_pairs_from_csv_tsv_jsonl_and_sidecar_folder(tmp_path):
     )
     swapped = [(c, p) for p, c in rel[:2]]
     tsv = read_pairs(
-        write_csv(sub / "p.tsv", swapped, header=("caption", "filepath"), delimiter="\t")
+        write_csv(sub / "p.tsv", swapped, header=("caption", "filepath"), delimiter="\t"),
+        allow_outside=True,
     )
     assert [p.caption for p in tsv.pairs] == [c for _, c in rows[:2]]
     headerless = read_pairs(write_csv(media / "h.csv", rows, header=None))

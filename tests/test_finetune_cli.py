@@ -40,6 +40,9 @@ def make_pairs(root: Path) -> Path:
     (root / "img" / "broken.png").write_bytes(b"nope")
     rows.append({"path": "img/broken.png", "caption": "a broken file"})
     rows.append({"path": "img/missing.png", "caption": "a missing file"})
+    outside = root.parent / f"{root.name}-outside.png"
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(outside)
+    rows.append({"path": f"../{outside.name}", "caption": "a file beside the folder"})
     out = root / "pairs.csv"
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "caption"])
@@ -58,7 +61,8 @@ def test_finetune_eval_and_reindex(tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["before"]["text_to_image"] and result["after"]["mean"] >= result["before"]["mean"]
-    assert sum(result["skipped"].values()) == 2
+    assert sum(result["skipped"].values()) == 3
+    assert result["skipped"]["outside the pairs file's folder"] == 1
     assert (out / "open_clip_config.json").is_file()
     assert (out / "open_clip_model.safetensors").is_file()
 
@@ -75,6 +79,23 @@ def test_finetune_eval_and_reindex(tiny_model, tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["added"] == 24
     info = json.loads(cli("info", "--json").stdout)
     assert info["model"] == f"local-dir:{out.resolve()}"
+
+
+def test_eval_keeps_pairs_in_their_folder_unless_allowed(tiny_model, tmp_path):
+    pairs = make_pairs(tmp_path / "set")
+    r = cli("eval", pairs, "--model", tiny_model)
+    assert r.exit_code == 0, r.output
+    assert (
+        "skipped pairs: 1 missing file, 1 outside the pairs file's folder "
+        "(--allow-outside reads them)" in r.stderr
+    )
+    r = cli("eval", pairs, "--model", tiny_model, "--allow-outside", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["outside"] == [str(tmp_path / "set-outside.png")]
+    assert result["skipped"] == {"missing file": 1}
+    r = cli("eval", pairs, "--model", tiny_model, "--allow-outside")
+    assert "read 1 files from outside the pairs file's folder: " in r.stderr
 
 
 def test_finetune_errors(tmp_path, tiny_model):

@@ -181,7 +181,6 @@ class Clap:
 def load_clap(audio_model: str = DEFAULT_AUDIO_MODEL, device: str = "cpu") -> Clap:
     """Load a transformers ClapModel (hub id or local directory) and its processor."""
     import torch
-    from transformers import ClapModel, ClapProcessor
 
     from .clip import pick_device
 
@@ -190,18 +189,23 @@ def load_clap(audio_model: str = DEFAULT_AUDIO_MODEL, device: str = "cpu") -> Cl
         audio_model = audio_model[len("local-dir:") :]
     local = Path(audio_model).expanduser()
     source = str(local.resolve()) if local.is_dir() else audio_model
+    if not local.is_dir() and _looks_like_path(audio_model):
+        raise ModelError(
+            f"could not load audio model {audio_model}: no such directory (--audio-model takes "
+            "a Hugging Face id such as laion/clap-htsat-unfused, or a local model directory)"
+        )
     try:
         with _quiet_transformers():
-            model = ClapModel.from_pretrained(source)
-            processor = ClapProcessor.from_pretrained(source)
+            model, processor = _from_pretrained(source, local.is_dir())
+    except ModelError:
+        raise
     except Exception as e:  # OSError offline/missing, ValueError/KeyError for a wrong directory
-        hint = (
-            ""
-            if local.is_dir()
-            else " (it is downloaded from the Hugging Face Hub on first use; "
-            "offline, pass a local model directory)"
-        )
-        raise ModelError(f"could not load audio model {audio_model}: {e}{hint}") from e
+        from . import hub
+
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in text:  # never pass on torch's advice to unpickle
+            raise ModelError(hub.pickle_message(f"audio model {audio_model}")) from e
+        raise ModelError(f"could not load audio model {audio_model}: {text}") from e
     model.eval()
     weights = _state_digest(model)
     # bf16 on CPU runs HTSAT ~6x slower than fp32 (window attention); fp16 only on CUDA.
@@ -218,6 +222,47 @@ def load_clap(audio_model: str = DEFAULT_AUDIO_MODEL, device: str = "cpu") -> Cl
         device=device,
         dtype=dtype,
     )
+
+
+def _looks_like_path(text: str) -> bool:
+    """A directory meant, not a hub id ("org/name")."""
+    return (
+        text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+    )
+
+
+def _from_pretrained(source: str, is_dir: bool):
+    """ClapModel and ClapProcessor from a directory, or from a hub id: the cache first, then one
+    short check that the hub answers (see `hub`) before transformers downloads it."""
+    from transformers import ClapModel, ClapProcessor
+
+    from . import hub
+
+    def load(**kw):
+        return ClapModel.from_pretrained(source, **kw), ClapProcessor.from_pretrained(source, **kw)
+
+    if is_dir:
+        _refuse_pickle_dir(Path(source))
+        return load()
+    try:
+        return load(local_files_only=True)
+    except Exception:  # noqa: BLE001 - not (completely) in the cache
+        pass
+    what = f"audio model {source}"
+    if not hub.on_hub(source, "config.json", what, "--audio-model"):
+        raise ModelError(f"could not load {what}: {source} has no config.json on the hub")
+    return load()
+
+
+def _refuse_pickle_dir(folder: Path) -> None:
+    from . import hub
+
+    files = [f for f in folder.iterdir() if f.is_file()]
+    if any(f.suffix == hub.SAFE_SUFFIX for f in files):
+        return  # transformers prefers the safetensors file
+    pickled = sorted(f.name for f in files if f.suffix in hub.PICKLE_SUFFIXES)
+    if pickled:
+        raise ModelError(hub.pickle_message(str(folder / pickled[0])))
 
 
 def save_clap(clap: Clap, out: str | os.PathLike, audio_projection: dict | None = None) -> Path:
@@ -253,6 +298,8 @@ def _quiet_transformers():
     from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
+    from . import hub
+
     bars = hf_logging.is_progress_bar_enabled()
     hub_bars = not hub_utils.are_progress_bars_disabled()
     level = hf_logging.get_verbosity()
@@ -260,7 +307,8 @@ def _quiet_transformers():
     hub_utils.disable_progress_bars()  # downloads
     hf_logging.set_verbosity_error()
     try:
-        yield
+        with hub.quiet():  # huggingface_hub's own retry and fallback warnings
+            yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:

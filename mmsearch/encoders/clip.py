@@ -51,29 +51,111 @@ def pick_dtype(device: str, precision: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def checkpoint_path(spec: ModelSpec) -> Path | None:
-    """The weights file open_clip will load for this spec (downloading it if needed)."""
+MODEL_FORMS = "NAME:TAG (e.g. ViT-B-32:laion2b_s34b_b79k), hf-hub:org/repo or a model directory"
+OPEN_CLIP_WEIGHTS = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+
+
+def checkpoint_path(spec: ModelSpec) -> Path:
+    """The safetensors weights open_clip will load for this spec: from the model directory, else
+    from the Hugging Face cache, else downloaded (one short try; see `hub`). Unknown names and
+    tags, an unreachable hub and pickle-only weights are a one-line ModelError."""
     from open_clip import factory, pretrained
 
+    from . import hub
+
+    what = f"model {spec}"
     if spec.is_local:
         found = factory._find_checkpoint_in_dir(spec.local_path)
-        return Path(found) if found else None
+        if not found:
+            raise ModelError(
+                f"no weights in {spec.local_path}: expected open_clip_model.safetensors beside "
+                "open_clip_config.json"
+            )
+        if not found.endswith(hub.SAFE_SUFFIX):
+            raise ModelError(hub.pickle_message(found))
+        return Path(found)
     if spec.name.startswith("hf-hub:"):
-        return Path(pretrained.download_pretrained_from_hf(spec.name[len("hf-hub:") :]))
+        repo = spec.name[len("hf-hub:") :]
+        if hub.fetch(repo, "open_clip_config.json", what, "--model") is None:
+            raise ModelError(
+                f"{what}: {repo} has no open_clip_config.json (not an open_clip model)"
+            )
+        return hub.fetch_weights(repo, OPEN_CLIP_WEIGHTS, what, "--model")
+    _check_known_name(spec.name)
+    tags = pretrained.list_pretrained_tags_by_model(spec.name)
     if spec.pretrained is None:
-        tags = pretrained.list_pretrained_tags_by_model(spec.name)
+        if not tags:
+            raise ModelError(f"model {spec.name} has no published weights; {_forms()}")
         raise ModelError(
-            f"model {spec.name} needs a weights tag (NAME:TAG); known tags: {', '.join(tags) or 'none'}"
+            f"model {spec.name} needs a weights tag (NAME:TAG); known tags: {', '.join(tags)}"
         )
     cfg = pretrained.get_pretrained_cfg(spec.name, spec.pretrained)
     if cfg:
-        return Path(pretrained.download_pretrained(cfg))
-    if Path(spec.pretrained).is_file():
-        return Path(spec.pretrained)
-    tags = pretrained.list_pretrained_tags_by_model(spec.name)
+        return _tag_weights(spec, cfg, what)
+    given = Path(spec.pretrained).expanduser()
+    if given.is_file():
+        if given.suffix != hub.SAFE_SUFFIX:
+            raise ModelError(hub.pickle_message(str(given)))
+        return given
+    close = _close(spec.pretrained, tags)
     raise ModelError(
-        f"unknown weights tag {spec.pretrained!r} for {spec.name}; known tags: {', '.join(tags) or 'none'}"
+        f"unknown weights tag {spec.pretrained!r} for {spec.name}"
+        + (f" (did you mean {close}?)" if close else "")
+        + f"; known tags: {', '.join(tags) or 'none'}"
     )
+
+
+def _tag_weights(spec: ModelSpec, cfg: dict, what: str) -> Path:
+    import os
+
+    from open_clip import pretrained
+
+    from . import hub
+
+    if cfg.get("file"):
+        local = Path(cfg["file"])
+        if local.suffix != hub.SAFE_SUFFIX:
+            raise ModelError(hub.pickle_message(str(local)))
+        return local
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/repo/" or "org/repo/file.bin"
+        filename = filename or pretrained.HF_WEIGHTS_NAME
+        names = list(dict.fromkeys([*pretrained._get_safe_alternatives(filename), filename]))
+        return hub.fetch_weights(repo, names, what, "--model")
+    url = cfg.get("url", "")
+    if url.endswith(hub.SAFE_SUFFIX):
+        return Path(pretrained.download_pretrained(cfg))
+    raise ModelError(hub.pickle_message(f"{what} ({url or 'no file'})"))
+
+
+def _check_known_name(name: str) -> None:
+    import open_clip
+
+    names = open_clip.list_models()
+    if name in names:
+        return
+    close = _close(name, names)
+    raise ModelError(
+        f"unknown model {name!r}" + (f" (did you mean {close}?)" if close else "") + f"; {_forms()}"
+    )
+
+
+def _forms() -> str:
+    return f"--model takes {MODEL_FORMS}"
+
+
+def _close(word: str, choices: list[str]) -> str:
+    """Up to three close matches (case-insensitive; names it begins first), as 'A, B or C'."""
+    import difflib
+
+    by_lower = {c.lower(): c for c in choices}
+    key = word.lower()
+    found = [c for c in by_lower if c.startswith(key)]
+    found += difflib.get_close_matches(key, list(by_lower), n=3)
+    found = [by_lower[c] for c in dict.fromkeys(found)][:3]
+    if len(found) > 1:
+        return ", ".join(found[:-1]) + " or " + found[-1]
+    return found[0] if found else ""
 
 
 def file_digest(path: Path) -> str:
@@ -161,24 +243,57 @@ class ClipImageTower(Tower):
         return y.float().cpu().numpy()
 
 
+def create_open_clip(spec: ModelSpec, device: str = "cpu"):
+    """(model, tokenizer, weights file) for `spec`, through open_clip's own factory once
+    `checkpoint_path` has checked the spec and put the weights in place (safetensors only)."""
+    import open_clip
+
+    from . import hub
+
+    ckpt = checkpoint_path(spec)
+    repo = _model_cfg(spec).get("text_cfg", {}).get("hf_model_name")
+    if repo:  # a Hugging Face text tower: open_clip builds it from the repo's config.json
+        hub.fetch(repo, "config.json", f"model {spec} (text tower {repo})", "--model")
+    try:
+        with hub.cache_only():  # open_clip fetches again what checkpoint_path just cached
+            model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device=device)
+        tokenizer = _tokenizer(spec)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/OSError
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in text:  # never pass on torch's advice to unpickle
+            raise ModelError(hub.pickle_message(str(ckpt))) from e
+        raise ModelError(f"could not load model {spec}: {text}") from e
+    return model, tokenizer, ckpt
+
+
+def _tokenizer(spec: ModelSpec):
+    """The cached tokenizer; a Hugging Face tokenizer not yet cached is fetched (one short try)."""
+    import open_clip
+
+    from . import hub
+
+    try:
+        with hub.cache_only():
+            return open_clip.get_tokenizer(spec.name)
+    except Exception:  # noqa: BLE001 - a tokenizer from the hub, not cached yet
+        repo = _model_cfg(spec).get("text_cfg", {}).get("hf_tokenizer_name")
+        if hub.offline() or not repo:
+            raise
+        hub.on_hub(repo, "tokenizer_config.json", f"model {spec} (tokenizer {repo})", "--model")
+    with hub.quiet():
+        return open_clip.get_tokenizer(spec.name)
+
+
 def load_clip(spec: ModelSpec, options: EncoderOptions | None = None) -> Encoder:
     """Build the open_clip towers for `spec`; weights load from safetensors (no pickle)."""
-    import open_clip
     import torch
 
     options = options or EncoderOptions()
     device = pick_device(options.device)
     dtype = pick_dtype(device, options.precision)
-    try:
-        ckpt = checkpoint_path(spec)
-        model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device=device)
-        tokenizer = open_clip.get_tokenizer(spec.name)
-    except ModelError:
-        raise
-    except (
-        Exception
-    ) as e:  # open_clip raises RuntimeError/ValueError/OSError for unreachable models
-        raise ModelError(f"could not load model {spec}: {e}") from e
+    model, tokenizer, ckpt = create_open_clip(spec, device)
     model.eval()
     if dtype != torch.float32:
         model.to(dtype)
@@ -193,7 +308,7 @@ def load_clip(spec: ModelSpec, options: EncoderOptions | None = None) -> Encoder
     identity = {
         "spec": str(spec),
         "arch": hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:16],
-        "weights": file_digest(ckpt)[:16] if ckpt else "random-init",
+        "weights": file_digest(ckpt)[:16],
         "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
         "preprocess": prep.to_dict(),
         "context_length": text.context_length,
@@ -219,10 +334,13 @@ def _is_param(model, name: str) -> bool:
 def _model_cfg(spec: ModelSpec) -> dict:
     from open_clip import factory
 
+    from . import hub
+
     if spec.is_local:
         return json.loads((spec.local_path / "open_clip_config.json").read_text())["model_cfg"]
     if spec.name.startswith("hf-hub:"):
-        return factory._get_hf_config(spec.name[len("hf-hub:") :])["model_cfg"]
+        with hub.cache_only():  # fetched into the cache by checkpoint_path
+            return factory._get_hf_config(spec.name[len("hf-hub:") :])["model_cfg"]
     return factory.get_model_config(spec.name) or {}
 
 

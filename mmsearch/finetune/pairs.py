@@ -2,6 +2,11 @@
 
 A pair that cannot be used (missing file, empty caption, unknown file type, unreadable row) is
 recorded in `PairSet.skipped` with its reason and left out; reading never stops at a bad row.
+
+Relative paths stay inside the pairs file's folder: one that leads out of it (`../`) is skipped
+unless `allow_outside` is given, so a pairs file from elsewhere cannot quietly pull in other
+files of the user's. Absolute paths are the user's explicit choice and are read, but every file
+used from outside the folder is listed in `PairSet.outside` for the summary.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ UNSUPPORTED = "unsupported file type"
 BAD_ROW = "unreadable row"
 NO_CAPTION_FILE = "no caption file"
 UNDECODABLE = "undecodable"
+OUTSIDE = "outside the pairs file's folder"
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class PairSet:
     pairs: list[Pair] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     source: Path | None = None
+    outside: list[Path] = field(default_factory=list)  # files read from outside the folder
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -94,12 +101,17 @@ def split_by_file(pairs: PairSet, val_fraction: float, seed: int = 0) -> tuple[P
 
 
 def read_pairs(
-    source: str | os.PathLike, path_key: str | None = None, caption_key: str | None = None
+    source: str | os.PathLike,
+    path_key: str | None = None,
+    caption_key: str | None = None,
+    allow_outside: bool = False,
 ) -> PairSet:
     """Pairs from a .csv/.tsv (header row), a .jsonl file, or a folder of `a.jpg` + `a.txt`.
 
     Column names are guessed (path/file/image..., caption/text/...) unless given. Relative paths are
-    resolved against the folder of the pairs file.
+    resolved against the folder of the pairs file and must stay inside it unless `allow_outside`;
+    files used from outside it (absolute paths, or `../` with `allow_outside`) are listed in
+    `outside`.
     """
     source = Path(source).expanduser()
     if source.is_dir():
@@ -108,9 +120,9 @@ def read_pairs(
         raise UsageError(f"pairs file or folder not found: {source}")
     suffix = source.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(source, path_key, caption_key)
+        return _read_jsonl(source, path_key, caption_key, allow_outside)
     if suffix in (".csv", ".tsv"):
-        return _read_table(source, path_key, caption_key)
+        return _read_table(source, path_key, caption_key, allow_outside)
     raise UsageError(
         f"{source}: pairs must be a .csv, .tsv or .jsonl file, or a folder with captions"
     )
@@ -128,9 +140,12 @@ def modality_of(path: Path) -> str | None:
 
 
 class _Builder:
-    def __init__(self, source: Path):
+    def __init__(self, source: Path, allow_outside: bool = False):
         self.set = PairSet(source=source)
         self.base = source.parent if source.is_file() else source
+        self.root = Path(os.path.abspath(self.base))
+        self.allow_outside = allow_outside
+        self.outside: set[Path] = set()
 
     def add(self, where: str, raw_path, caption) -> None:
         raw = "" if raw_path is None else str(raw_path).strip()
@@ -138,12 +153,16 @@ class _Builder:
             self.set.skipped.append(Skipped(where, NO_PATH))
             return
         path = Path(raw).expanduser()
-        if not path.is_absolute():
+        relative = not path.is_absolute()
+        if relative:
             path = self.base / path
-        path = Path(os.path.abspath(path))
+        path = Path(os.path.abspath(path))  # `..` resolved, as the path is written
+        inside = path.is_relative_to(self.root)
         modality = modality_of(path)
         text = clean_caption(caption)
-        if modality is None:
+        if relative and not inside and not self.allow_outside:
+            self.set.skipped.append(Skipped(where, f"{OUTSIDE}: {raw}"))
+        elif modality is None:
             self.set.skipped.append(Skipped(where, f"{UNSUPPORTED}: {raw}"))
         elif not path.is_file():
             self.set.skipped.append(Skipped(where, f"{MISSING}: {raw}"))
@@ -151,6 +170,9 @@ class _Builder:
             self.set.skipped.append(Skipped(where, f"{EMPTY}: {raw}"))
         else:
             self.set.pairs.append(Pair(path, text, modality))
+            if not inside and path not in self.outside:
+                self.outside.add(path)
+                self.set.outside.append(path)
 
 
 def _pick(
@@ -172,9 +194,11 @@ def _pick(
     )
 
 
-def _read_table(source: Path, path_key: str | None, caption_key: str | None) -> PairSet:
+def _read_table(
+    source: Path, path_key: str | None, caption_key: str | None, allow_outside: bool
+) -> PairSet:
     delimiter = "\t" if source.suffix.lower() == ".tsv" else ","
-    b = _Builder(source)
+    b = _Builder(source, allow_outside)
     with open(source, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
@@ -214,8 +238,10 @@ def _looks_like_data(header: list[str], base: Path) -> bool:
     )
 
 
-def _read_jsonl(source: Path, path_key: str | None, caption_key: str | None) -> PairSet:
-    b = _Builder(source)
+def _read_jsonl(
+    source: Path, path_key: str | None, caption_key: str | None, allow_outside: bool
+) -> PairSet:
+    b = _Builder(source, allow_outside)
     pname = cname = None
     with open(source, encoding="utf-8-sig", errors="replace") as f:
         for n, line in enumerate(f, 1):

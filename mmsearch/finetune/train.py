@@ -153,6 +153,7 @@ class FinetuneResult:
     train_seconds: float
     curve: Path | None = None
     model: Any = field(default=None, repr=False, compare=False)
+    note: str | None = None  # e.g. --resume found no checkpoint and started from the beginning
 
     def to_dict(self) -> dict:
         return {
@@ -171,6 +172,7 @@ class FinetuneResult:
             "train_seconds": round(self.train_seconds, 2),
             "curve": str(self.curve) if self.curve else None,
             "history": self.history,
+            **({"note": self.note} if self.note else {}),
         }
 
 
@@ -185,28 +187,25 @@ def finetune(
     `progress(event, **info)` is called with events: "load_model", "data", "decode", "features",
     "resume", "eval", "step", "epoch", "checkpoint", "warning", "done".
     """
-    import open_clip
     import torch
 
-    from ..encoders.clip import _prep_from, pick_device
+    from ..encoders.clip import _prep_from, create_open_clip, pick_device
     from .methods import apply_method, set_train_mode
 
     progress = progress or _quiet
     spec = ModelSpec.parse(config.model)
     out = config.out
     ckpt_root = out / CHECKPOINT_DIR
-    resume_state = _check_out_dir(spec, config, ckpt_root)
+    resume_state, note = _check_out_dir(spec, config, ckpt_root)
+    if note:
+        progress("warning", message=note)
     device = pick_device(config.device)
     amp_dtype = _amp_dtype(device, config.precision)
 
     # --- base model: seeded, so random-init towers and adapter inits repeat --------------------
     progress("load_model", model=str(spec), device=device)
     torch.manual_seed(config.seed)
-    try:
-        model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device="cpu")
-        tokenizer = open_clip.get_tokenizer(spec.name)
-    except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError for bad models
-        raise UsageError(f"could not load model {spec}: {e}") from e
+    model, tokenizer, _ = create_open_clip(spec, device="cpu")  # ModelError if it cannot load
     model_cfg = _output_model_cfg(spec, model)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     prep = _prep_from(preprocess_cfg)
@@ -375,6 +374,7 @@ def finetune(
         train_seconds=st["train_time"],
         curve=curve,
         model=plain,
+        note=note,
     )
 
 
@@ -891,31 +891,70 @@ def _load_weights(path: Path) -> dict:
 # --- checkpoints --------------------------------------------------------------------------------------
 
 
-def _check_out_dir(spec: ModelSpec, config: FinetuneConfig, ckpt_root: Path) -> Path | None:
-    """Refuse to clobber; on --resume return the checkpoint folder to continue from."""
+def _check_out_dir(
+    spec: ModelSpec, config: FinetuneConfig, ckpt_root: Path
+) -> tuple[Path | None, str | None]:
+    """Refuse to clobber; (the checkpoint folder to continue from on --resume, a note to report).
+
+    A run killed before its first checkpoint leaves only its starting model and an unfinished
+    log: nothing to continue and nothing trained to lose, so both `--resume` and a plain rerun
+    start it over (and say so) instead of sending the user from one to the other.
+    """
     out = config.out
     if spec.is_local and spec.local_path.resolve() == out.resolve():
         raise UsageError("--out must differ from the model directory being fine-tuned")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     latest = _latest_checkpoint(ckpt_root)
+    log = _read_log(out)
+    has_model = (out / "open_clip_config.json").exists()
+    unfinished = log is not None and not log.get("finished")
+    note = None
     if config.resume:
         if latest is not None:
-            return latest
-        log = out / LOG_NAME
-        if log.is_file() and json.loads(log.read_text()).get("finished"):
-            raise UsageError(f"training in {out} already finished; nothing to resume")
-        raise UsageError(f"no checkpoint to resume in {ckpt_root}")
-    existing = latest is not None or (out / "open_clip_config.json").exists()
-    if existing and not config.overwrite:
+            return latest, None
+        if log is not None and log.get("finished"):
+            raise UsageError(
+                f"training in {out} already finished; nothing to resume (--overwrite trains again)"
+            )
+        if has_model and not unfinished:
+            raise UsageError(
+                f"{out} holds a model that is not an interrupted fine-tune; nothing to resume "
+                "(--overwrite replaces it, or pass another --out)"
+            )
+        note = f"no checkpoint to resume in {out}: started from the beginning"
+    elif latest is not None and not config.overwrite:
+        step = _checkpoint_step(latest)
         raise UsageError(
-            f"{out} already holds a model or checkpoint; use --resume to continue it, "
-            "--overwrite to start over, or another --out"
+            f"{out} holds an interrupted fine-tune (checkpoint at step {step}); use --resume to "
+            "continue it, --overwrite to start over, or another --out"
         )
+    elif has_model and not config.overwrite:
+        if not unfinished:
+            what = "fine-tuned model" if log is not None else "model"
+            raise UsageError(
+                f"{out} already holds a {what}; use --overwrite to replace it, or another --out"
+            )
+        note = f"{out} held a run stopped before its first checkpoint: started it over"
     if ckpt_root.exists():
         shutil.rmtree(ckpt_root)
     out.mkdir(parents=True, exist_ok=True)
-    return None
+    return None, note
+
+
+def _read_log(out: Path) -> dict | None:
+    try:
+        log = json.loads((out / LOG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return log if isinstance(log, dict) else None
+
+
+def _checkpoint_step(folder: Path) -> int | str:
+    try:
+        return json.loads((folder / "state.json").read_text())["state"]["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
 
 
 def _latest_checkpoint(ckpt_root: Path) -> Path | None:
