@@ -10,6 +10,8 @@ Library use::
 
 from __future__ import annotations
 
+import importlib
+
 from .config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions
 from .errors import MMSearchError
 from .items import Hit, IndexReport
@@ -37,7 +39,9 @@ def __getattr__(name: str):
 
         return index_paths
     if name in ("search", "Searcher"):
-        from . import search as _search
-
-        return getattr(_search, name)
+        # Not `from . import search`: that looks the name up on this package, which lands here
+        # again (RecursionError). The function shadows its submodule's name from now on.
+        module = importlib.import_module(".search", __name__)
+        globals().update(search=module.search, Searcher=module.Searcher)
+        return globals()[name]
     raise AttributeError(name)

@@ -7,6 +7,7 @@ search starts in a fraction of a second.
 from __future__ import annotations
 
 import enum
+import errno
 import functools
 import json
 import os
@@ -16,6 +17,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 
 from .config import (
     DEFAULT_INDEX,
@@ -24,6 +31,7 @@ from .config import (
     ModelSpec,
     RaySettings,
     SearchOptions,
+    find_index_root,
     index_root,
 )
 from .errors import MMSearchError, UsageError
@@ -35,25 +43,130 @@ class IndexType(str, enum.Enum):
     ivf = "ivf"
 
 
+class Modality(str, enum.Enum):
+    image = "image"
+    text = "text"
+    audio = "audio"
+    any = "any"
+
+
+# Exit statuses, as grep and ripgrep use them; shown by --help and in the README.
+FOUND, NOTHING_FOUND, ERROR, INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = """Exit status:
+
+\b
+  0    success (search: at least one hit)
+  1    search found nothing
+  2    error: a bad option or query, no such index, an unreadable file, ...
+  130  interrupted (Ctrl-C); an index run keeps what it committed
+
+Output cut short by a closed pipe (mmsearch search ... | head -1) ends the command quietly
+with status 0, as ripgrep does."""
+
+
+def _usage_line(e: click_errors.UsageError) -> str:
+    message = e.format_message().replace("Value error, ", "").rstrip(".")
+    where = f"; see '{e.ctx.command_path} --help'" if e.ctx is not None else ""
+    return f"{message}{where}"
+
+
+_NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())
+
+
+class _OneLineErrors(TyperGroup):
+    """Click reports a bad option with a usage block; mmsearch says it in one line, exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _NO_ARGS_IS_HELP as e:  # `mmsearch` alone: the help text
+            e.show()
+            code = e.exit_code
+        except click_errors.UsageError as e:
+            _say(f"mmsearch: error: {_one_line(_usage_line(e))}", err=True)
+            code = ERROR
+        except click_errors.ClickException as e:
+            _say(f"mmsearch: error: {_one_line(e.format_message())}", err=True)
+            code = ERROR
+        except typer.Abort:
+            _say("mmsearch: aborted", err=True)
+            code = INTERRUPTED
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _pipe_closed()
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="mmsearch",
+    cls=_OneLineErrors,
     help="Search your photos, recordings and notes by text, image or sound.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _check_device(value: str | None) -> str | None:
+    if value is not None and not _DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
 IndexName = Annotated[str, typer.Option("--index", "-i", help="Index name.")]
 IndexDir = Annotated[
     Path | None,
-    typer.Option("--index-dir", help="Index root (default: $MMSEARCH_HOME, else ./indexes)."),
+    typer.Option(
+        "--index-dir",
+        help="Index root. Default: $MMSEARCH_HOME, else the nearest indexes/ folder upward from "
+        "here that holds an index, else the per-user data folder (~/.local/share/mmsearch/"
+        "indexes on Linux). `mmsearch list` says which.",
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON lines).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+Device = Annotated[
+    str,
+    typer.Option("--device", callback=_check_device, help="auto, cpu, cuda, cuda:N or mps."),
+]
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
+# What would break a table row or a terminal: control characters (C0, DEL, C1), line and
+# paragraph separators, and the surrogates that stand for bytes that are not UTF-8.
+_CONTROL = "\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff"
+_UNSAFE_IN_MESSAGE = re.compile(f"[{_CONTROL}]")
+_UNSAFE_IN_PATH = re.compile(f"[{_CONTROL}\\\\]")
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+
+
+def _escape(m: re.Match) -> str:
+    ch = m.group()
+    code = ord(ch)
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
+def _shown(path: bytes | str) -> str:
+    """A path as one line of text, the same in every table (search, failures, index's skipped
+    lines, list): control characters escaped as JSON escapes them (\\n, \\t, \\u001b), bytes that
+    are not UTF-8 as \\xff, and backslashes doubled so the escapes are unambiguous."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else path
+    return _UNSAFE_IN_PATH.sub(_escape, text)
+
+
+def _one_line(text: str) -> str:
+    """A message kept on one line: control characters escaped, backslashes left alone."""
+    return _UNSAFE_IN_MESSAGE.sub(_escape, text)
 
 
 def _emit_json(obj) -> None:
@@ -73,28 +186,63 @@ def _say(text: str, err: bool = False) -> None:
         stream.flush()
 
 
-def _fail(message: str, code: int = 1):
-    _say(f"mmsearch: error: {message}", err=True)
+def _fail(message: str, code: int = ERROR):
+    _say(f"mmsearch: error: {_one_line(message)}", err=True)
     raise typer.Exit(code)
 
 
+def _os_error(e: OSError) -> str:
+    """An OSError as one line naming the path: 'permission denied: /x/y (...)'."""
+    what = (e.strerror or type(e).__name__).lower()
+    if e.filename is None:
+        return f"{what} ({type(e).__name__}: {e}; run with --debug for a traceback)"
+    where = _shown(e.filename if isinstance(e.filename, bytes | str) else str(e.filename))
+    if e.filename2 is not None:
+        where += f" -> {_shown(str(e.filename2))}"
+    hint = {
+        errno.EACCES: "check its owner and mode, or use an --index-dir you may write",
+        errno.EPERM: "check its owner and mode, or use an --index-dir you may write",
+        errno.EROFS: "the file system is mounted read-only",
+        errno.ENOSPC: "free some space and run again; what was committed is kept",
+    }.get(e.errno)
+    return f"{what}: {where}" + (f" ({hint})" if hint else "")
+
+
+def _pipe_closed() -> None:
+    """The reader of our output went away (`| head -1`): stop quietly. Python's advice
+    (docs.python.org/3/library/signal.html#note-on-sigpipe): point stdout at devnull so the
+    flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def handle_errors(fn):
-    """Library errors become one line on stderr and a non-zero exit; --debug shows tracebacks."""
+    """Library errors become one line on stderr and exit 2; --debug shows tracebacks."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False) or os.environ.get("MMSEARCH_DEBUG")
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+            return result
         except typer.Exit:
             raise
+        except BrokenPipeError:
+            _pipe_closed()
+            raise typer.Exit(FOUND) from None
         except MMSearchError as e:
             if debug:
                 raise
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _say("mmsearch: interrupted; everything committed so far is kept", err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(INTERRUPTED) from None
+        except OSError as e:
+            if debug:
+                raise
+            _fail(_os_error(e))
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
             if debug:
                 raise
@@ -146,7 +294,9 @@ def index(
     audio_model: Annotated[
         str | None, typer.Option("--audio-model", help="CLAP model for audio files.")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Files embedded per model call.")
+    ] = 32,
     workers: Annotated[
         int | None, typer.Option("--workers", "-w", min=0, help="Decoding processes.")
     ] = None,
@@ -237,7 +387,7 @@ def index(
         _emit_json(report.to_dict())
         return
     for path, reason in report.failures[:20]:
-        _say(f"skipped {path}: {reason}", err=True)
+        _say(f"skipped {_shown(path)}: {_one_line(reason)}", err=True)
     if len(report.failures) > 20:
         _say(f"... and {len(report.failures) - 20} more (see: mmsearch failures)", err=True)
     r = report
@@ -340,7 +490,7 @@ class _progress:
 
 
 # --- search -----------------------------------------------------------------------------------
-@app.command()
+@app.command(epilog=EXIT_CODES)
 @handle_errors
 def search(
     query: Annotated[
@@ -351,40 +501,43 @@ def search(
     ] = None,
     image: Annotated[Path | None, typer.Option("--image", help="Query by example image.")] = None,
     audio: Annotated[Path | None, typer.Option("--audio", help="Query by example sound.")] = None,
-    k: Annotated[int, typer.Option("-k", "--top", help="Number of results.")] = 10,
-    kind: Annotated[str, typer.Option("--type", "-t", help="image, text, audio or any.")] = "any",
+    k: Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")] = 10,
+    kind: Annotated[
+        Modality, typer.Option("--type", "-t", help="What to find: image, text, audio or any.")
+    ] = Modality.any,
     index_name: IndexName = DEFAULT_INDEX,
     index_dir: IndexDir = None,
     device: Device = "auto",
     as_json: Json = False,
     debug: Debug = False,
 ):
-    """Search an index by text, image or sound."""
-    from .search import Searcher
+    """Search an index by text, image or sound. Exits 1 when nothing is found."""
+    from .search import Searcher, check_query
 
+    check_query(query, image, audio)  # the query's terms and files, before any index or model
     options = SearchOptions(
-        name=index_name, root_dir=_root(index_dir), k=k, modality=kind, device=device
+        name=index_name, root_dir=_root(index_dir), k=k, modality=kind.value, device=device
     )
     with Searcher(options) as searcher:
         hits = searcher.search(query, image=image, audio=audio)
         for note in searcher.col.notes:
             _say(f"mmsearch: warning: {note}", err=True)
-    if as_json:
-        for hit in hits:
-            _emit_json(hit.to_dict())
-        return
     if not hits:
-        _say("no results", err=True)
-        return
+        if not as_json:
+            _say("no results", err=True)
+        raise typer.Exit(NOTHING_FOUND)
     for hit in hits:
         d = hit.to_dict()
+        if as_json:
+            _emit_json(d)
+            continue
         where = ""
         if hit.start is not None:
             if hit.modality == "audio":
                 where = f"  [{_clock(hit.start)}-{_clock(hit.end)}]"
             else:
                 where = f"  [lines {d['start']}-{d['end']}]"
-        _say(f"{hit.rank:>3}  {hit.score:6.3f}  {hit.modality:<5}  {d['path']}{where}")
+        _say(f"{hit.rank:>3}  {hit.score:6.3f}  {hit.modality:<5}  {_shown(hit.path)}{where}")
 
 
 def _clock(seconds: float) -> str:
@@ -475,12 +628,30 @@ def finetune(
     method: Annotated[
         str, typer.Option("--method", help="head, lora, lock-image or full.")
     ] = "head",
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2)] = 64,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the pairs.")] = 5,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=2,
+            help="Pairs per step; each pair's negatives are the others in the batch.",
+        ),
+    ] = 64,
     lr: Annotated[float | None, typer.Option("--lr", help="Default depends on --method.")] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.1,
-    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps")] = None,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1)] = 1,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="AdamW weight decay (not on gains and biases).")
+    ] = 0.1,
+    warmup_steps: Annotated[
+        int | None,
+        typer.Option("--warmup-steps", help="Learning-rate warmup (default: 10% of the steps)."),
+    ] = None,
+    grad_accum: Annotated[
+        int,
+        typer.Option(
+            "--grad-accum", min=1, help="Batches per optimizer step (a larger contrastive batch)."
+        ),
+    ] = 1,
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Files held out for evaluation.")
     ] = 0.1,
@@ -488,11 +659,18 @@ def finetune(
         Path | None,
         typer.Option("--val", help="Separate held-out pairs (instead of --val-fraction)."),
     ] = None,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 8,
+    lora_rank: Annotated[
+        int, typer.Option("--lora-rank", min=1, help="Rank of the LoRA adapters (--method lora).")
+    ] = 8,
     lora_targets: Annotated[
         str | None, typer.Option("--lora-targets", help="Comma-separated layer names.")
     ] = None,
-    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing")] = False,
+    grad_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--grad-checkpointing", help="Recompute activations: less memory, slower steps."
+        ),
+    ] = False,
     precision: Annotated[
         str,
         typer.Option(
@@ -501,7 +679,9 @@ def finetune(
             "bf16 or fp16 (autocast; fp16 adds loss scaling). Weights stay fp32.",
         ),
     ] = "auto",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the split, the shuffles and the inits.")
+    ] = 0,
     audio_model: Annotated[
         str | None,
         typer.Option(
@@ -661,7 +841,9 @@ def eval_(
             "else laion/clap-htsat-unfused), as indexing with --model uses.",
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Files embedded per model call.")
+    ] = 64,
     allow_outside: AllowOutside = False,
     device: Device = "auto",
     as_json: Json = False,
@@ -784,6 +966,8 @@ def info(
     from .collection import Collection
 
     with Collection.open_reader(_root(index_dir), index_name) as col:
+        for note in col.notes:
+            _say(f"mmsearch: warning: {note}", err=True)
         counts = col.catalog.counts()
         enc = col.encoder_identity or {}
         audio = col.manifest.get("audio_encoder")
@@ -812,7 +996,7 @@ def info(
             for m, c in value.items():
                 _say(f"{m + ':':<15}{c['files']} files, {c['vectors']} vectors")
         elif value is not None:
-            _say(f"{key + ':':<15}{value}")
+            _say(f"{key + ':':<15}{_shown(str(value)) if key in ('path', 'model') else value}")
 
 
 @app.command()
@@ -825,25 +1009,30 @@ def failures(
 ):
     """List files that could not be indexed, with the reason."""
     from .collection import Collection
-    from .items import show_path
+    from .items import path_fields
 
     with Collection.open_reader(_root(index_dir), index_name) as col:
         rows = col.catalog.failures()
     for path, reason, modality in rows:
         if as_json:
-            _emit_json({"path": show_path(path), "reason": reason, "modality": modality})
+            _emit_json({**path_fields(path), "reason": reason, "modality": modality})
         else:
-            _say(f"{show_path(path)}: {reason}")
+            _say(f"{_shown(path)}: {_one_line(reason)}")
 
 
 @app.command("list")
 @handle_errors
 def list_(index_dir: IndexDir = None, as_json: Json = False, debug: Debug = False):
-    """List the indexes under the index root."""
+    """List the indexes under the index root, and say where that root is and why."""
     from .collection import Collection, list_indexes
 
-    root = _root(index_dir)
-    for name in list_indexes(root):
+    found = find_index_root(index_dir)
+    root = found.path
+    _say(f"indexes in {_shown(str(root.absolute()))} ({found.source})", err=True)
+    names = list_indexes(root)
+    if not names:
+        _say("no index there yet; create one with: mmsearch index PATH", err=True)
+    for name in names:
         with Collection.open_reader(root, name) as col:
             counts = col.catalog.counts()
             model = (col.encoder_identity or {}).get("spec")
@@ -854,10 +1043,12 @@ def list_(index_dir: IndexDir = None, as_json: Json = False, debug: Debug = Fals
                     "model": model,
                     "files": counts["files"],
                     "vectors": counts["vectors"],
+                    "root": str(root.absolute()),
+                    "root_source": found.source,
                 }
             )
         else:
-            _say(f"{name}\t{counts['files']} files\t{model}")
+            _say(f"{name}\t{counts['files']} files\t{_shown(str(model))}")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,14 +16,63 @@ LOCAL_DIR = "local-dir:"
 DEFAULT_INDEX = "default"
 
 
-def index_root(explicit: str | os.PathLike | None = None) -> Path:
-    """--index-dir, else $MMSEARCH_HOME, else ./indexes."""
+@dataclass(frozen=True)
+class IndexRoot:
+    """Where indexes live, and how that was decided (`mmsearch list` says so)."""
+
+    path: Path
+    # how: "from --index-dir", "from $MMSEARCH_HOME", "found upward", "per-user default"
+    source: str
+
+
+def find_index_root(
+    explicit: str | os.PathLike | None = None, cwd: Path | None = None
+) -> IndexRoot:
+    """--index-dir, else $MMSEARCH_HOME, else the nearest `indexes/` folder upward from the
+    current directory that holds an index (a folder with a manifest.json), else the per-user
+    data directory. An `indexes/` folder without an index in it is not taken: a project's own
+    `indexes/` folder (SQL, search engines) must not receive the user's photo index."""
     if explicit:
-        return Path(explicit).expanduser()
+        return IndexRoot(Path(explicit).expanduser(), "from --index-dir")
     env = os.environ.get("MMSEARCH_HOME")
     if env:
-        return Path(env).expanduser()
-    return Path("indexes")
+        return IndexRoot(Path(env).expanduser(), "from $MMSEARCH_HOME")
+    try:
+        here = Path(cwd) if cwd is not None else Path.cwd()
+    except OSError:  # the current directory was deleted
+        here = None
+    if here is not None:
+        for folder in (here, *here.parents):
+            candidate = folder / "indexes"
+            if _holds_an_index(candidate):
+                return IndexRoot(candidate, "found upward")
+    return IndexRoot(_user_data_dir() / "mmsearch" / "indexes", "per-user default")
+
+
+def index_root(explicit: str | os.PathLike | None = None) -> Path:
+    """The index root's path (see find_index_root)."""
+    return find_index_root(explicit).path
+
+
+def _holds_an_index(folder: Path) -> bool:
+    try:
+        return any((p / "manifest.json").is_file() for p in folder.iterdir())
+    except OSError:  # not a folder, or one we may not read
+        return False
+
+
+def _user_data_dir() -> Path:
+    """$XDG_DATA_HOME (default ~/.local/share); ~/Library/Application Support on macOS;
+    %LOCALAPPDATA% on Windows."""
+    if sys.platform == "win32":
+        local = os.environ.get("LOCALAPPDATA")
+        return Path(local) if local else Path.home() / "AppData" / "Local"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore relative paths
+        return Path(xdg)
+    return Path.home() / ".local" / "share"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 class MMSearchError(Exception):
     """Base class: every error the library raises on purpose."""
 
-    exit_code = 1
+    exit_code = 2  # as grep and ripgrep: 1 is reserved for "search found nothing"
 
 
 class UsageError(MMSearchError):

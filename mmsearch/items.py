@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +15,17 @@ MODALITIES = (IMAGE, TEXT, AUDIO)
 def show_path(path: bytes) -> str:
     """A stored path as text; bytes that are not valid UTF-8 become surrogate escapes."""
     return os.fsdecode(path)
+
+
+def path_fields(path: bytes) -> dict:
+    """A path for a JSON row: `path` as text (surrogate escapes for bytes that are not UTF-8)
+    and, only for such a name, `path_bytes`, the raw bytes in base64 (ripgrep's {"bytes": ...}),
+    since JSON tools turn lone surrogates into U+FFFD."""
+    try:
+        path.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"path": show_path(path), "path_bytes": base64.b64encode(path).decode("ascii")}
+    return {"path": show_path(path)}
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,7 @@ class Hit:
         d = {
             "rank": self.rank,
             "score": round(float(self.score), 6),
-            "path": show_path(self.path),
+            **path_fields(self.path),
             "modality": self.modality,
         }
         if self.start is not None:

@@ -48,15 +48,52 @@ def parse_query(query: str) -> list[Term]:
     return terms
 
 
+CANCEL_TOLERANCE = 1e-3  # a weighted sum this short, relative to the weights, is only noise
+
+
 def combine(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Normalised weighted sum of unit vectors, so scores stay cosines."""
+    """Normalised weighted sum of unit vectors, so scores stay cosines.
+
+    A sum that (nearly) vanishes has no direction worth ranking by: 'dog - dog' embeds 'dog'
+    twice, and two rows of a batch may differ in their last bits, leaving a tiny vector whose
+    direction is rounding noise. It is refused when its norm is below CANCEL_TOLERANCE times the
+    sum of the absolute weights (the norm it would have if the terms all agreed)."""
     q = np.zeros_like(vectors[0], dtype=np.float32)
     for v, w in zip(vectors, weights, strict=True):
         q += np.float32(w) * (v / max(float(np.linalg.norm(v)), 1e-12))
     norm = float(np.linalg.norm(q))
-    if norm < 1e-6:
+    if norm <= CANCEL_TOLERANCE * sum(abs(float(w)) for w in weights):
         raise UsageError("the query terms cancel each other out (their weighted sum is zero)")
     return q / norm
+
+
+_WHAT = {"image": "an image file", "sound": "a sound file"}
+
+
+def check_query_file(path: Path, what: str) -> Path:
+    """A query --image or --audio file, checked before any index or model is opened."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"query {what} {path} is a directory, not {_WHAT[what]}")
+    if not p.exists():
+        raise UsageError(f"query file not found: {path}")
+    if not p.is_file():
+        raise UsageError(f"query {what} {path} is not a regular file")
+    return p
+
+
+def check_query(
+    query: str | None, image: Path | None = None, audio: Path | None = None
+) -> list[Term]:
+    """Everything about a query that needs neither an index nor a model: its terms and files."""
+    terms = parse_query(query) if query and query.strip() else []
+    if image is not None:
+        check_query_file(image, "image")
+    if audio is not None:
+        check_query_file(audio, "sound")
+    if not terms and image is None and audio is None:
+        raise UsageError("nothing to search for: give a query text, --image or --audio")
+    return terms
 
 
 class Searcher:
@@ -155,19 +192,18 @@ class Searcher:
     def query_vector(
         self, query: str | None, image: Path | None = None, audio: Path | None = None
     ) -> np.ndarray:
-        terms = parse_query(query) if query and query.strip() else []
+        terms = check_query(query, image, audio)
         vectors, weights = [], []
         if terms:
-            vectors += list(self.embed_texts([t.text for t in terms]))
+            # Each distinct text is embedded once, so a repeated term gets the very same vector.
+            texts = list(dict.fromkeys(t.text for t in terms))
+            embedded = dict(zip(texts, self.embed_texts(texts), strict=True))
+            vectors += [embedded[t.text] for t in terms]
             weights += [t.weight for t in terms]
         for path, embed in ((image, self.embed_image), (audio, self.embed_audio)):
             if path is not None:
-                if not Path(path).is_file():
-                    raise UsageError(f"query file not found: {path}")
                 vectors.append(embed(Path(path)))
                 weights.append(1.0)
-        if not vectors:
-            raise UsageError("nothing to search for: give a query text, --image or --audio")
         return combine(vectors, weights)
 
     def search(
@@ -184,6 +220,7 @@ class Searcher:
         modality = modality or self.options.modality
         if modality not in (*MODALITIES, "any"):
             raise UsageError(f"unknown --type {modality!r}; use image, text, audio or any")
+        check_query(query, image, audio)  # before a model loads
         q = self.query_vector(query, image, audio)
         return self.rank(q, k, modality)
 
@@ -222,4 +259,12 @@ def search(query: str | None = None, options: SearchOptions | None = None, **kw)
         return s.search(query, **kw)
 
 
-__all__ = ["Searcher", "Term", "combine", "parse_query", "search"]
+__all__ = [
+    "Searcher",
+    "Term",
+    "check_query",
+    "check_query_file",
+    "combine",
+    "parse_query",
+    "search",
+]

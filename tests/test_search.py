@@ -168,3 +168,68 @@ def test_cold_search_does_not_pick_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_sum_that_nearly_cancels_is_refused():
+    """'dog - dog' from two rows of a batch that differ in their last bits: the leftover vector is
+    rounding noise, not a direction."""
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(32).astype(np.float32)
+    v /= np.linalg.norm(v)
+    nearly = v + 1e-5 * rng.standard_normal(32).astype(np.float32)
+    with pytest.raises(UsageError, match="cancel"):
+        combine([v, nearly], [1.0, -1.0])
+    with pytest.raises(UsageError, match="cancel"):
+        combine([v, nearly, v], [2.0, -1.0, -1.0])
+    np.testing.assert_allclose(combine([v, nearly], [1.0, -0.5]), v, atol=1e-4)  # half is left
+
+
+def test_dog_minus_dog_is_refused_like_cat_minus_cat(indexed, monkeypatch):
+    with Searcher(SearchOptions()) as s:
+        embed = s.embed_texts
+
+        def batch_noise(texts):
+            # as a real tower in a batch: each row a little different from the same text alone
+            out = embed(texts)
+            return out + 1e-5 * np.arange(1, len(texts) + 1, dtype=np.float32)[:, None]
+
+        monkeypatch.setattr(s, "embed_texts", batch_noise)
+        for query in (
+            "cat - cat",
+            "dog - dog",
+            "2:dog - dog - dog",
+            "a dog + beach - a dog - beach",
+        ):
+            with pytest.raises(UsageError, match="cancel"):
+                s.search(query)
+        assert s.search("dog - 0.5:dog", k=1)
+
+
+def test_query_files_are_checked_before_a_model_loads(indexed, tmp_path, monkeypatch):
+    import mmsearch.encoders
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(mmsearch.encoders, "create_encoder", refuse)
+    with Searcher(SearchOptions()) as s:
+        with pytest.raises(UsageError, match=r"query image .* is a directory, not an image file"):
+            s.search("a dog", image=tmp_path)
+        with pytest.raises(UsageError, match=r"is a directory, not a sound file"):
+            s.search("a dog", audio=tmp_path)
+        with pytest.raises(UsageError, match="query file not found"):
+            s.search("a dog", image=tmp_path / "nope.jpg")
+
+
+def test_library_imports_as_documented():
+    """`from mmsearch import search, Searcher` in a fresh process (it used to recurse)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from mmsearch import Searcher, search; from mmsearch.search import parse_query; "
+        "import mmsearch; assert mmsearch.search is search and search.__module__ == "
+        "'mmsearch.search' and callable(search) and Searcher.__name__ == 'Searcher'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
