@@ -369,6 +369,7 @@ class Harness:
     completed: int = 0
     inconsistencies: int = 0
     problems: list[str] = field(default_factory=list)
+    tally: dict[str, list[int]] = field(default_factory=dict)  # chain kind -> [kills, bad]
     _runner: subprocess.Popen | None = None
     _lines: queue.Queue | None = None
 
@@ -495,10 +496,13 @@ class Harness:
 
     # bookkeeping -----------------------------------------------------------------------------
     def record(self, what: str, outcome: Outcome, problems: list[str]) -> None:
+        tally = self.tally.setdefault("--rebuild" if what.startswith("rb") else "plain", [0, 0])
         if outcome.killed:
             self.kills += 1
+            tally[0] += 1
         else:
             self.completed += 1
+        tally[1] += bool(problems or outcome.error)
         state = "killed" if outcome.killed else "completed"
         line = f"{what}: {state} at {outcome.seconds:.2f}s after {outcome.commits} commits"
         if outcome.error:
@@ -510,9 +514,10 @@ class Harness:
         self.log.append(line)
 
     def summary(self) -> str:
+        parts = ", ".join(f"{k}: {v[0]} kills, {v[1]} inconsistent" for k, v in self.tally.items())
         return (
             f"seed {self.seed}: {self.kills} kills, {self.completed} runs completed, "
-            f"{self.inconsistencies} inconsistencies"
+            f"{self.inconsistencies} inconsistencies ({parts})"
         )
 
     def report(self) -> str:
