@@ -356,6 +356,7 @@ class Outcome:
     seconds: float  # from start to the kill or the exit
     commits: int  # commit marks seen (runner only)
     error: str | None = None  # the run failed on its own (exit status, log tail)
+    lock_at: float | None = None  # when the CLI run was seen holding the writer lock
 
 
 @dataclass
@@ -370,6 +371,7 @@ class Harness:
     inconsistencies: int = 0
     problems: list[str] = field(default_factory=list)
     tally: dict[str, list[int]] = field(default_factory=dict)  # chain kind -> [kills, bad]
+    cli_after_lock: bool | None = None  # None: CLI kills pick either way at random
     _runner: subprocess.Popen | None = None
     _lines: queue.Queue | None = None
 
@@ -377,7 +379,11 @@ class Harness:
         self.rng = random.Random(self.seed)
 
     # the CLI ---------------------------------------------------------------------------------
-    def cli(self, root: Path, model: Path, workers: int, rebuild=False, kill_at=None) -> Outcome:
+    def cli(
+        self, root: Path, model: Path, workers: int, rebuild=False, kill_at=None, after_lock=False
+    ) -> Outcome:
+        """One CLI run, killed `kill_at` seconds after it starts or (`after_lock`) after it
+        takes the index's writer lock: its start-up imports are uneventful, what follows is not."""
         cmd = [sys.executable, "-m", "mmsearch.cli", "index", str(self.clean.corpus)]
         cmd += ["--model", str(model), "--index-dir", str(root), "--workers", str(workers)]
         cmd += ["--rebuild"] if rebuild else []
@@ -387,6 +393,10 @@ class Harness:
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
             )
+            lock = root / NAME / "lock"
+            while after_lock and proc.poll() is None and not _holds(lock, proc.pid):
+                time.sleep(0.01)
+            locked = time.perf_counter() - start
             try:
                 proc.wait(timeout=kill_at if kill_at is not None else 600)
             except subprocess.TimeoutExpired:
@@ -394,9 +404,9 @@ class Harness:
                 proc.wait()
             seconds = time.perf_counter() - start
         if proc.returncode == -signal.SIGKILL:
-            return Outcome(True, seconds, 0)
+            return Outcome(True, seconds, 0, lock_at=locked if after_lock else None)
         err = None if proc.returncode == 0 else f"exit {proc.returncode}: {_tail(logf)}"
-        return Outcome(False, seconds, 0, err)
+        return Outcome(False, seconds, 0, err, lock_at=locked if after_lock else None)
 
     def cli_search(self, root: Path) -> list[str]:
         out = subprocess.run(
@@ -504,12 +514,24 @@ class Harness:
             self.completed += 1
         tally[1] += bool(problems or outcome.error)
         state = "killed" if outcome.killed else "completed"
-        line = f"{what}: {state} at {outcome.seconds:.2f}s after {outcome.commits} commits"
+        line = f"{what}: {state} at {outcome.seconds:.2f}s"
+        line += f" (lock taken at {outcome.lock_at:.2f}s)" if outcome.lock_at is not None else ""
+        line += f" after {outcome.commits} commits" if outcome.commits else ""
         if outcome.error:
             problems = [f"run failed: {outcome.error}", *problems]
         if problems:
             self.inconsistencies += 1
             line += " -> " + "; ".join(problems)
+            self.problems.append(line)
+        self.log.append(line)
+
+    def verdict(self, what: str, problems: list[str]) -> None:
+        """A comparison that is not a run (the final state against the clean build)."""
+        tally = self.tally.setdefault("--rebuild" if what.startswith("rb") else "plain", [0, 0])
+        tally[1] += bool(problems)
+        self.inconsistencies += bool(problems)
+        line = f"{what}: " + ("; ".join(problems) if problems else "equal")
+        if problems:
             self.problems.append(line)
         self.log.append(line)
 
@@ -534,6 +556,13 @@ def _killpg(pid: int) -> None:
             pass
 
 
+def _holds(lock: Path, pid: int) -> bool:
+    try:
+        return lock.read_text().strip() == str(pid)
+    except OSError:
+        return False
+
+
 def _tail(path: Path, n: int = 1500) -> str:
     try:
         return path.read_bytes()[-n:].decode(errors="replace")
@@ -552,9 +581,9 @@ def plain_chain(h: Harness, tag: str, kind: str, kills: int, workers: int, est: 
     for _ in range(kills):
         left = 1 - len(snapshot(index_dir).files) / total
         if kind == "cli":
-            at = round(h.rng.uniform(0.1, est), 3)
-            what = f"{tag} cli workers={workers} kill at {at}s"
-            out = h.cli(root, c.a, workers, kill_at=at)
+            at, after_lock = _cli_kill(h, est)
+            what = f"{tag} cli workers={workers} kill at {at}s" + (" after lock" * after_lock)
+            out = h.cli(root, c.a, workers, kill_at=at, after_lock=after_lock)
         elif h.rng.random() < 0.5:
             at = round(h.rng.uniform(0.1, max(0.3, est * left)), 3)
             what = f"{tag} runner workers={workers} kill at {at}s"
@@ -580,8 +609,7 @@ def plain_chain(h: Harness, tag: str, kind: str, kills: int, workers: int, est: 
     problems = compare(snapshot(index_dir), c.snap_a, c.tol)
     if kind == "cli":
         problems += h.cli_search(root)
-    h.record(f"{tag} final state vs clean build", Outcome(False, 0.0, 0), problems)
-    h.completed -= 1  # the comparison above is not a run
+    h.verdict(f"{tag} final state vs clean build", problems)
 
 
 def rebuild_chain(h: Harness, tag: str, kind: str, kills: int, workers: int, est: float) -> None:
@@ -593,11 +621,16 @@ def rebuild_chain(h: Harness, tag: str, kind: str, kills: int, workers: int, est
     index_dir = root / NAME
     _build(c.corpus, root, c.a)
     for _ in range(kills):
-        if kind == "cli" or h.rng.random() < 0.4:
+        if kind == "cli":
+            at, after_lock = _cli_kill(h, est)
+            what = f"{tag} cli --rebuild workers={workers} kill at {at}s" + (
+                " after lock" * after_lock
+            )
+            out = h.cli(root, c.b, workers, rebuild=True, kill_at=at, after_lock=after_lock)
+        elif h.rng.random() < 0.4:
             at = round(h.rng.uniform(0.1, est), 3)
-            what = f"{tag} {kind} --rebuild workers={workers} kill at {at}s"
-            run = h.cli if kind == "cli" else h.runner
-            out = run(root, c.b, workers, rebuild=True, kill_at=at)
+            what = f"{tag} runner --rebuild workers={workers} kill at {at}s"
+            out = h.runner(root, c.b, workers, rebuild=True, kill_at=at)
         else:
             n, pause = _commit_kill(h, est_commits(c, 1.0))
             delay = round(h.rng.uniform(0, pause or 0.003), 4)
@@ -612,9 +645,7 @@ def rebuild_chain(h: Harness, tag: str, kind: str, kills: int, workers: int, est
         run = h.cli if kind == "cli" else h.runner
         out = run(root, c.b, workers, rebuild=True)
         h.record(f"{tag} {kind} --rebuild to completion", out, check_consistency(index_dir))
-    problems = compare(snapshot(index_dir), c.snap_b, c.tol)
-    h.record(f"{tag} final state vs clean build B", Outcome(False, 0.0, 0), problems)
-    h.completed -= 1
+    h.verdict(f"{tag} final state vs clean build B", compare(snapshot(index_dir), c.snap_b, c.tol))
 
 
 def rebuild_state(index_dir: Path, c: Clean) -> list[str]:
@@ -633,6 +664,16 @@ def rebuild_state(index_dir: Path, c: Clean) -> list[str]:
         return [f"killed rebuild left model {which} with {len(snap.files)} of "
                 f"{len(c.snap_a.files)} files: {problems[0]}"]  # fmt: skip
     return []
+
+
+def _cli_kill(h: Harness, est: tuple[float, float]) -> tuple[float, bool]:
+    """Half the CLI kills at a uniform time over the whole run, half over what follows the
+    writer lock (model load, embedding, commits); `est` = (whole run, after the lock) seconds."""
+    whole, after = est
+    after_lock = h.rng.random() >= 0.5 if h.cli_after_lock is None else h.cli_after_lock
+    if not after_lock:
+        return round(h.rng.uniform(0.1, whole), 3), False
+    return round(h.rng.uniform(0.0, after), 3), True
 
 
 def est_commits(c: Clean, left: float) -> int:
@@ -665,7 +706,8 @@ def _assert_clean(h: Harness) -> None:
 def test_killed_runs_leave_a_consistent_index_that_resumes(harness):
     """Quick: a CLI run killed once, a runner killed during a commit and at a random time."""
     h = harness
-    plain_chain(h, "cli", "cli", kills=1, workers=0, est=6.0)
+    h.cli_after_lock = True  # start-up alone tests nothing
+    plain_chain(h, "cli", "cli", kills=1, workers=0, est=(8.0, 3.0))
     h.rng = random.Random(h.seed + 1)
     root = h.base / "runner"
     out = h.runner(root, h.clean.a, 0, kill_at_commit=2, pause=0.05, delay=0.01)
@@ -682,10 +724,12 @@ def test_killed_rebuild_keeps_the_old_model_or_completes(harness):
     root = h.base / "rb"
     _build(c.corpus, root, c.a)
     out = h.runner(root, c.b, 0, rebuild=True, kill_at_commit=2, pause=0.05, delay=0.01)
-    h.record("runner --rebuild kill inside commit 2", out,
+    h.record("rb runner --rebuild kill inside commit 2", out,
              check_consistency(root / NAME) + rebuild_state(root / NAME, c))  # fmt: skip
     out = h.runner(root, c.b, 0, rebuild=True)
-    h.record("runner --rebuild to completion", out, compare(snapshot(root / NAME), c.snap_b, c.tol))
+    h.record(
+        "rb runner --rebuild to completion", out, compare(snapshot(root / NAME), c.snap_b, c.tol)
+    )
     _assert_clean(h)
 
 
@@ -695,9 +739,8 @@ def test_crash_harness_many_kill_points(harness):
     h = harness
     c = h.clean
     # Timing: one uninterrupted run of each kind, so kill times span a whole run.
-    start = time.perf_counter()
-    out = h.cli(h.base / "t-cli", c.a, 0)
-    est_cli = time.perf_counter() - start
+    out = h.cli(h.base / "t-cli", c.a, 0, after_lock=True)
+    est_cli = (out.seconds, out.seconds - out.lock_at)
     h.record(
         "t-cli uninterrupted", out, compare(snapshot(h.base / "t-cli" / NAME), c.snap_a, c.tol)
     )
@@ -707,7 +750,8 @@ def test_crash_harness_many_kill_points(harness):
     h.record(
         "t-run uninterrupted", out, compare(snapshot(h.base / "t-run" / NAME), c.snap_a, c.tol)
     )
-    print(f"\nuninterrupted: CLI {est_cli:.1f}s, runner child {est_run:.1f}s")
+    print(f"\nuninterrupted: CLI {est_cli[0]:.1f}s ({est_cli[1]:.1f}s after the lock), "
+          f"runner child {est_run:.1f}s")  # fmt: skip
     for i in range(2):
         plain_chain(h, f"cli{i}", "cli", kills=4, workers=i, est=est_cli)
     rebuild_chain(h, "rb-cli", "cli", kills=3, workers=1, est=est_cli)
