@@ -7,7 +7,17 @@ import platform
 import time
 from pathlib import Path
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+def _find_datasets() -> Path:
+    """../shared/datasets beside the checkout; from a worktree (wt/NAME) it is one level higher."""
+    here = Path(__file__).resolve()
+    for parent in here.parents[1:]:
+        if (parent / "shared" / "datasets").is_dir():
+            return parent / "shared" / "datasets"
+    return here.parents[2] / "shared" / "datasets"
+
+
+DATASETS = _find_datasets()
 OUT = Path(__file__).resolve().parent / "out"
 
 
