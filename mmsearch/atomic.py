@@ -28,7 +28,12 @@ def write_error(path: Path, e: OSError) -> IndexWriteError:
             f"disk full while writing {path}; the index is kept as of its last commit. "
             "Free some space and run the command again"
         )
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if e.errno == errno.EROFS:
+        return IndexWriteError(
+            f"cannot write {path}: read-only file system (an index there can be searched, "
+            "not changed)"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM):
         return IndexWriteError(f"cannot write {path}: {e.strerror} (check its permissions)")
     return IndexWriteError(f"cannot write {path}: {e.strerror or e}")
 
