@@ -18,6 +18,7 @@ SNIFF_BYTES = 8192  # a NUL byte in the first this-many bytes means binary (as g
 # nroff output use those), plus DEL. Random bytes hold ~10% of them, prose none.
 _CONTROL = bytes(range(0x00, 0x08)) + bytes(range(0x0E, 0x1B)) + bytes(range(0x1C, 0x20)) + b"\x7f"
 MAX_CONTROL_SHARE = 0.05
+MAX_UNDECODABLE_SHARE = 0.3  # with any control byte: random bytes are ~55% of both
 BINARY_REASON = "binary content, not a text note"
 # Byte order marks, longest first (UTF-32's LE mark starts with UTF-16's).
 _BOMS = (
@@ -89,7 +90,7 @@ def decode_note(data: bytes) -> str:
     else:
         raw = data
         text = data.decode("utf-8", errors="replace")
-    if _looks_binary(raw[:SNIFF_BYTES], sniff=True) or _looks_binary(raw):
+    if _looks_binary(raw[:SNIFF_BYTES], sniff=True) or _looks_binary(raw, text=text):
         raise LoadError(BINARY_REASON)
     text = text.lstrip("\ufeff")
     if not text.strip():
@@ -104,14 +105,20 @@ def _bom(data: bytes) -> tuple[str | None, bytes]:
     return None, b""
 
 
-def _looks_binary(raw: bytes, sniff: bool = False) -> bool:
-    """NUL bytes (in the sniffed start of a file) or a share of control bytes text never has."""
+def _looks_binary(raw: bytes, sniff: bool = False, text: str | None = None) -> bool:
+    """NUL bytes (in the sniffed start of a file), a share of control bytes text never has, or
+    (given the decoded `text`) some control bytes among mostly undecodable ones. Legacy 8-bit
+    and CJK encodings are mostly undecodable as UTF-8 too, but hold no control bytes."""
     if not raw:
         return False
     if sniff and b"\0" in raw:
         return True
     control = len(raw) - len(raw.translate(None, _CONTROL))
-    return control > MAX_CONTROL_SHARE * len(raw)
+    if control > MAX_CONTROL_SHARE * len(raw):
+        return True
+    if text is None or not control:
+        return False
+    return control + text.count("\ufffd") > MAX_UNDECODABLE_SHARE * len(text)
 
 
 def _cut_at_character(data: bytes) -> bytes:
