@@ -150,7 +150,7 @@ class IndexOptions:
     exact_below: int = 300_000
     vector_memory: int | None = None  # bytes the vector index may take; None: half the RAM
     ray: RaySettings | None = None  # embed on a Ray cluster instead of this machine
-    max_note_bytes: int = DEFAULT_MAX_NOTE_BYTES  # a longer note is indexed up to here, with a warning
+    max_note_bytes: int = DEFAULT_MAX_NOTE_BYTES  # the rest of a longer note: a warning
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,13 @@ def hash_open_file(f: BinaryIO) -> str:
     position (and whatever is decoding from `f`) is left as it was. Equal to content_hash of
     the file's bytes."""
     h = hashlib.blake2b(digest_size=16)
+    if not hasattr(os, "pread"):  # Windows: read through the file object, then put it back
+        position = f.tell()
+        f.seek(0)
+        for block in iter(lambda: f.read(HASH_BLOCK), b""):
+            h.update(block)
+        f.seek(position)
+        return h.hexdigest()
     fd, offset = f.fileno(), 0
     while True:
         block = os.pread(fd, HASH_BLOCK, offset)
