@@ -126,3 +126,27 @@ def test_chunking_a_long_one_line_note_never_tokenizes_it_whole():
     got = " ".join(c.text for c in body).split()
     assert got == words_in + ["q" * 4 * 75, "tail", "end"]  # the blob cut to a bounded chunk
     assert [c.text for c in body].count("q" * 300) == 1
+
+
+def test_index_max_note_bytes_caps_what_a_note_contributes(tiny_model, tmp_path):
+    import os
+
+    from conftest import make_note
+    from typer.testing import CliRunner
+
+    from mmsearch.cli import app
+    from mmsearch.collection import Collection
+    from mmsearch.config import index_root
+
+    note = make_note(
+        tmp_path / "notes" / "long.txt", "".join(f"line {i} of a diary\n" for i in range(400))
+    )
+    args = ["index", str(note.parent), "--model", str(tiny_model), "--workers", "0"]
+    result = CliRunner().invoke(app, [*args, "--max-note-bytes", "1000"])
+    assert result.exit_code == 0, result.output
+    with Collection.open_reader(index_root(), "default") as col:
+        row = col.catalog.files_under([b"/"])[os.fsencode(note)]
+        lines = [seg for seg, _ in col.catalog.units_of(row.id)]
+        assert row.hash == content_hash(note.read_bytes())  # the file's identity: all of it
+    kept = note.read_bytes()[:1000].decode().splitlines()
+    assert (lines[0].start, lines[-1].end) == (1, len(kept)) and len(kept) < 400
