@@ -21,6 +21,8 @@ from ..items import AUDIO, IMAGE, TEXT, FileEntry
 
 DEFAULT_DECODE_BUDGET_S = 60.0
 HASH_BLOCK = 1 << 20  # bytes read at a time when hashing
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # absent on Windows, which has no FIFOs to open
+_O_NOCTTY = getattr(os, "O_NOCTTY", 0)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TEXT_EXTENSIONS = frozenset({".txt", ".md"})
@@ -64,7 +66,7 @@ class Loaded:
     payload: Any = None  # image: uint8 array; text: str; audio: windows
     error: str | None = None
     # Something the user should know about a file that was loaded (e.g. a note cut at
-    # max_note_bytes): the file is indexed, the indexer reports this beside the failures.
+    # max_note_bytes): the file is indexed; for the indexer to report beside the failures.
     warning: str | None = None
 
 
@@ -120,10 +122,6 @@ def open_regular(path: bytes | str | os.PathLike) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
-
-
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_O_NOCTTY = getattr(os, "O_NOCTTY", 0)
 
 
 def content_hash(data: bytes) -> str:
