@@ -26,6 +26,7 @@ except ImportError:
 
 from .config import (
     DEFAULT_INDEX,
+    DEFAULT_MAX_NOTE_BYTES,
     EncoderOptions,
     IndexOptions,
     ModelSpec,
@@ -340,6 +341,15 @@ def index(
             show_default=False,
         ),
     ] = None,
+    max_note_bytes: Annotated[
+        int,
+        typer.Option(
+            "--max-note-bytes",
+            min=1,
+            help="Index at most this many bytes of each note; a longer one is indexed up to "
+            "here and reported as truncated.",
+        ),
+    ] = DEFAULT_MAX_NOTE_BYTES,
     as_json: Json = False,
     debug: Debug = False,
 ):
@@ -377,6 +387,7 @@ def index(
         index_type=index_type.value if index_type else None,
         ray=ray,
         types=chosen,
+        max_note_bytes=max_note_bytes,
     )
     show_bar = not as_json and sys.stderr.isatty()
     with _progress(show_bar) as progress, _term_as_interrupt():

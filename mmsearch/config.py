@@ -14,6 +14,8 @@ DEFAULT_TAGS = {"ViT-B-32": "laion2b_s34b_b79k"}
 HF_HUB = "hf-hub:"
 LOCAL_DIR = "local-dir:"
 DEFAULT_INDEX = "default"
+# What one note contributes to an index: about 2 MB of prose is ~0.5M tokens, ~7k chunks.
+DEFAULT_MAX_NOTE_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ class IndexOptions:
     exact_below: int = 300_000
     vector_memory: int | None = None  # bytes the vector index may take; None: half the RAM
     ray: RaySettings | None = None  # embed on a Ray cluster instead of this machine
+    max_note_bytes: int = DEFAULT_MAX_NOTE_BYTES  # the rest of a longer note: a warning
 
 
 @dataclass(frozen=True)

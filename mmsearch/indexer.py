@@ -242,6 +242,7 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, types, progress
         image_prep=encoder.extras.get("prep"),
         audio=encoder.extras.get("audio_load"),
         modalities=frozenset(m for m in (IMAGE, TEXT, AUDIO) if getattr(encoder, m) is not None),
+        max_note_bytes=options.max_note_bytes,
     )
     _apply(col, encoder, p, settings, options, report, progress)
     return _totals(col, report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 
 import numpy as np
@@ -237,3 +238,15 @@ def test_bad_window_settings_are_a_programming_error(tmp_path):
     p = write(tmp_path / "x.wav", tone(1, 8000), 8000)
     with pytest.raises(ValueError):
         load_audio(p, window_s=5, hop_s=6)
+
+
+@pytest.mark.parametrize("ext", ["mp3", "wav", "flac", "ogg"])
+@pytest.mark.parametrize("size", [100, 5000, 200_000])
+def test_random_bytes_named_as_audio_say_so(tmp_path, ext, size):
+    p = tmp_path / f"noise.{ext}"
+    p.write_bytes(np.random.default_rng(size).bytes(size))
+    reason = reason_for(p)
+    assert reason == "not a readable audio file: format not recognised"  # not "does not exist"
+    with pytest.raises(LoadError) as e:
+        next(iter_windows(os.fsencode(p)))
+    assert e.value.reason == reason

@@ -118,3 +118,29 @@ def test_matches_open_clip_transform(tmp_path, mode):
         ref = ref_t(Image.open(p)).numpy()
         ours = ((load_image(p, prep).astype(np.float32) - mean) / std).transpose(2, 0, 1)
         assert np.abs(ref - ours).max() < 1e-4, (mode, size)
+
+
+def test_query_image_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "query.jpg"
+    os.mkfifo(fifo)
+    # should open() block, a writer releases it after 10 s and the test fails
+    timer = threading.Timer(10, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    timer.start()
+    try:
+        with pytest.raises(LoadError) as e:
+            load_image(fifo, PREP)
+    finally:
+        timer.cancel()
+    assert e.value.reason == "not a regular file (fifo)"
+
+
+def test_decodes_from_an_open_file_like_from_its_path(tmp_path):
+    p = _save(Image.new("RGB", (50, 30), (10, 200, 30)), tmp_path, "a.jpg")
+    with open(p, "rb") as f:
+        with image_loader.open_image(f) as img:
+            assert img.size == (50, 30)  # the header only, so far
+            from_file = image_loader.decode_image(img, PREP)
+    assert (from_file == load_image(p, PREP)).all()

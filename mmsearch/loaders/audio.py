@@ -20,6 +20,7 @@ import soundfile as sf
 import soxr
 
 from ..errors import LoadError
+from . import DEFAULT_DECODE_BUDGET_S, NotRegularFileError, decode_budget, open_regular
 
 # What libsndfile 1.2 decodes (wav/aiff/flac/ogg-vorbis/ogg-opus/mp3 and friends). m4a/aac needs
 # ffmpeg, which libsndfile does not use, so it is not listed.
@@ -104,28 +105,42 @@ def iter_windows(
     hop_s: float = DEFAULT_HOP_S,
     max_seconds: float | None = None,
     info: _StreamInfo | None = None,
+    time_budget_s: float | None = DEFAULT_DECODE_BUDGET_S,
 ) -> Iterator[tuple[float, float, np.ndarray]]:
     """Yield (start_s, end_s, samples) windows while decoding, holding at most a window and a
     block in memory. A LoadError can come after some windows were yielded (a file that turns out
-    damaged halfway): treat it as a failure of the whole file."""
+    damaged halfway): treat it as a failure of the whole file.
+
+    A path that is not a regular file is refused without blocking. Opening the file and reading
+    each block may take at most `time_budget_s` (in a process's main thread; see
+    loaders.decode_budget): a file that stalls the decoder fails instead of stalling the run.
+    Hours-long files are not limited: the budget is per block, not per file."""
     if window_s <= 0 or hop_s <= 0 or hop_s > window_s:
         raise ValueError(f"need 0 < hop_s <= window_s, got window_s={window_s}, hop_s={hop_s}")
     info = info if info is not None else _StreamInfo()
-    fspath = os.fsdecode(path)
     win = int(round(window_s * sample_rate))
     hop = int(round(hop_s * sample_rate))
 
+    # Opened here, not by libsndfile: a path that became a FIFO or a device must not block, and
+    # libsndfile's own open calls unreadable junk "File does not exist".
     try:
-        size = os.path.getsize(fspath)
+        raw = open_regular(path)
+    except NotRegularFileError as e:
+        raise LoadError(e.reason) from None
     except OSError as e:
         raise LoadError(f"cannot read file: {e.strerror or e}") from e
-    if size == 0:
-        raise LoadError("empty file (0 bytes)")
-    try:
-        f = sf.SoundFile(fspath)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as e:
-        raise LoadError(f"not a readable audio file: {_sf_reason(e)}") from e
+    with raw:
+        if os.fstat(raw.fileno()).st_size == 0:
+            raise LoadError("empty file (0 bytes)")
+        try:
+            with decode_budget(time_budget_s):
+                f = sf.SoundFile(raw.fileno(), closefd=False)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as e:
+            raise LoadError(f"not a readable audio file: {_sf_reason(e)}") from e
+        yield from _windows(f, info, sample_rate, win, hop, max_seconds, time_budget_s)
 
+
+def _windows(f, info, sample_rate, win, hop, max_seconds, time_budget_s):
     with f:
         rate, channels = int(f.samplerate), int(f.channels)
         if rate <= 0 or channels <= 0:
@@ -148,7 +163,8 @@ def iter_windows(
         while not done:
             want = BLOCK_FRAMES if limit is None else min(BLOCK_FRAMES, limit - decoded)
             try:
-                block = f.read(want, dtype="float32", always_2d=True) if want > 0 else None
+                with decode_budget(time_budget_s):  # per block: never armed across a yield
+                    block = f.read(want, dtype="float32", always_2d=True) if want > 0 else None
             except (sf.LibsndfileError, RuntimeError, ValueError) as e:
                 raise LoadError(
                     f"audio data is damaged ({_sf_reason(e)}); "
@@ -208,9 +224,17 @@ def _window(start: int, length: int, samples: np.ndarray, rate: int):
     return (start / rate, (start + length) / rate, np.array(samples, dtype=np.float32, copy=True))
 
 
+# libsndfile says this when its format probe gives up on a file it opened itself (random bytes
+# named .mp3); the file exists and is regular, since it was opened here first.
+_MISLEADING = ("File does not exist or is not a regular file",)
+
+
 def _sf_reason(e: Exception) -> str:
     text = str(e).strip()
     # libsndfile messages start with "Error opening '<path>': "; the path is already known.
     if ": " in text and text.startswith("Error opening"):
         text = text.split(": ", 1)[1]
-    return text or type(e).__name__
+    if text.startswith(_MISLEADING):
+        return "format not recognised"
+    text = text.rstrip(".")
+    return (text[:1].lower() + text[1:]) if text else type(e).__name__

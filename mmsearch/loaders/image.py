@@ -5,7 +5,11 @@ Runs in worker processes, so it imports only PIL and numpy.
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -25,24 +29,31 @@ _RESAMPLE = {
 
 
 def load_image(path, prep: ImagePrep) -> np.ndarray:
-    """Open, orient, convert to RGB and resize `path`; raises LoadError with a reason."""
+    """Open, orient, convert to RGB and resize `path` (a path or a binary file object); raises
+    LoadError with a reason. A path that is not a regular file (a FIFO, a device) is refused
+    without blocking."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        from . import NotRegularFileError, open_regular
+
+        try:
+            f = open_regular(path)
+        except NotRegularFileError as e:
+            raise LoadError(e.reason) from None
+        except OSError as e:
+            raise LoadError(f"cannot read file: {e.strerror or e}") from None
+        with f:
+            return load_image(f, prep)
+    with open_image(path) as img:
+        return decode_image(img, prep)
+
+
+@contextmanager
+def _reasons() -> Iterator[None]:
+    """PIL's many exceptions -> LoadError with a reason a user can act on."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise LoadError(f"image too large: {w}x{h} pixels (limit {MAX_PIXELS})")
-                if w == 0 or h == 0:
-                    raise LoadError("image has zero width or height")
-                if prep.draft and img.format == "JPEG":
-                    # DCT-domain downscaling; keep >= 2x the target so the bicubic pass that
-                    # follows stays within the fidelity bound of the reference preprocessing.
-                    img.draft("RGB", (2 * prep.size[1], 2 * prep.size[0]))
-                img.seek(0)  # first frame of animations
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                rgb = to_rgb(img)
+            yield
     except LoadError:
         raise
     except Image.DecompressionBombError as e:
@@ -53,6 +64,38 @@ def load_image(path, prep: ImagePrep) -> np.ndarray:
         raise LoadError("not a recognised image format") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         raise LoadError(f"cannot decode image: {e}") from None
+
+
+@contextmanager
+def open_image(fp: BinaryIO) -> Iterator[Image.Image]:
+    """The image in the open file `fp`, with only its header read: refused (LoadError) when it
+    is not an image, or claims too many pixels, before any pixel data is read. Leaving the
+    block closes the image, and with it `fp` (PIL closes the file it read from)."""
+    with _reasons():
+        img = Image.open(fp)
+    try:
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise LoadError(f"image too large: {w}x{h} pixels (limit {MAX_PIXELS})")
+        if w == 0 or h == 0:
+            raise LoadError("image has zero width or height")
+        yield img
+    finally:
+        img.close()
+
+
+def decode_image(img: Image.Image, prep: ImagePrep) -> np.ndarray:
+    """Decode an image from `open_image`: first frame, EXIF orientation, RGB, resized and
+    cropped for the model as uint8 (H, W, 3)."""
+    with _reasons():
+        if prep.draft and img.format == "JPEG":
+            # DCT-domain downscaling; keep >= 2x the target so the bicubic pass that
+            # follows stays within the fidelity bound of the reference preprocessing.
+            img.draft("RGB", (2 * prep.size[1], 2 * prep.size[0]))
+        img.seek(0)  # first frame of animations
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        rgb = to_rgb(img)
     return resize_crop(rgb, prep)
 
 
