@@ -102,11 +102,17 @@ def read_manifest(index_dir: Path) -> dict | None:
         return None
 
 
+def data_dir(index_dir: Path) -> Path:
+    """The live generation's directory: the index directory, or the `gen-*` one a rebuild
+    switched the manifest to."""
+    return index_dir / ((read_manifest(index_dir) or {}).get("data") or ".")
+
+
 def snapshot(index_dir: Path) -> Snapshot:
     manifest = read_manifest(index_dir) or {}
     key = (manifest.get("encoder") or {}).get("key")
     files, failures = {}, set()
-    db = index_dir / "catalog.sqlite"
+    db = data_dir(index_dir) / "catalog.sqlite"
     if db.is_file():
         con = _connect(db)
         try:
@@ -161,7 +167,7 @@ def check_consistency(index_dir: Path, query: str = "a photo of a dog") -> list[
 
     problems: list[str] = []
     manifest = read_manifest(index_dir)
-    db = index_dir / "catalog.sqlite"
+    db = data_dir(index_dir) / "catalog.sqlite"
     n_files = 0
     unit_ids = np.zeros(0, np.int64)
     unit_vecs: dict[int, np.ndarray] = {}
@@ -200,7 +206,7 @@ def check_consistency(index_dir: Path, query: str = "a photo of a dog") -> list[
             problems.append(f"no manifest/encoder record but {n_files} files in the catalog")
         return problems  # absent or empty: nothing to search
     # the vector file on disk, when the manifest says it reflects the catalog
-    vec_file = index_dir / "vectors.faiss"
+    vec_file = data_dir(index_dir) / "vectors.faiss"
     gen = manifest.get("vectors_generation")
     if vec_file.is_file() and gen is not None and str(gen) == str(meta.get("generation", 0)):
         import faiss

@@ -342,3 +342,16 @@ def test_disk_full_stops_with_one_line_and_keeps_the_last_commit(
     assert not list((small_disk / "indexes" / "default").glob("*.tmp"))
     index_paths(options(None, lib))
     assert len(state()[1]) == 80
+
+
+# --- item 23: a note over --max-note-bytes is indexed up to the cap and the cut is recorded -------
+def test_truncated_note_is_indexed_and_recorded(tiny_model, tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "long.md").write_text("".join(f"line {i} about the sea\n" for i in range(2000)))
+    report = index_paths(options(tiny_model, lib, max_note_bytes=1000))
+    assert report.files == 1 and "truncated at" in report.failures[0][1]
+    with Collection.open_reader(index_root(), "default") as col:
+        assert ["truncated at" in reason for _, reason, _ in col.catalog.failures()] == [True]
+    again = index_paths(options(None, lib, max_note_bytes=1000))
+    assert (again.unchanged, again.failed_now) == (1, 0)  # not retried while unchanged
