@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -252,7 +253,7 @@ def create_open_clip(spec: ModelSpec, device: str = "cpu"):
 
     ckpt = checkpoint_path(spec)
     repo = _model_cfg(spec).get("text_cfg", {}).get("hf_model_name")
-    if repo:  # a Hugging Face text tower: open_clip builds it from the repo's config.json
+    if repo and not os.path.isdir(repo):  # a hub text tower: open_clip reads its config.json
         hub.fetch(repo, "config.json", f"model {spec} (text tower {repo})", "--model")
     try:
         with hub.cache_only():  # open_clip fetches again what checkpoint_path just cached
@@ -279,7 +280,7 @@ def _tokenizer(spec: ModelSpec):
             return open_clip.get_tokenizer(spec.name)
     except Exception:  # noqa: BLE001 - a tokenizer from the hub, not cached yet
         repo = _model_cfg(spec).get("text_cfg", {}).get("hf_tokenizer_name")
-        if hub.offline() or not repo:
+        if hub.offline() or not repo or os.path.isdir(repo):
             raise
         hub.on_hub(repo, "tokenizer_config.json", f"model {spec} (tokenizer {repo})", "--model")
     with hub.quiet():
