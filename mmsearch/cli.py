@@ -397,6 +397,8 @@ def index(
     if as_json:
         _emit_json(report.to_dict())
         return
+    for path, what in report.partial[:20]:
+        _say(f"indexed in part {_shown(path)}: {_one_line(what)}", err=True)
     for path, reason in report.failures[:20]:
         _say(f"skipped {_shown(path)}: {_one_line(reason)}", err=True)
     if len(report.failures) > 20:

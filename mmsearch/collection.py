@@ -138,7 +138,8 @@ class Collection:
 
     def _open(self, repair: bool) -> None:
         self.manifest = self._read_manifest()
-        if not self.manifest:
+        recovering = not self.manifest
+        if recovering:
             found = self._find_catalog()
             if found is None:
                 if not self.writer:
@@ -175,7 +176,7 @@ class Collection:
                 ) from None
             self.damaged.append(catalog_path)
             return
-        if not self.manifest:
+        if recovering:
             self._recover_manifest()
         self._check_generation()
 
@@ -214,7 +215,9 @@ class Collection:
                 f"index {self.name!r}: manifest.json is missing or damaged and the catalog does "
                 f"not record which model made its vectors; {_rebuild_hint(self.name)}"
             )
-        self.manifest = {"name": self.name, "encoder": identity}
+        self.manifest = {"name": self.name, "encoder": identity, "data": self.data_dir.name}
+        if self.data_dir == self.dir:
+            del self.manifest["data"]
         audio = self.catalog.get_meta(META_AUDIO)
         if audio:
             self.manifest["audio_encoder"] = audio

@@ -483,7 +483,7 @@ def _commit_chunk(
             catalog.clear_failure(e.path)
             if x.warning:  # indexed, but not all of it (a note over --max-note-bytes)
                 catalog.record_failure(e, x.warning)
-                report.failures.append((show_path(e.path), x.warning))
+                report.partial.append((show_path(e.path), x.warning))
             src = reuse.get(i)
             if src is not None and old is not None and src.id == old.id:
                 catalog.update_file(old.id, e, x.hash)  # touched, same content: nothing to embed

@@ -91,6 +91,9 @@ class IndexReport:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) from this run
     notes: list[str] = field(default_factory=list)  # damage found and repaired, resumed work
+    # (path, what) for files indexed only in part (a note cut at --max-note-bytes); they are
+    # also listed by `mmsearch failures`
+    partial: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {

@@ -213,6 +213,17 @@ def test_lost_manifest_is_rebuilt_from_the_catalog(built, other_model, damage):
     assert state() == before
 
 
+def test_lost_manifest_after_a_rebuild_finds_the_live_generation(built, tiny_model, other_model):
+    lib, _ = built
+    index_paths(options(other_model, lib, rebuild=True))
+    before = state()
+    (index_root() / "default" / MANIFEST).unlink()
+    assert state() == before
+    with pytest.raises(ModelMismatchError):
+        index_paths(options(tiny_model, lib))
+    assert state() == before
+
+
 @pytest.mark.parametrize("damage", ["delete", "truncate", "zero", "garbage"])
 def test_damaged_catalog_is_named_and_rebuild_is_the_way_out(built, tiny_model, damage):
     lib, before = built
@@ -350,7 +361,7 @@ def test_truncated_note_is_indexed_and_recorded(tiny_model, tmp_path):
     lib.mkdir()
     (lib / "long.md").write_text("".join(f"line {i} about the sea\n" for i in range(2000)))
     report = index_paths(options(tiny_model, lib, max_note_bytes=1000))
-    assert report.files == 1 and "truncated at" in report.failures[0][1]
+    assert report.files == 1 and not report.failures and "truncated at" in report.partial[0][1]
     with Collection.open_reader(index_root(), "default") as col:
         assert ["truncated at" in reason for _, reason, _ in col.catalog.failures()] == [True]
     again = index_paths(options(None, lib, max_note_bytes=1000))
