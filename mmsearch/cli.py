@@ -1048,7 +1048,8 @@ def list_(index_dir: IndexDir = None, as_json: Json = False, debug: Debug = Fals
     for name in names:
         with Collection.open_reader(root, name) as col:
             counts = col.catalog.counts()
-            model = (col.encoder_identity or {}).get("spec")
+            # an index whose model never loaded still says which one it will use
+            model = (col.encoder_identity or {}).get("spec") or col.manifest.get("model_spec")
         if as_json:
             _emit_json(
                 {

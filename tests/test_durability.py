@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -366,3 +368,77 @@ def test_truncated_note_is_indexed_and_recorded(tiny_model, tmp_path):
         assert ["truncated at" in reason for _, reason, _ in col.catalog.failures()] == [True]
     again = index_paths(options(None, lib, max_note_bytes=1000))
     assert (again.unchanged, again.failed_now) == (1, 0)  # not retried while unchanged
+
+
+# --- items 13, 19: a lost or damaged WAL -----------------------------------------------------------
+@pytest.mark.parametrize("damage", ["delete", "truncate", "zero"])
+def test_lost_wal_is_reported_and_the_next_run_restores(built, damage, tmp_path):
+    lib, _ = built
+    photos(lib, 3, start=5)
+    # A writer killed while another connection holds the catalog: its last commits stay in the
+    # -wal file, never checkpointed into catalog.sqlite.
+    script = (
+        "import os, sqlite3, sys\n"
+        "from pathlib import Path\n"
+        "from mmsearch.config import IndexOptions, EncoderOptions, index_root\n"
+        "from mmsearch.indexer import index_paths\n"
+        "db = sqlite3.connect(sys.argv[2]); db.execute('SELECT 1 FROM files').fetchall()\n"
+        "index_paths(IndexOptions(roots=(Path(sys.argv[1]),), root_dir=index_root(), workers=0,\n"
+        "    encoder=EncoderOptions(precision='fp32')))\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    catalog = data_dir() / CATALOG
+    subprocess.run([sys.executable, "-c", script, str(lib), str(catalog)], check=False)
+    wal = catalog.with_name(CATALOG + "-wal")
+    assert wal.stat().st_size > 0
+    if damage == "delete":
+        wal.unlink()
+    elif damage == "truncate":
+        with open(wal, "r+b") as f:
+            f.truncate(100)
+    else:
+        wal.write_bytes(b"\0" * wal.stat().st_size)
+    catalog.with_name(CATALOG + "-shm").unlink(missing_ok=True)
+    with Collection.open_reader(index_root(), "default") as col:
+        assert any("missing commits" in n and "5 of 8 files" in n for n in col.notes)
+    assert state()[2] == 5  # what the catalog holds, never the lost files' stale vectors
+    report = index_paths(options(None, lib))
+    assert report.added == 3 and len(state()[1]) == 8
+
+
+# --- item 4: Ctrl-C on the command line ------------------------------------------------------------
+def test_ctrl_c_commits_and_exits_130_without_tracebacks(tiny_model, tmp_path):
+    import signal
+    import time
+
+    lib = tmp_path / "lib"
+    for i in range(600):
+        make_image(lib / f"d{i // 100}" / f"p{i:03d}.png", pattern=i, size=(40, 32))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmsearch.cli", "index", str(lib), "--model", str(tiny_model),
+         "--workers", "1", "--batch-size", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    catalog = index_root() / "default" / CATALOG
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if catalog.is_file():
+            with sqlite3.connect(f"file:{catalog}?mode=ro", uri=True) as db:
+                try:
+                    if db.execute("SELECT COUNT(*) FROM files").fetchone()[0] > 0:
+                        break
+                except sqlite3.OperationalError:
+                    pass
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be interrupted")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; everything committed so far is kept" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    kept = len(state()[1])
+    assert 0 < kept < 600
+    report = index_paths(options(None, lib))
+    assert (report.unchanged, report.added) == (kept, 600 - kept)
