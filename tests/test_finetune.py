@@ -807,7 +807,7 @@ def test_symmetric_infonce_matches_open_clip_and_masks_shared_files():
     import torch
     from open_clip.loss import ClipLoss
 
-    from mmsearch.finetune.loss import clip_loss
+    from mmsearch.losses import clip_loss
 
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)

@@ -387,7 +387,7 @@ def _accumulate(encode, micro, split, groups_all, logit_scale, scaler, autocast)
     so the gradients add up to the full-batch gradient."""
     import torch
 
-    from .loss import clip_loss
+    from ..losses import clip_loss
 
     def scale(k: int):
         if logit_scale is None:
