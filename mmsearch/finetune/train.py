@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import DEFAULT_MODEL, ModelSpec
 from ..errors import LoadError, UsageError
-from ..items import AUDIO, IMAGE
+from ..items import IMAGE
 from .evaluate import Progress, Recall, _quiet, decode_images, recall_at_k
 from .methods import DEFAULT_LORA_TARGETS, DEFAULT_LR, METHODS
 from .pairs import UNDECODABLE, PairSet, Skipped, split_by_file
@@ -182,7 +182,8 @@ def finetune(
     progress: Progress | None = None,
     val_pairs: PairSet | None = None,
 ) -> FinetuneResult:
-    """Fine-tune `config.model` on `pairs`; evaluate on `val_pairs` or on held-out files of `pairs`.
+    """Fine-tune `config.model` on the image pairs of `pairs`; evaluate on `val_pairs` or on
+    held-out files of `pairs`. Audio pairs are left to `finetune.audio.train_audio_projector`.
 
     `progress(event, **info)` is called with events: "load_model", "data", "decode", "features",
     "resume", "eval", "step", "epoch", "checkpoint", "warning", "done".
@@ -472,12 +473,9 @@ class _Split:
 
 def _prepare_data(pairs, val_pairs, prep, tokenizer, config, progress):
     skipped = list(pairs.skipped) + (list(val_pairs.skipped) if val_pairs is not None else [])
+    # Audio pairs are not skipped: `finetune.audio.train_audio_projector` trains them (the CLI
+    # runs it after this), so they are neither used nor counted here.
     image_pairs = pairs.of(IMAGE).pairs
-    # HOOK(audio): audio pairs will train the audio projector of mmsearch/encoders/audio.py against
-    # the frozen CLIP text tower and save it in the same model directory. Until then they are
-    # counted as skipped, and image pairs train as usual.
-    for p in pairs.of(AUDIO).pairs:
-        skipped.append(Skipped(str(p.path), "audio pair: audio fine-tuning is not available yet"))
     val_image_pairs = val_pairs.of(IMAGE).pairs if val_pairs is not None else []
     files = list(dict.fromkeys([p.path for p in image_pairs] + [p.path for p in val_image_pairs]))
     if not files:
