@@ -149,3 +149,34 @@ def test_audio_pairs_train_the_projector_saved_with_the_model(tiny_model, tmp_pa
     assert r.exit_code == 0, r.output
     info = json.loads(cli("info", "--json").stdout)
     assert info["modalities"]["audio"]["files"] == 20
+
+
+def test_mixed_image_and_audio_pairs_train_both_and_skip_neither(tiny_model, tmp_path, monkeypatch):
+    """Audio pairs beside image pairs train the audio projector; the summary does not also list
+    them as skipped (it once said "audio fine-tuning is not available yet" while training them)."""
+    from test_audio_cli import few_captions, tone
+    from test_audio_tower import make_tiny_clap
+
+    few_captions(monkeypatch)
+    clap = make_tiny_clap(tmp_path / "clap")
+    pairs = make_pairs(tmp_path / "set")  # 24 image pairs, plus 3 that are skipped
+    with open(pairs, "a") as f:
+        for k, freq in enumerate([200, 900, 2500, 6000]):
+            for i in range(3):
+                tone(tmp_path / "set" / "snd" / f"c{k}_{i}.wav", freq * (1 + 0.02 * i), 1.0)
+                f.write(f"snd/c{k}_{i}.wav,sound number {k}\n")
+    out = tmp_path / "mixed"
+    r = cli(
+        "finetune", pairs, "--out", out, "--model", tiny_model, "--method", "head",
+        "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25", "--audio-model", clap,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    skipped_line = next(line for line in r.stderr.splitlines() if line.startswith("skipped pairs"))
+    assert "audio" not in skipped_line
+    assert skipped_line.startswith("skipped pairs: ") and skipped_line.count(",") == 2  # 3 kinds
+    assert "training pairs (18 files), 6 held out (6 files)" in r.stdout  # the image run
+    audio_line = next(line for line in r.stdout.splitlines() if line.startswith("audio: "))
+    assert audio_line.startswith("audio: 9 training pairs, 3 held out")
+    log = json.loads((out / "training_log.json").read_text())
+    assert "audio pair" not in log["data"]["skipped"]
+    assert (out / "audio_projector.safetensors").is_file()

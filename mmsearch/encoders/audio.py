@@ -615,13 +615,14 @@ def _refine(xt, yt, xv, yv, w0, b0, s: FitSettings):
     import torch
     import torch.nn.functional as F
 
+    from ..losses import info_nce
+
     gen = torch.Generator().manual_seed(s.seed)
     X, Y = torch.from_numpy(xt).float(), torch.from_numpy(yt).float()
     w = torch.from_numpy(w0).float().clone().requires_grad_(True)
     b = torch.from_numpy(b0).float().clone().requires_grad_(True)
     opt = torch.optim.Adam([w, b], lr=s.refine_lr)
     batch = min(512, len(X))
-    labels = torch.arange(batch)
     best = (retrieval_scores(xv @ w0 + b0, yv), w0, b0)
     check = max(1, s.refine_steps // 10)
     for step in range(1, s.refine_steps + 1):
@@ -629,8 +630,7 @@ def _refine(xt, yt, xv, yv, w0, b0, s: FitSettings):
         xb = X[idx] + s.noise * torch.randn(len(idx), X.shape[1], generator=gen)
         xb = F.normalize(xb, dim=-1)
         z = F.normalize(xb @ w + b, dim=-1)
-        logits = z @ Y[idx].T / s.temperature
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        loss = info_nce(z, Y[idx], temperature=s.temperature)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -198,22 +198,13 @@ class _Set:
         """Symmetric InfoNCE over the pairs `rows` (sorted)."""
         import torch
 
+        from ..losses import clip_loss
+
         files, inv = torch.unique(self.pair_file[rows], return_inverse=True)
         audio = projector(self.clap_vectors(head, files)[inv])
-        return _info_nce(audio, self.text[self.pair_text[rows]], scale, inv, self.pair_text[rows])
-
-
-def _info_nce(audio, text, scale, file_ids, text_ids):
-    """Symmetric InfoNCE; rows that share a file or a caption are not each other's negatives."""
-    import torch
-    import torch.nn.functional as F
-
-    logits = scale * F.normalize(audio, dim=-1) @ F.normalize(text, dim=-1).T
-    same = (file_ids[:, None] == file_ids[None, :]) | (text_ids[:, None] == text_ids[None, :])
-    same.fill_diagonal_(False)
-    logits = logits.masked_fill(same, float("-inf"))
-    labels = torch.arange(len(logits))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        text_ids = self.pair_text[rows]
+        # rows that share a file or a caption are not each other's negatives
+        return clip_loss(audio, self.text[text_ids], scale, groups=(inv, text_ids))
 
 
 def _cpu_head(tower: ClapAudioTower):

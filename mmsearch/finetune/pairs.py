@@ -133,8 +133,8 @@ def clean_caption(text) -> str:
 
 
 def modality_of(path: Path) -> str | None:
-    """image or audio (audio pairs are read and counted now; the audio projector trains on them
-    later); None for anything else, notes included."""
+    """image or audio (audio pairs train the audio projector, `finetune.audio`); None for
+    anything else, notes included."""
     m = _modality_by_extension(str(path))
     return m if m in (IMAGE, AUDIO) else None
 

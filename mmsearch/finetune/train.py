@@ -10,7 +10,7 @@ replaced `latest.json`, so an interrupt at any moment leaves the previous one in
 Files written to `config.out`:
     open_clip_config.json, open_clip_model.safetensors  the best epoch, adapters merged
     training_log.json                                   config, data counts, per-epoch history
-    curve.png                                           loss and recall curves (needs matplotlib)
+    curve.png                                           loss and recall curves (the `plot` extra)
     checkpoint/                                         while training (kept with keep_checkpoint)
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import DEFAULT_MODEL, ModelSpec
 from ..errors import LoadError, UsageError
-from ..items import AUDIO, IMAGE
+from ..items import IMAGE
 from .evaluate import Progress, Recall, _quiet, decode_images, recall_at_k
 from .methods import DEFAULT_LORA_TARGETS, DEFAULT_LR, METHODS
 from .pairs import UNDECODABLE, PairSet, Skipped, split_by_file
@@ -41,6 +41,7 @@ from .pairs import UNDECODABLE, PairSet, Skipped, split_by_file
 FORMAT_VERSION = 1
 LOG_NAME = "training_log.json"
 CURVE_NAME = "curve.png"
+PLOT_HINT = "install mmsearch[plot] for the curve PNG"  # the result's note without matplotlib
 CHECKPOINT_DIR = "checkpoint"
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the temperature the same way
 # Fields that may differ between a run and its --resume (they do not change what is computed).
@@ -182,7 +183,8 @@ def finetune(
     progress: Progress | None = None,
     val_pairs: PairSet | None = None,
 ) -> FinetuneResult:
-    """Fine-tune `config.model` on `pairs`; evaluate on `val_pairs` or on held-out files of `pairs`.
+    """Fine-tune `config.model` on the image pairs of `pairs`; evaluate on `val_pairs` or on
+    held-out files of `pairs`. Audio pairs are left to `finetune.audio.train_audio_projector`.
 
     `progress(event, **info)` is called with events: "load_model", "data", "decode", "features",
     "resume", "eval", "step", "epoch", "checkpoint", "warning", "done".
@@ -352,7 +354,9 @@ def finetune(
         )  # fmt: skip
 
     # --- finish: curve, log, drop the checkpoint ------------------------------------------------
-    curve = _plot_curve(st, out / CURVE_NAME, progress) if config.plot else None
+    curve = _plot_curve(st, out / CURVE_NAME) if config.plot else None
+    if config.plot and curve is None:
+        note = f"{note}; {PLOT_HINT}" if note else PLOT_HINT
     _write_log(out, config, spec, adapted, train, val, skipped, st, finished=True)
     if not config.keep_checkpoint:
         shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -387,7 +391,7 @@ def _accumulate(encode, micro, split, groups_all, logit_scale, scaler, autocast)
     so the gradients add up to the full-batch gradient."""
     import torch
 
-    from .loss import clip_loss
+    from ..losses import clip_loss
 
     def scale(k: int):
         if logit_scale is None:
@@ -472,12 +476,9 @@ class _Split:
 
 def _prepare_data(pairs, val_pairs, prep, tokenizer, config, progress):
     skipped = list(pairs.skipped) + (list(val_pairs.skipped) if val_pairs is not None else [])
+    # Audio pairs are not skipped: `finetune.audio.train_audio_projector` trains them (the CLI
+    # runs it after this), so they are neither used nor counted here.
     image_pairs = pairs.of(IMAGE).pairs
-    # HOOK(audio): audio pairs will train the audio projector of mmsearch/encoders/audio.py against
-    # the frozen CLIP text tower and save it in the same model directory. Until then they are
-    # counted as skipped, and image pairs train as usual.
-    for p in pairs.of(AUDIO).pairs:
-        skipped.append(Skipped(str(p.path), "audio pair: audio fine-tuning is not available yet"))
     val_image_pairs = val_pairs.of(IMAGE).pairs if val_pairs is not None else []
     files = list(dict.fromkeys([p.path for p in image_pairs] + [p.path for p in val_image_pairs]))
     if not files:
@@ -1091,20 +1092,20 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _plot_curve(st: dict, path: Path, progress) -> Path | None:
-    try:
-        import matplotlib
+def _plot_curve(st: dict, path: Path) -> Path | None:
+    """Loss and recall curves as a PNG; None when matplotlib (the `plot` extra) is missing.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Matplotlib's object API (a Figure on its own Agg canvas, no pyplot): the caller's backend
+    and pyplot's global figures are left alone."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
-        progress(
-            "warning",
-            message="matplotlib is not installed (pip install matplotlib); no curve.png",
-        )
         return None
     hist = st["history"]
-    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_rec = fig.subplots(1, 2)
     losses = st["step_losses"]
     if losses:
         ax_loss.plot(np.arange(1, len(losses) + 1), losses, lw=0.7, alpha=0.5, label="step")
@@ -1131,6 +1132,5 @@ def _plot_curve(st: dict, path: Path, progress) -> Path | None:
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
     return path
