@@ -215,9 +215,10 @@ class Collection:
                 f"index {self.name!r}: manifest.json is missing or damaged and the catalog does "
                 f"not record which model made its vectors; {_rebuild_hint(self.name)}"
             )
-        self.manifest = {"name": self.name, "encoder": identity, "data": self.data_dir.name}
-        if self.data_dir == self.dir:
-            del self.manifest["data"]
+        data = self.data_dir
+        self.manifest = {"name": self.name, "encoder": identity}
+        if data != self.dir:
+            self.manifest["data"] = data.name
         audio = self.catalog.get_meta(META_AUDIO)
         if audio:
             self.manifest["audio_encoder"] = audio
