@@ -23,8 +23,9 @@ from .embed import Interrupted, embed_loaded
 from .encoders import Encoder, attach_audio, create_encoder, export_query_tower
 from .errors import IndexNotFoundError, ModelError, ModelMismatchError, UsageError
 from .files import check_roots, walk
-from .items import AUDIO, IMAGE, MODALITIES, TEXT, FileEntry, IndexReport, Segment, show_path
+from .items import AUDIO, MODALITIES, FileEntry, IndexReport, Segment, show_path
 from .loaders import Loaded, LoadSettings, load_file
+from .modalities import TABLE
 from .store import FileRow
 
 Progress = Callable[..., None]
@@ -241,7 +242,7 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, types, progress
     settings = LoadSettings(
         image_prep=encoder.extras.get("prep"),
         audio=encoder.extras.get("audio_load"),
-        modalities=frozenset(m for m in (IMAGE, TEXT, AUDIO) if getattr(encoder, m) is not None),
+        modalities=frozenset(m.name for m in TABLE if getattr(encoder, m.tower) is not None),
         max_note_bytes=options.max_note_bytes,
     )
     _apply(col, encoder, p, settings, options, report, progress)
