@@ -36,6 +36,7 @@ from .config import (
     index_root,
 )
 from .errors import MMSearchError, UsageError
+from .modalities import MODALITIES, span_of
 
 
 class IndexType(str, enum.Enum):
@@ -44,11 +45,9 @@ class IndexType(str, enum.Enum):
     ivf = "ivf"
 
 
-class Modality(str, enum.Enum):
-    image = "image"
-    text = "text"
-    audio = "audio"
-    any = "any"
+# --type: the modalities of modalities.TABLE, or any.
+Modality = enum.Enum("Modality", [(m, m) for m in (*MODALITIES, "any")], type=str)
+TYPE_HELP = f"What to find: {', '.join(MODALITIES)} or any."
 
 
 # Exit statuses, as grep and ripgrep use them; shown by --help and in the README.
@@ -515,9 +514,7 @@ def search(
     image: Annotated[Path | None, typer.Option("--image", help="Query by example image.")] = None,
     audio: Annotated[Path | None, typer.Option("--audio", help="Query by example sound.")] = None,
     k: Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")] = 10,
-    kind: Annotated[
-        Modality, typer.Option("--type", "-t", help="What to find: image, text, audio or any.")
-    ] = Modality.any,
+    kind: Annotated[Modality, typer.Option("--type", "-t", help=TYPE_HELP)] = Modality.any,
     index_name: IndexName = DEFAULT_INDEX,
     index_dir: IndexDir = None,
     device: Device = "auto",
@@ -546,7 +543,7 @@ def search(
             continue
         where = ""
         if hit.start is not None:
-            if hit.modality == "audio":
+            if span_of(hit.modality) == "seconds":
                 where = f"  [{_clock(hit.start)}-{_clock(hit.end)}]"
             else:
                 where = f"  [lines {d['start']}-{d['end']}]"

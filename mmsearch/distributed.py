@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from .config import RaySettings
+from .embed import embed_loaded
 from .errors import ModelMismatchError, UsageError
 from .items import FileEntry, Segment
 from .loaders import Loaded, LoadSettings, file_hash, load_file
@@ -82,8 +83,6 @@ class EmbedActor:
         self.audio_key = self.encoder.audio.identity["key"] if self.encoder.audio else ""
 
     def __call__(self, batch: dict) -> dict:
-        from .indexer import _embed
-
         entries = [
             FileEntry(bytes(p), str(m), int(s), int(t))
             for p, m, s, t in zip(
@@ -103,10 +102,8 @@ class EmbedActor:
                     continue
             loaded.append(load_file(e, self.settings))
         ok = [x for x in loaded if x.error is None and x.payload is not _REUSED]
-        results = dict(
-            zip((id(x) for x in ok), _embed(self.encoder, ok, self.batch_size, _no_tick),
-                strict=True)
-        )  # fmt: skip
+        embedded = embed_loaded(self.encoder, ok, self.batch_size, _no_tick)
+        results = dict(zip((id(x) for x in ok), embedded, strict=True))
         out = {k: [] for k in ("hash", "error", "reason", "segments", "vectors", "dim")}
         for x in loaded:
             result = results.get(id(x))
@@ -161,7 +158,7 @@ def ray_chunks(todo, vanished, encoder, settings: LoadSettings, options,
                ray_settings: RaySettings, cache_dir):  # fmt: skip
     """(loaded files, path -> embedding result) per committed chunk, computed on the cluster.
 
-    Results are what `indexer._embed` returns per file: (segments, vectors) or a reason string;
+    Results are what `embed.embed_loaded` returns per file: (segments, vectors) or a reason string;
     files whose content the index already holds (see `known_hashes`) have none.
     """
     ray = connect(ray_settings)

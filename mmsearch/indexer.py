@@ -19,12 +19,13 @@ import numpy as np
 from .atomic import write_error
 from .collection import Collection, model_cache_dir
 from .config import DEFAULT_MODEL, IndexOptions, ModelSpec
+from .embed import Interrupted, embed_loaded
 from .encoders import Encoder, attach_audio, create_encoder, export_query_tower
-from .errors import IndexNotFoundError, LoadError, ModelError, ModelMismatchError, UsageError
+from .errors import IndexNotFoundError, ModelError, ModelMismatchError, UsageError
 from .files import check_roots, walk
-from .items import AUDIO, IMAGE, MODALITIES, TEXT, FileEntry, IndexReport, Segment, show_path
+from .items import AUDIO, MODALITIES, FileEntry, IndexReport, Segment, show_path
 from .loaders import Loaded, LoadSettings, load_file
-from .loaders.text import chunk_note
+from .modalities import TABLE
 from .store import FileRow
 
 Progress = Callable[..., None]
@@ -241,7 +242,7 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, types, progress
     settings = LoadSettings(
         image_prep=encoder.extras.get("prep"),
         audio=encoder.extras.get("audio_load"),
-        modalities=frozenset(m for m in (IMAGE, TEXT, AUDIO) if getattr(encoder, m) is not None),
+        modalities=frozenset(m.name for m in TABLE if getattr(encoder, m.tower) is not None),
         max_note_bytes=options.max_note_bytes,
     )
     _apply(col, encoder, p, settings, options, report, progress)
@@ -366,9 +367,8 @@ def _chunks(col, encoder, p: Plan, settings: LoadSettings, options: IndexOptions
             missing = [x for x in items if x.entry.path not in results]
             if missing:
                 again = [load_file(x.entry, settings) for x in missing]
-                done = _embed(encoder, [x for x in again if x.error is None], options.batch_size,
-                              lambda n: None)  # fmt: skip
-                fresh = iter(done)
+                ok = [x for x in again if x.error is None]
+                fresh = iter(embed_loaded(encoder, ok, options.batch_size, lambda n: None))
                 for x in again:
                     results[x.entry.path] = x.error if x.error is not None else next(fresh)
             tick(len(items))
@@ -403,13 +403,6 @@ def _load_chunks(todo, settings: LoadSettings, options: IndexOptions) -> Iterato
 def _ignore_interrupt() -> None:
     """Decode workers leave Ctrl-C to the parent, which commits and stops them: no tracebacks."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class _Interrupted(Exception):
-    """Ctrl-C while embedding: carries the results finished so far, to be committed."""
-
-    def __init__(self, partial: list):
-        self.partial = partial
 
 
 def _commit_chunk(
@@ -454,12 +447,12 @@ def _commit_chunk(
     if embed is None:
 
         def embed(items, tick):
-            return _embed(encoder, items, options.batch_size, tick)
+            return embed_loaded(encoder, items, options.batch_size, tick)
 
     interrupted = False
     try:
         embedded = embed([ok[i] for i in first_of_hash.values()], counted)
-    except _Interrupted as stop:  # Ctrl-C: what is embedded is committed, then we stop
+    except Interrupted as stop:  # Ctrl-C: what is embedded is committed, then we stop
         embedded, interrupted = stop.partial, True
     not_done = set()
     for (digest, _i), result in zip(first_of_hash.items(), embedded, strict=True):
@@ -531,56 +524,6 @@ def _fail(catalog, entry: FileEntry, reason: str, old: FileRow | None, removed_i
     report.failures.append((show_path(entry.path), reason))
 
 
-def _embed(encoder: Encoder, items: list[Loaded], batch_size: int, tick) -> list:
-    """(segments, vectors) per item, or a reason string for an item that could not be embedded.
-    Calls `tick(n)` as files are done, once per file."""
-    out: list = [None] * len(items)
-    try:
-        _embed_into(out, encoder, items, batch_size, tick)
-    except KeyboardInterrupt:
-        # notes whose chunks were cut but not embedded count as not done
-        done = [None if isinstance(r, tuple) and r[1] is None else r for r in out]
-        raise _Interrupted(done) from None
-    return out
-
-
-def _embed_into(out: list, encoder: Encoder, items: list[Loaded], batch_size: int, tick) -> None:
-    images = [i for i, x in enumerate(items) if x.entry.modality == IMAGE]
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        vecs = encoder.image.embed([items[i].payload for i in batch], batch_size)
-        for j, i in enumerate(batch):
-            out[i] = ([Segment()], vecs[j : j + 1])
-        tick(len(batch))
-    notes = [i for i, x in enumerate(items) if x.entry.modality == TEXT]
-    if notes:
-        tower = encoder.text
-        limit = tower.context_length - 2
-        texts, owners = [], []
-        for i in notes:
-            chunks = chunk_note(items[i].payload, tower.count_tokens, limit)
-            if not chunks:
-                out[i] = "empty note (no text)"
-                continue
-            if len(chunks) == 1:  # a one-chunk note is the whole file
-                c = chunks[0]
-                chunks = [Segment(c.start, c.end, c.text)]
-            out[i] = (chunks, None)
-            texts += [c.text for c in chunks]
-            owners += [i] * len(chunks)
-        if texts:
-            vecs = encoder.text.embed(texts, batch_size)
-            owners_arr = np.array(owners)
-            for i in set(owners):
-                segs = [Segment(s.start, s.end) for s in out[i][0]]
-                out[i] = (segs, vecs[owners_arr == i])
-        tick(len(notes))
-    sounds = [i for i, x in enumerate(items) if x.entry.modality == AUDIO]
-    for i in sounds:
-        out[i] = _embed_recording(encoder, items[i].entry.path, batch_size)
-        tick(1)
-
-
 def align_audio(options: IndexOptions, progress: Progress | None = None) -> IndexReport:
     """Fit the audio projector afresh for this index's models and re-embed its audio files.
 
@@ -629,24 +572,3 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
         col.close()
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _embed_recording(encoder: Encoder, path: bytes, batch_size: int):
-    """Decode and embed a recording window by window; (segments, vectors) or a failure reason."""
-    from .loaders.audio import iter_windows
-
-    segments, parts, batch = [], [], []
-    try:
-        for start, end, samples in iter_windows(path, **encoder.extras["audio_load"]):
-            segments.append(Segment(start, end))
-            batch.append(samples)
-            if len(batch) == batch_size:
-                parts.append(encoder.audio.embed(batch, batch_size))
-                batch = []
-    except LoadError as e:  # also when damage shows up halfway: the whole file fails
-        return e.reason
-    if batch:
-        parts.append(encoder.audio.embed(batch, batch_size))
-    if not segments:
-        return "no audio samples"
-    return segments, np.concatenate(parts)

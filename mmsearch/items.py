@@ -6,10 +6,9 @@ import base64
 import os
 from dataclasses import dataclass, field
 
-IMAGE = "image"
-TEXT = "text"
-AUDIO = "audio"
-MODALITIES = (IMAGE, TEXT, AUDIO)
+# The modality names, defined with the rest of each modality in `modalities`; kept importable
+# from here, where they always were.
+from .modalities import AUDIO, IMAGE, MODALITIES, TEXT  # noqa: F401
 
 
 def show_path(path: bytes) -> str:

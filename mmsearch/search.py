@@ -219,7 +219,7 @@ class Searcher:
             raise UsageError("-k must be at least 1")
         modality = modality or self.options.modality
         if modality not in (*MODALITIES, "any"):
-            raise UsageError(f"unknown --type {modality!r}; use image, text, audio or any")
+            raise UsageError(f"unknown --type {modality!r}; use {', '.join(MODALITIES)} or any")
         check_query(query, image, audio)  # before a model loads
         q = self.query_vector(query, image, audio)
         return self.rank(q, k, modality)

@@ -17,32 +17,19 @@ from typing import Any, BinaryIO
 
 from ..config import DEFAULT_MAX_NOTE_BYTES
 from ..errors import LoadError
-from ..items import AUDIO, IMAGE, TEXT, FileEntry
+from ..items import FileEntry
+from ..modalities import BY_EXTENSION, IMAGE, TEXT
 
 DEFAULT_DECODE_BUDGET_S = 60.0
 HASH_BLOCK = 1 << 20  # bytes read at a time when hashing
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # absent on Windows, which has no FIFOs to open
 _O_NOCTTY = getattr(os, "O_NOCTTY", 0)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-TEXT_EXTENSIONS = frozenset({".txt", ".md"})
-# libsndfile's formats; .m4a is listed so that without a decoder it is recorded as a failure
-# with its reason rather than silently ignored.
-AUDIO_EXTENSIONS = frozenset(
-    {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aiff", ".aif", ".aifc",
-     ".au", ".caf", ".w64"}
-)  # fmt: skip
-
-_BY_EXT = {
-    **{e: IMAGE for e in IMAGE_EXTENSIONS},
-    **{e: TEXT for e in TEXT_EXTENSIONS},
-    **{e: AUDIO for e in AUDIO_EXTENSIONS},
-}
-
 
 def modality_of(name: bytes | str) -> str | None:
+    """The modality a file name's extension says (see `modalities.TABLE`), or None."""
     ext = os.path.splitext(os.fsdecode(name))[1].lower()
-    return _BY_EXT.get(ext)
+    return BY_EXTENSION.get(ext)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,59 @@
+"""One entry per modality: which files it takes, which tower embeds them, how a hit's place in
+the file reads, and which function of `mmsearch.embed` embeds them.
+
+A leaf module (it imports nothing of mmsearch), so that loaders, which must start fast in worker
+processes, can read it. Adding a modality means one entry here plus its loader (`loaders/`), its
+tower (an `Encoder` attribute) and its embed function (`embed.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+IMAGE = "image"
+TEXT = "text"
+AUDIO = "audio"
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str  # as stored in the catalog and given to --type
+    extensions: frozenset[str]  # lower-case, with the dot
+    tower: str  # the Encoder attribute holding the tower that embeds it
+    # What a hit's start/end are: none (the whole file), line numbers or seconds.
+    span: Literal["none", "lines", "seconds"]
+    # The function in mmsearch.embed that embeds a list of loaded files of this modality (named,
+    # not imported: embed.py imports the encoders, which this leaf module must not).
+    embed: str
+
+
+# libsndfile's formats; .m4a is listed so that without a decoder it is recorded as a failure
+# with its reason rather than silently ignored.
+_AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aiff", ".aif", ".aifc",
+     ".au", ".caf", ".w64"}
+)  # fmt: skip
+
+TABLE: tuple[Modality, ...] = (
+    Modality(
+        IMAGE,
+        frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}),
+        tower="image",
+        span="none",
+        embed="embed_images",
+    ),
+    Modality(TEXT, frozenset({".txt", ".md"}), tower="text", span="lines", embed="embed_notes"),
+    Modality(AUDIO, _AUDIO_EXTENSIONS, tower="audio", span="seconds", embed="embed_recordings"),
+)
+
+MODALITIES: tuple[str, ...] = tuple(m.name for m in TABLE)
+BY_NAME: dict[str, Modality] = {m.name: m for m in TABLE}
+BY_EXTENSION: dict[str, str] = {ext: m.name for m in TABLE for ext in m.extensions}
+
+
+def span_of(name: str) -> str:
+    """What a hit's start/end mean for modality `name`; line numbers for one this version does
+    not know (an index written by a newer one)."""
+    m = BY_NAME.get(name)
+    return m.span if m is not None else "lines"
