@@ -362,9 +362,10 @@ def index(
 
     ray = None
     if ray_address is not None:
-        from .distributed import check_available
+        from .distributed import check_available, quiet
 
         check_available()
+        quiet()
         ray = RaySettings(address=ray_address, actors=ray_actors)
     elif ray_actors is not None:
         raise UsageError("--ray-actors goes with --ray")

@@ -36,30 +36,37 @@ def _ray():
 
 
 def connect(settings: RaySettings):
-    """Join the cluster at `settings.address` (or start a local one) unless already connected."""
-    # Ray's own chatter (startup notices, Ray Data's progress lines, the core worker's C++ log)
-    # would drown the command's output; errors still show, and workers log to Ray's log folder.
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    """Join the cluster at `settings.address` (or start a local one) unless already connected.
+
+    Leaves the process's logging as the caller set it (Ray's `configure_logging=False`); how
+    quiet Ray is belongs to the application: see `quiet()`."""
     ray = _ray()
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
         try:
             ray.init(
                 address=settings.address,  # Ray's own: "auto", "local" or ray://
                 include_dashboard=False,
-                log_to_driver=False,
-                logging_level="ERROR",
+                log_to_driver=False,  # workers log to Ray's log folder, not this process
+                configure_logging=False,
             )
         except (ConnectionError, ValueError) as e:  # ValueError: a ray:// without ray[client]
             raise UsageError(
                 f"cannot reach a Ray cluster at {settings.address!r} ({e}); start one with "
                 "`ray start --head`, or use --ray local to run one on this machine"
             ) from e
-    ctx = ray.data.DataContext.get_current()
+    return ray
+
+
+def quiet() -> None:
+    """For a command line: Ray's own chatter (startup notices, Ray Data's progress lines, the core
+    worker's C++ log) would drown the command's output; errors still show. Changes process-wide
+    settings, so the CLI calls it, never the library."""
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    ctx = _ray().data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    return ray
 
 
 class EmbedActor:
