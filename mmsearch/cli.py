@@ -998,6 +998,8 @@ def info(
             "created": col.manifest.get("created"),
             "updated": col.manifest.get("updated"),
             "format_version": col.manifest.get("format_version"),
+            # an interrupted --rebuild or align-audio that the next one resumes
+            "unfinished_rebuild": col.manifest.get("pending"),
         }
     if as_json:
         _emit_json(data)

@@ -5,6 +5,7 @@ the index still answers with what it had, nothing is mixed, and the way out is o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -86,6 +87,12 @@ def test_failed_rebuild_keeps_the_old_index_and_the_next_one_resumes(
             progress=stop_after(6),
         )
     assert state() == before  # the old model's index answers, whole
+    from typer.testing import CliRunner
+
+    from mmsearch.cli import app
+
+    shown = CliRunner().invoke(app, ["info", "--json"])
+    assert json.loads(shown.stdout)["unfinished_rebuild"].startswith("gen-")
     report = index_paths(options(other_model, lib, rebuild=True))
     assert "resumed an unfinished rebuild" in report.notes
     after = state()
