@@ -202,17 +202,27 @@ def test_text_file_named_mp3(tmp_path):
     assert "not a readable audio file" in reason_for(p)
 
 
-def test_truncated_flac_is_handled(tmp_path):
-    good = write(tmp_path / "good.flac", tone(5, 16000), 16000)
+def test_truncated_flac_yields_the_whole_blocks_then_fails_the_file(tmp_path):
+    """A 20 s FLAC cut at half its bytes (about 10 s of audio) decodes block by block
+    (BLOCK_FRAMES = 65536 frames, 4.096 s at 16 kHz): the first two blocks (8.192 s) decode, the
+    third reaches the cut and libsndfile reports lost sync. iter_windows yields the 2 s windows of
+    the decoded audio, then raises; load_audio fails the whole file with the same reason."""
+    good = write(tmp_path / "good.flac", tone(20, 16000), 16000)
     data = good.read_bytes()
     p = tmp_path / "cut.flac"
     p.write_bytes(data[: len(data) // 2])
-    try:
-        a = load_audio(p, sample_rate=16000)
-    except LoadError as e:
-        assert e.reason
-    else:  # libsndfile may return the decodable half: then it must be that half
-        assert 1.0 < a.duration < 5.0
+    reason = r"^audio data is damaged \(.*lost sync.*\); 8\.2 s decoded before the damage$"
+
+    got = []
+    with pytest.raises(LoadError, match=reason):
+        for window in iter_windows(p, sample_rate=16000, window_s=2, hop_s=2):
+            got.append(window)
+    assert [(s, e) for s, e, _ in got] == [(0.0, 2.0), (2.0, 4.0), (4.0, 6.0), (6.0, 8.0)]
+    full = sf.read(str(good), dtype="float32")[0]
+    np.testing.assert_array_equal(np.concatenate([w for _, _, w in got]), full[: 8 * 16000])
+
+    with pytest.raises(LoadError, match=reason):
+        load_audio(p, sample_rate=16000)
 
 
 def test_nan_samples(tmp_path):

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from mmsearch.cli import app
+from mmsearch.encoders.audio import load_projector
 
 runner = CliRunner()
 COLORS = {
@@ -51,6 +52,18 @@ def make_pairs(root: Path) -> Path:
     return out
 
 
+def assert_best_epoch_kept(result: dict, epochs: int) -> None:
+    """`history` holds the held-out recall before training (epoch 0) and after each epoch;
+    `after` is the recall of `best_epoch`, the first epoch with the highest mean (0: no epoch beat
+    the model before training, which was kept)."""
+    history = result["history"]
+    assert [h["epoch"] for h in history] == list(range(epochs + 1))
+    assert history[0]["recall"] == result["before"]
+    means = [h["recall"]["mean"] for h in history]
+    assert result["best_epoch"] == means.index(max(means))
+    assert result["after"] == history[result["best_epoch"]]["recall"]
+
+
 def test_finetune_eval_and_reindex(tiny_model, tmp_path):
     pairs = make_pairs(tmp_path)
     out = tmp_path / "models" / "mine"
@@ -60,7 +73,8 @@ def test_finetune_eval_and_reindex(tiny_model, tmp_path):
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
-    assert result["before"]["text_to_image"] and result["after"]["mean"] >= result["before"]["mean"]
+    assert result["before"]["text_to_image"]
+    assert_best_epoch_kept(result, epochs=2)
     assert sum(result["skipped"].values()) == 3
     assert result["skipped"]["outside the pairs file's folder"] == 1
     assert (out / "open_clip_config.json").is_file()
@@ -142,7 +156,10 @@ def test_audio_pairs_train_the_projector_saved_with_the_model(tiny_model, tmp_pa
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     audio = json.loads(r.stdout)["audio"]
-    assert audio["after"]["mean"] >= audio["before"]["mean"] or audio["kept"] == "before"
+    # Four clearly different tones: the projector fitted on them beats the text bridge on the
+    # held-out sounds (0.775 -> 1.0 at the time of writing), so it is the one written.
+    assert audio["after"]["mean"] > audio["before"]["mean"] and audio["kept"] == "after"
+    assert load_projector(out / "audio_projector.safetensors").meta["method"] == "finetuned"
     assert (out / "audio_projector.safetensors").is_file()
     assert (out / "open_clip_model.safetensors").is_file()
     r = cli("index", tmp_path / "snd", "--model", out, "--audio-model", clap, "--json")

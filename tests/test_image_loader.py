@@ -71,15 +71,50 @@ def test_gif_first_frame(tmp_path):
     assert out[..., 0].mean() > 200 and out[..., 1].mean() < 60
 
 
+def _pattern(mode: str, size=(30, 20)) -> Image.Image:
+    """A `size` (w, h) image of seeded random pixels: a shift, flip, transposed crop, a channel
+    mix-up or another resampling filter each change most of its resized pixels."""
+    w, h = size
+    shape = (h, w) if mode == "L" else (h, w, 3)
+    return Image.fromarray(np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def _pil_reference(p) -> np.ndarray:
+    """What PREP should give for a 30x20 file, computed by PIL alone: RGB, shortest side to 32
+    (30x20 -> 48x32, bicubic), centre crop of 32 columns starting at (48 - 32) / 2 = 8."""
+    with Image.open(p) as img:
+        rgb = img.convert("RGB")
+    out = rgb.resize((48, 32), Image.Resampling.BICUBIC).crop((8, 0, 40, 32))
+    return np.asarray(out, dtype=np.int16)
+
+
 @pytest.mark.parametrize("ext", ["bmp", "tiff", "webp", "png", "jpeg"])
 def test_formats(tmp_path, ext):
-    p = _save(Image.new("RGB", (30, 20), (0, 200, 0)), tmp_path, f"x.{ext}")
-    assert load_image(p, PREP).shape == (32, 32, 3)
+    lossy = ext in ("jpeg", "webp")  # PIL writes WebP lossy by default
+    p = _save(_pattern("RGB"), tmp_path, f"x.{ext}")
+    out = load_image(p, PREP)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(np.int16) - _pil_reference(p)).max() <= 1
+    if not lossy:  # lossless: the same as resizing the source pixels, never written to disk
+        src = np.asarray(
+            _pattern("RGB").resize((48, 32), Image.Resampling.BICUBIC).crop((8, 0, 40, 32))
+        )
+        assert np.abs(out.astype(np.int16) - src).max() <= 1
+    # a solid colour comes back as exactly that colour (lossy formats within their quantisation)
+    p = _save(Image.new("RGB", (30, 20), (0, 200, 0)), tmp_path, f"solid.{ext}")
+    tol = 3 if lossy else 0
+    assert np.abs(load_image(p, PREP).astype(np.int16) - (0, 200, 0)).max() <= tol
 
 
 def test_grayscale(tmp_path):
-    p = _save(Image.new("L", (30, 20), 100), tmp_path, "g.png")
-    assert load_image(p, PREP).shape == (32, 32, 3)
+    p = _save(_pattern("L"), tmp_path, "g.png")
+    out = load_image(p, PREP)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    # grey stays grey: the three channels are the one grey channel
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    assert np.abs(out.astype(np.int16) - _pil_reference(p)).max() <= 1
+    p = _save(Image.new("L", (30, 20), 100), tmp_path, "solid.png")
+    assert (load_image(p, PREP) == 100).all()
 
 
 def test_truncated_and_garbage_give_reasons(tmp_path):

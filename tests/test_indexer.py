@@ -16,7 +16,7 @@ from mmsearch.indexer import index_paths
 from mmsearch.search import Searcher
 
 
-def run(tiny_model, *roots, **kw):
+def run(tiny_model, *roots, progress=None, **kw):
     opts = IndexOptions(
         roots=tuple(Path(r) for r in roots),
         root_dir=index_root(),
@@ -24,7 +24,7 @@ def run(tiny_model, *roots, **kw):
         workers=kw.pop("workers", 0),
         **kw,
     )
-    return index_paths(opts)
+    return index_paths(opts, progress)
 
 
 def paths_in_index(name="default") -> set[str]:
@@ -204,29 +204,25 @@ def test_second_writer_is_refused(tiny_model, media):
         holder.close()
 
 
-def test_crash_mid_run_keeps_committed_chunks_and_resumes(tiny_model, tmp_path, monkeypatch):
-    import mmsearch.indexer as indexer
+class Killed(BaseException):
+    """Not an Exception nor a KeyboardInterrupt (which commits what is embedded): a crash."""
 
+
+def test_crash_mid_run_keeps_committed_chunks_and_resumes(tiny_model, tmp_path):
     d = tmp_path / "many"
     for i in range(10):
         make_image(d / f"img{i:02}.png", pattern=100 + i)
-    real_commit = indexer._commit_chunk
-    calls = {"n": 0}
 
-    def dying_commit(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # as if killed while embedding the third chunk
-        return real_commit(*a, **k)
+    def dies_in_third_chunk(stage, done, total):
+        if stage == "embed" and done > 6:
+            raise Killed  # as if killed while embedding the third chunk of three files
 
-    monkeypatch.setattr(indexer, "_commit_chunk", dying_commit)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_model, d, commit_every=3)
+    with pytest.raises(Killed):
+        run(tiny_model, d, commit_every=3, progress=dies_in_third_chunk)
     assert len(paths_in_index()) == 6  # two chunks of three were committed
     # the index still answers queries from its last commit
     with Searcher(SearchOptions()) as s:
         assert len(s.search(image=d / "img00.png", k=50)) == 6
-    monkeypatch.setattr(indexer, "_commit_chunk", real_commit)
     r = run(tiny_model, d, commit_every=3)
     assert (r.added, r.unchanged, r.files, r.vectors) == (4, 6, 10, 10)
 
