@@ -111,6 +111,17 @@ def open_regular(path: bytes | str | os.PathLike) -> BinaryIO:
         raise
 
 
+def open_for_decoding(path: bytes | str | os.PathLike) -> BinaryIO:
+    """`open_regular` for a decoder: a path that cannot be used raises LoadError with the reason
+    (not a regular file, or why it cannot be read)."""
+    try:
+        return open_regular(path)
+    except NotRegularFileError as e:
+        raise LoadError(e.reason) from None
+    except OSError as e:
+        raise LoadError(f"cannot read file: {e.strerror or e}") from None
+
+
 def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 

@@ -20,7 +20,7 @@ import soundfile as sf
 import soxr
 
 from ..errors import LoadError
-from . import DEFAULT_DECODE_BUDGET_S, NotRegularFileError, decode_budget, open_regular
+from . import DEFAULT_DECODE_BUDGET_S, decode_budget, open_for_decoding
 
 # What libsndfile 1.2 decodes (wav/aiff/flac/ogg-vorbis/ogg-opus/mp3 and friends). m4a/aac needs
 # ffmpeg, which libsndfile does not use, so it is not listed.
@@ -123,13 +123,7 @@ def iter_windows(
 
     # Opened here, not by libsndfile: a path that became a FIFO or a device must not block, and
     # libsndfile's own open calls unreadable junk "File does not exist".
-    try:
-        raw = open_regular(path)
-    except NotRegularFileError as e:
-        raise LoadError(e.reason) from None
-    except OSError as e:
-        raise LoadError(f"cannot read file: {e.strerror or e}") from e
-    with raw:
+    with open_for_decoding(path) as raw:
         if os.fstat(raw.fileno()).st_size == 0:
             raise LoadError("empty file (0 bytes)")
         try:

@@ -33,15 +33,9 @@ def load_image(path, prep: ImagePrep) -> np.ndarray:
     LoadError with a reason. A path that is not a regular file (a FIFO, a device) is refused
     without blocking."""
     if isinstance(path, (str, bytes, os.PathLike)):
-        from . import NotRegularFileError, open_regular
+        from . import open_for_decoding
 
-        try:
-            f = open_regular(path)
-        except NotRegularFileError as e:
-            raise LoadError(e.reason) from None
-        except OSError as e:
-            raise LoadError(f"cannot read file: {e.strerror or e}") from None
-        with f:
+        with open_for_decoding(path) as f:
             return load_image(f, prep)
     with open_image(path) as img:
         return decode_image(img, prep)
