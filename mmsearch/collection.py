@@ -602,11 +602,3 @@ class Collection:
             return
         self._vectors = None  # freed before the new one is built
         self._vectors = self._rebuild_vectors(want, progress=progress)
-
-
-def remove_index(root_dir: Path, name: str) -> None:
-    col = Collection.open_writer(root_dir, name)
-    try:
-        shutil.rmtree(col.dir)
-    finally:
-        col.close()
