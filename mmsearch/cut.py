@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .atomic import replace_file
 from .errors import LoadError, UsageError
 from .loaders import DEFAULT_DECODE_BUDGET_S
 from .loaders.ffmpeg import ffmpeg_reason, header_duration, media_origin, open_media
+from .storage.atomic import replace_file
 
 KEYFRAME_SLACK_S = 1.0
 _FINE = Fraction(1, 90000)  # time base of re-encoded video (MPEG's clock)

@@ -17,6 +17,9 @@ FORMATS = {
     ".mkv": ("matroska", "h264", "libopus"),
     ".webm": ("webm", "libvpx-vp9", "libopus"),
     ".avi": ("avi", "mpeg4", "mp3"),
+    # sound only (video=False)
+    ".m4a": ("ipod", None, "aac"),
+    ".aac": ("adts", None, "aac"),
 }
 
 
@@ -44,7 +47,8 @@ def make_video(
 ) -> Path:
     """Write `scenes` [(scene, seconds)] (see `picture`) one after the other at `fps`, with a
     `tone` Hz sine soundtrack at 16 kHz (None: no sound). `gop` is the keyframe interval in
-    frames, `noise` the amplitude of per-frame random noise, `rotation` the display rotation."""
+    frames, `noise` the amplitude of per-frame random noise, `rotation` the display rotation;
+    `video=False` writes the sound alone (an .m4a or .aac recording, an audio-only .mp4)."""
     import av
 
     fmt, vcodec, acodec = FORMATS[path.suffix.lower()]

@@ -119,6 +119,10 @@ def check_video_header(container, stream) -> None:
     stream.codec_context.options = {"max_pixels": str(MAX_FRAME_PIXELS)}
 
 
+class NoAudioStream(LoadError):
+    """The file has no audio stream (a silent video)."""
+
+
 class AudioReader:
     """A soundfile.SoundFile look-alike over the first audio stream of a PyAV container:
     `samplerate`, `channels`, `frames` (from the header, None when it gives no duration) and
@@ -131,7 +135,7 @@ class AudioReader:
 
         streams = container.streams.audio
         if not streams:
-            raise LoadError("no audio stream")
+            raise NoAudioStream("no audio stream")
         self._stream = stream = streams[0]
         ctx = stream.codec_context
         self.samplerate = int(ctx.sample_rate or 0)
@@ -139,7 +143,10 @@ class AudioReader:
         duration = header_duration(container, stream)
         self.frames = None if duration is None else int(round(duration * self.samplerate))
         if self.samplerate <= 0 or self.channels <= 0:
-            return  # the caller refuses the header
+            raise LoadError(
+                f"no readable audio: the stream's header says {self.samplerate} Hz, "
+                f"{self.channels} channel(s)"
+            )
         # Packed float32 at the stream's own rate and layout (a layout or rate that changes
         # mid-stream is converted to the first one): downmixing and resampling are the caller's.
         self._resampler = av.AudioResampler(

@@ -37,8 +37,6 @@ from .ffmpeg import (
     open_media,
 )
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp"})
-
 THUMB = (32, 18)  # width, height of the thumbnails compared (the aspect does not matter)
 # Decoding may take this many seconds per second of video (plus the base budget) before the
 # rest of the file is given up: 5x covers 4K HEVC on a slow CPU with room to spare.
@@ -143,9 +141,11 @@ class _Sampler:
                 yield Shot(start, t, kept)
             start, anchor = (0.0 if kept is None else t), thumb
             kept = self._keep(frame)
-        end = self.end
-        if not self.info.notes and self.header_s is not None and end < self.header_s <= end + 1:
-            end = self.header_s  # the last frames were not decoded (NONREF) or are shorter
+        end, told = self.end, self.header_s
+        if not self.info.notes and told is not None and end < told <= end + 1:
+            end = told  # the last frames were not decoded (NONREF) or are shorter
+        elif not self.info.notes and told is not None and end < 0.9 * told - 1:
+            self._stop(f"the frames end at {end:.1f} s but the header says {told:.1f} s")
         self.info.duration = end
         if kept is None:
             reason = self.info.notes.pop() if self.info.notes else "no frame could be decoded"

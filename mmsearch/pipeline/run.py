@@ -21,7 +21,7 @@ from ..embed import Interrupted, embed_loaded
 from ..encoders import Encoder, attach_audio, create_encoder, export_query_tower
 from ..errors import IndexNotFoundError, ModelError, ModelMismatchError, UsageError
 from ..loaders import Loaded, LoadSettings, load_file
-from ..modalities import TABLE
+from ..modalities import BY_NAME, TABLE
 from ..records import AUDIO, MODALITIES, FileEntry, IndexReport, Segment, show_path
 from ..storage.atomic import write_error
 from ..storage.catalog import FileRow
@@ -72,7 +72,7 @@ def index_paths(options: IndexOptions, progress: Progress | None = None) -> Inde
         eager = options.encoder.model is not None or options.rebuild or not col.encoder_identity
         encoder = _encoder_for(col, options) if eager else None
         report = _run(col, encoder, roots, options, types, progress)
-        report.notes = list(col.notes)
+        report.notes = list(col.notes) + report.notes
     finally:
         col.close()
     report.seconds = time.perf_counter() - started
@@ -227,18 +227,21 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, types, progress
         encoder = _encoder_for(col, options)
     if encoder is None:  # nothing to embed: only removals
         encoder = Encoder(identity=col.encoder_identity, dim=col.dim)
-    if encoder.audio is None and any(e.modality == AUDIO for e, _ in p.todo):
+    if encoder.audio is None and any(BY_NAME[e.modality].uses(AUDIO) for e, _ in p.todo):
         try:
             _attach_audio(col, encoder, options, progress)
         except (ModelError, OSError) as e:
             # A missing audio model fails the recordings, not the run; they are retried on
-            # every run until it loads.
+            # every run until it loads. Videos keep their frames, without their sound.
             reason = (
                 f"audio model could not be loaded ({e}); pass --audio-model with a CLAP model "
                 "that loads (a hub id or a local directory) and run mmsearch index again"
             )
-            _fail_model(col, [x for x in p.todo if x[0].modality == AUDIO], reason, report)
-            p.todo = [x for x in p.todo if x[0].modality != AUDIO]
+            needs = [x for x in p.todo if BY_NAME[x[0].modality].tower == AUDIO]
+            _fail_model(col, needs, reason, report)
+            p.todo = [x for x in p.todo if BY_NAME[x[0].modality].tower != AUDIO]
+            if any(BY_NAME[e.modality].uses(AUDIO) for e, _ in p.todo):
+                report.notes.append(f"videos are indexed without their sound: {reason}")
     settings = LoadSettings(
         image_prep=encoder.extras.get("prep"),
         audio=encoder.extras.get("audio_load"),
@@ -477,9 +480,11 @@ def _commit_chunk(
                 _fail(catalog, e, reason, old, removed_ids, report)
                 continue
             catalog.clear_failure(e.path)
-            if x.warning:  # indexed, but not all of it (a note over --max-note-bytes)
-                catalog.record_failure(e, x.warning)
-                report.partial.append((show_path(e.path), x.warning))
+            # indexed, but not all of it (a note over --max-note-bytes, a video damaged halfway)
+            warning = x.warning or (fresh[x.hash].warning if x.hash in fresh else None)
+            if warning:
+                catalog.record_failure(e, warning)
+                report.partial.append((show_path(e.path), warning))
             src = reuse.get(i)
             if src is not None and old is not None and src.id == old.id:
                 catalog.update_file(old.id, e, x.hash)  # touched, same content: nothing to embed
@@ -496,7 +501,7 @@ def _commit_chunk(
                 segments = [s for s, _ in units]
                 vecs = np.stack([v for _, v in units]) if units else np.zeros((0, encoder.dim))
             else:
-                segments, vecs = fresh[x.hash]
+                segments, vecs = fresh[x.hash].segments, fresh[x.hash].vectors
             if old is None:
                 file_id = catalog.add_file(e, x.hash)
                 report.added += 1
@@ -525,7 +530,8 @@ def _fail(catalog, entry: FileEntry, reason: str, old: FileRow | None, removed_i
 
 
 def align_audio(options: IndexOptions, progress: Progress | None = None) -> IndexReport:
-    """Fit the audio projector afresh for this index's models and re-embed its audio files.
+    """Fit the audio projector afresh for this index's models and re-embed its recordings and
+    videos (whose sound is embedded with it).
 
     Written as a new generation (the other files' vectors are copied over): killed, the index
     answers with the old projector as before, and running it again resumes."""
@@ -547,22 +553,27 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
         done = col.catalog.files_under([b"/"])
         rows = [r for r in live.files_under([b"/"]).values() if r.path not in done]
         todo, gone = [], 0
+        sounding = {m.name for m in TABLE if m.uses(AUDIO)}  # recordings, and videos' sound
         for row in rows:
-            if row.modality != AUDIO:
+            if row.modality not in sounding:
                 continue
             try:
                 st = os.stat(row.path)
             except OSError:
                 gone += 1
                 continue
-            todo.append((FileEntry(row.path, AUDIO, st.st_size, st.st_mtime_ns), None))
+            todo.append((FileEntry(row.path, row.modality, st.st_size, st.st_mtime_ns), None))
         if not done:  # a fresh generation: the failures stay recorded
             with col.catalog.transaction():
                 col.catalog.copy_failures(live.all_failures())
-        p = Plan(todo, 0, {}, [], carry=[r for r in rows if r.modality != AUDIO])
+        p = Plan(todo, 0, {}, [], carry=[r for r in rows if r.modality not in sounding])
         report = IndexReport(removed=gone)
-        settings = LoadSettings(modalities=frozenset({AUDIO}), audio=encoder.extras["audio_load"])
-        # every recording is embedded afresh: no reuse of the vectors being replaced
+        settings = LoadSettings(
+            image_prep=encoder.extras.get("prep"),
+            audio=encoder.extras["audio_load"],
+            modalities=frozenset(sounding),
+        )
+        # every recording (and video) is embedded afresh: no reuse of the vectors being replaced
         _apply(col, encoder, p, settings, options, report, progress, reuse_ok=False)
         report.updated, report.unchanged = report.added, 0
         report.added = 0
