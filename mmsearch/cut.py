@@ -86,15 +86,17 @@ def cut_clip(
             raise UsageError(f"start={start:g} s is past the end ({duration:.1f} s)")
         end = min(end, duration) if duration is not None else end
         origin = media_origin(src)
-        why = _why_not_copy(src, streams, start, origin, kind)
-        if why is None and copy is not False:
-            keyframe = _keyframe_before(src, streams[0], start, origin)
-            try:
-                return _write(out, lambda f: _copy(src, streams, keyframe, end, origin, f, kind))
-            except _CannotCopy as e:
-                why = str(e)
-        if copy is True:
-            raise UsageError(f"cannot copy the streams into {out.suffix}: {why}")
+        if copy is not False:
+            keyframe, why = _copy_start(src, streams, start, origin, kind)
+            if keyframe is not None:
+                try:
+                    return _write(
+                        out, lambda f: _copy(src, streams, keyframe, end, origin, f, kind)
+                    )
+                except _CannotCopy as e:
+                    why = str(e)
+            if copy is True:
+                raise UsageError(f"cannot copy the streams into {out.suffix}: {why}")
         return _write(out, lambda f: _encode(src, streams, start, end, origin, f, kind))
 
 
@@ -112,23 +114,23 @@ class _CannotCopy(Exception):
     pass
 
 
-def _why_not_copy(src, streams, start: float, origin: float, kind: Output) -> str | None:
-    """Why the moment cannot be copied as it is, or None when it can."""
+def _copy_start(src, streams, start: float, origin: float, kind: Output):
+    """(the keyframe a copy starts at, None), or (None, why the moment cannot be copied)."""
     for s in streams:
         name = s.codec_context.name
         if kind.copies is not None and not name.startswith(kind.copies):
-            return f"{kind.muxer} does not hold {name}"
+            return None, f"{kind.muxer} does not hold {name}"
     keyframe = _keyframe_before(src, streams[0], start, origin)
     if keyframe is None:
-        return "no keyframe before the start"
+        return None, "no keyframe before the start"
     if start - keyframe > KEYFRAME_SLACK_S:
-        return f"the keyframe before the start is {start - keyframe:.1f} s earlier"
-    return None
+        return None, f"the keyframe before the start is {start - keyframe:.1f} s earlier"
+    return keyframe, None
 
 
 def _write(out: Path, write) -> Cut:
     box: list[Cut] = []
-    replace_file(out, lambda f: box.append(write(f)))
+    replace_file(out, lambda f: box.append(write(f)), index=False)
     return box[0]
 
 
