@@ -16,8 +16,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from .errors import LoadError, UsageError
-from .loaders import DEFAULT_DECODE_BUDGET_S
 from .loaders.ffmpeg import ffmpeg_reason, header_duration, media_origin, open_media
+from .loaders.files import DEFAULT_DECODE_BUDGET_S
 from .storage.atomic import replace_file
 
 KEYFRAME_SLACK_S = 1.0

@@ -182,12 +182,12 @@ def test_clip_errors_are_one_line(phone, tmp_path):
 
 def test_without_an_audio_model_videos_keep_their_frames(tiny_model, tmp_path, monkeypatch):
     from mmsearch.errors import ModelError
-    from mmsearch.pipeline import run
+    from mmsearch.pipeline import models
 
     def unavailable(*args, **kwargs):
         raise ModelError("no CLAP model here")
 
-    monkeypatch.setattr(run, "attach_audio", unavailable)
+    monkeypatch.setattr(models, "attach_audio", unavailable)
     make_video(tmp_path / "v" / "clip.mp4", [(1, 2), (2, 2)], tone=440.0)
     make_video(tmp_path / "v" / "memo.m4a", [(0, 2)], tone=300.0, video=False)
     r = cli("index", tmp_path / "v", "--model", tiny_model, "--json")

@@ -23,8 +23,8 @@ import soxr
 
 from ..errors import LoadError
 from ..modalities import AUDIO, BY_NAME
-from . import DEFAULT_DECODE_BUDGET_S, decode_budget, open_for_decoding
 from .ffmpeg import DEMUXERS, AudioReader, open_media
+from .files import DEFAULT_DECODE_BUDGET_S, decode_budget, open_for_decoding
 
 AUDIO_TABLE = BY_NAME[AUDIO]
 PYAV_ONLY = frozenset({".m4a", ".aac"})  # libsndfile reads none of these

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..errors import LoadError
-from . import decode_budget, open_for_decoding
+from .files import decode_budget, open_for_decoding
 
 # Extension -> FFmpeg demuxer (MP4, MOV, M4V, M4A and 3GP are one format, as are MKV and WebM).
 DEMUXERS = {

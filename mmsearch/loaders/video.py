@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import LoadError
-from . import DEFAULT_DECODE_BUDGET_S, decode_budget
 from .ffmpeg import (
     MAX_DURATION_S,
     check_video_header,
@@ -36,6 +35,7 @@ from .ffmpeg import (
     media_origin,
     open_media,
 )
+from .files import DEFAULT_DECODE_BUDGET_S, decode_budget
 
 THUMB = (32, 18)  # width, height of the thumbnails compared (the aspect does not matter)
 # Decoding may take this many seconds per second of video (plus the base budget) before the
