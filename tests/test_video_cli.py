@@ -216,3 +216,30 @@ def test_readme_video_section_runs(phone, tmp_path, monkeypatch):
         assert r.exit_code == 0, (line, r.output)
         ran.append(words[1])
     assert ran.count("clip") >= 1 and ran.count("search") >= 1
+
+
+def test_catalog_written_before_units_had_a_modality(tmp_path):
+    import sqlite3
+
+    from mmsearch.records import FileEntry, Segment
+    from mmsearch.storage.catalog import SCHEMA, Catalog
+
+    old = tmp_path / "catalog.sqlite"
+    db = sqlite3.connect(old)
+    db.executescript(SCHEMA.replace(",\n    modality TEXT  --", "  --"))
+    db.execute("INSERT INTO files VALUES (1, X'2F612E6D7034', 'video', 1, 1, 'h')")
+    db.execute("INSERT INTO units VALUES (7, 1, 0.0, 2.0, ?)", (np.ones(4, np.float32).tobytes(),))
+    db.commit()
+    db.close()
+    reader = Catalog(old, readonly=True)  # read as it is: every unit has its file's modality
+    assert reader.units([7])[7].modality == "video"
+    assert list(reader.unit_ids_with_modality("audio")) == []
+    reader.close()
+    writer = Catalog(old)  # a writer adds the column; old units keep their file's modality
+    with writer.transaction():
+        fid = writer.add_file(FileEntry(b"/b.mp4", "video", 1, 1), "h2")
+        writer.replace_units(fid, [Segment(0.0, 2.0), Segment(0.0, 2.0, modality="audio")],
+                             np.ones((2, 4), np.float32))  # fmt: skip
+    assert [writer.units([i])[i].modality for i in writer.unit_ids()] == ["video", "video", "audio"]
+    assert len(writer.unit_ids_with_modality("audio")) == 1
+    assert [s.modality for s, _ in writer.units_of(fid)] == [None, "audio"]
