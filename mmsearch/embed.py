@@ -152,25 +152,21 @@ def _embed_video(encoder: Encoder, path: bytes, batch_size: int):
     shots = iter_shots(path, encoder.prep, info=info)
     frames = _batched(((Segment(s.start, s.end), s.frame) for s in shots), batch_size)
     parts = [(segs, encoder.image.embed(pictures, batch_size)) for segs, pictures in frames]
-    warnings = list(info.notes)
+    sound, deaf = None, None  # the soundtrack's units, or why it could not be embedded
     if encoder.audio is not None:
         try:
             sound = _embed_sound(encoder, path, batch_size, soundtrack=True)
         except NoAudioStream:
-            sound = None
+            pass  # a silent video
         except LoadError as e:
-            sound = None
-            warnings.append(f"soundtrack not indexed: {e.reason}")
-        if sound is not None:
-            parts.append(sound[:2])
+            deaf = e.reason
+    if sound is not None:
+        parts.append((sound.segments, sound.vectors))
     if not parts:  # no video stream, and no sound that could be embedded
-        if warnings:
-            return warnings[-1].replace("soundtrack not indexed: ", "")
-        return (
-            "no video or audio stream"
-            if encoder.audio
-            else "no video stream (sound only, and no audio model)"
-        )
+        if deaf or encoder.audio is not None:
+            return deaf or "no video or audio stream"
+        return "no video stream (sound only, and no audio model)"
+    warnings = info.notes + ([f"soundtrack not indexed: {deaf}"] if deaf else [])
     segments = [seg for segs, _ in parts for seg in segs]
     return Embedded(segments, np.concatenate([v for _, v in parts]), "; ".join(warnings) or None)
 
