@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS units (
     file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
     start REAL,
     end REAL,
-    vector BLOB NOT NULL
+    vector BLOB NOT NULL,
+    modality TEXT  -- NULL: the file's; else the unit's own (a video's soundtrack: audio)
 );
 CREATE INDEX IF NOT EXISTS units_file ON units(file_id);
 CREATE TABLE IF NOT EXISTS failures (
@@ -125,7 +127,21 @@ class Catalog:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            if self._own_modality == "NULL":  # written before units had a modality
+                self.db.execute("ALTER TABLE units ADD COLUMN modality TEXT")
+                del self._own_modality
         self.db.execute("PRAGMA foreign_keys=ON")
+
+    @cached_property
+    def _own_modality(self) -> str:
+        """SQL for a unit's own modality: catalogs written before units had one lack the column
+        (read-only, they are read as they are)."""
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(units)")}
+        return "u.modality" if "modality" in columns else "NULL"
+
+    @property
+    def _unit_modality(self) -> str:
+        return f"COALESCE({self._own_modality}, f.modality)"
 
     def close(self) -> None:
         self.db.close()
@@ -215,9 +231,13 @@ class Catalog:
 
     def units_of(self, file_id: int) -> list[tuple[Segment, np.ndarray]]:
         rows = self.db.execute(
-            "SELECT start, end, vector FROM units WHERE file_id = ? ORDER BY id", (file_id,)
+            f"SELECT start, end, vector, {self._own_modality} FROM units u WHERE file_id = ? "
+            "ORDER BY id",
+            (file_id,),
         )
-        return [(Segment(s, e), np.frombuffer(v, dtype=np.float32)) for s, e, v in rows]
+        return [
+            (Segment(s, e, modality=m), np.frombuffer(v, dtype=np.float32)) for s, e, v, m in rows
+        ]
 
     def unit_ids_of(self, file_id: int) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM units WHERE file_id = ?", (file_id,))]
@@ -261,7 +281,7 @@ class Catalog:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(
-            "SELECT u.id, f.path, f.modality, u.start, u.end FROM units u "
+            f"SELECT u.id, f.path, {self._unit_modality}, u.start, u.end FROM units u "
             f"JOIN files f ON f.id = u.file_id WHERE u.id IN ({marks})",
             ids,
         )
@@ -269,7 +289,8 @@ class Catalog:
 
     def unit_ids_with_modality(self, modality: str) -> np.ndarray:
         rows = self.db.execute(
-            "SELECT u.id FROM units u JOIN files f ON f.id = u.file_id WHERE f.modality = ?",
+            f"SELECT u.id FROM units u JOIN files f ON f.id = u.file_id "
+            f"WHERE {self._unit_modality} = ?",
             (modality,),
         ).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
@@ -323,8 +344,8 @@ class Catalog:
         new = []
         for seg, vec in zip(segments, vectors, strict=True):
             cur = self.db.execute(
-                "INSERT INTO units(file_id, start, end, vector) VALUES (?,?,?,?)",
-                (file_id, seg.start, seg.end, vec.tobytes()),
+                "INSERT INTO units(file_id, start, end, vector, modality) VALUES (?,?,?,?,?)",
+                (file_id, seg.start, seg.end, vec.tobytes(), seg.modality),
             )
             new.append(cur.lastrowid)
         return old, new
