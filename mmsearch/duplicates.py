@@ -1,0 +1,205 @@
+"""Near-duplicates: groups of files that are copies, resized or recompressed versions of each other,
+found from what the index holds (its vectors, and the perceptual hashes of photos); nothing is
+embedded again.
+
+How (measured in benchmarks/bench_duplicates.py):
+- One vector per file (a recording's or a note's segments averaged), so a file is compared as a
+  whole.
+- Candidate pairs: each file's `NEIGHBOURS` nearest files, kept when their cosine reaches the
+  threshold. Exact below `EXACT_BELOW` files (a blocked matrix product, n^2 but in BLAS); above,
+  an IVF-Flat index built for the occasion (~4*sqrt(n) lists, `NPROBE` probed), so the cost
+  grows as n^1.5, not n^2: 1M files in minutes instead of hours. A k-NN graph, not a range
+  search, bounds the memory at n*NEIGHBOURS pairs however loose the threshold.
+- Two photos that both have a perceptual hash must also have hashes at most `max_hash_distance`
+  bits apart: a weak model may score a heavy re-encode below two distinct shots of one scene, the
+  hash does not (re-encodings differ by <= 4 of 64 bits, distinct photos by >= 12).
+- Groups are the connected components of the kept pairs (union-find).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .phash import hamming
+
+EXACT_BELOW = 20_000  # files; an exact k-NN pass over 20k x 512 takes ~2 s on two cores
+NEIGHBOURS = 16  # candidate neighbours per file
+NPROBE = 8  # lists probed per file in the IVF pass
+NO_HASH = None
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Pairs (a[i], b[i]) of row positions, a < b, with their cosine `score`."""
+
+    a: np.ndarray
+    b: np.ndarray
+    score: np.ndarray
+
+    def keep(self, mask: np.ndarray) -> Candidates:
+        return Candidates(self.a[mask], self.b[mask], self.score[mask])
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def near_pairs(
+    vectors: np.ndarray,
+    threshold: float,
+    neighbours: int = NEIGHBOURS,
+    exact_below: int = EXACT_BELOW,
+    nprobe: int = NPROBE,
+) -> Candidates:
+    """Pairs of rows of `vectors` (L2-normalised) with a cosine of at least `threshold`, at
+    most `neighbours` per row (its nearest), each pair once."""
+    x = np.ascontiguousarray(vectors, np.float32)
+    n = len(x)
+    if n < exact_below:
+        blocks = [(np.arange(n), np.arange(n))]
+    else:
+        blocks = _partition(x, nprobe)
+    a, b, s = [], [], []
+    for rows, candidates in blocks:
+        for start in range(0, len(rows), BLOCK):
+            q = rows[start : start + BLOCK]
+            i, j, score = _above(x[q] @ x[candidates].T, threshold, neighbours)
+            a.append(q[i])
+            b.append(candidates[j])
+            s.append(score)
+    return _unique_pairs(np.concatenate(a), np.concatenate(b), np.concatenate(s))
+
+
+BLOCK = 2048  # query rows per matrix product (2048 x 20k scores: 160 MB)
+
+
+def _above(scores: np.ndarray, threshold: float, k: int):
+    """(row, column, score) of the entries >= threshold, at most the k highest per row."""
+    over = scores >= threshold
+    crowded = np.flatnonzero(over.sum(1) > k)
+    if len(crowded):  # rows with more than k: only their k best stay
+        part = scores[crowded]
+        cut = np.partition(part, part.shape[1] - k, axis=1)[:, part.shape[1] - k]
+        over[crowded] &= part >= cut[:, None]
+    i, j = np.nonzero(over)
+    return i, j, scores[i, j]
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> Candidates:
+    """Each unordered pair once (with its score), self-pairs dropped."""
+    ok = a != b
+    lo, hi, s = np.minimum(a, b)[ok], np.maximum(a, b)[ok], s[ok]
+    order = np.lexsort((hi, lo))
+    lo, hi, s = lo[order], hi[order], s[order]
+    first = np.ones(len(lo), bool)
+    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    return Candidates(lo[first], hi[first], s[first].astype(np.float32))
+
+
+def _partition(x: np.ndarray, nprobe: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rows, candidate rows) blocks covering the near pairs of x, as an IVF search of every row
+    would find them: ~2*sqrt(n) k-means cells; each row is stored in the cell of its nearest
+    centroid and searched in the cells of its `nprobe` nearest ones, so a block is a cell's
+    visitors against its residents. Fewer cells than an IVF index's 4*sqrt(n): here every row is
+    a query, and the cost of training and assigning (n * cells) is balanced against that of the
+    comparisons (n * nprobe * n / cells).
+
+    An IVF index's own search costs the same multiply-adds, but one query at a time (measured
+    ~2 GFLOP/s here); a block is one matrix product (BLAS, 10x that)."""
+    from .index import KMEANS_ITERATIONS, TRAIN_POINTS_PER_LIST
+
+    faiss = _faiss()
+    n, dim = x.shape
+    nlist = int(2 ** round(math.log2(2 * math.sqrt(n))))
+    sample = np.random.default_rng(0).choice(n, min(n, TRAIN_POINTS_PER_LIST * nlist), False)
+    kmeans = faiss.Kmeans(dim, nlist, niter=KMEANS_ITERATIONS, seed=1234, spherical=True)
+    kmeans.train(x[np.sort(sample)])
+    _, near = kmeans.index.search(x, min(nprobe, nlist))
+    residents, visitors = _members(near[:, 0], nlist), _members(near.ravel(), nlist, near.shape[1])
+    return [(visitors[c], residents[c]) for c in range(nlist) if len(residents[c])]
+
+
+def _members(cell: np.ndarray, nlist: int, per_row: int = 1) -> list[np.ndarray]:
+    """The rows in each cell, given each row's `per_row` cells (flattened row-major)."""
+    order = np.argsort(cell, kind="stable")
+    bounds = np.searchsorted(cell[order], np.arange(nlist + 1))
+    rows = order // per_row
+    return [rows[bounds[c] : bounds[c + 1]] for c in range(nlist)]
+
+
+def hash_agrees(
+    pairs: Candidates, hashes: tuple[np.ndarray, np.ndarray] | None, max_distance: int
+) -> np.ndarray:
+    """Which pairs the perceptual hashes allow: `hashes` = (values, has), signed 64-bit hashes
+    aligned with the rows and which rows have one. A pair passes when its two hashes are at most
+    `max_distance` bits apart, or when either row has none (the vectors decide alone)."""
+    if hashes is None:
+        return np.ones(len(pairs.a), bool)
+    values, has = hashes
+    both = has[pairs.a] & has[pairs.b]
+    near = hamming(values[pairs.a], values[pairs.b]) <= max_distance
+    return ~both | near
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Union-find over n items joined by edges (a[i], b[i]): each item's component label (the
+    smallest member), by hooking and pointer jumping in numpy, O((n + edges) log n)."""
+    parent = np.arange(n, dtype=np.int64)
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    while len(a):
+        pa, pb = parent[a], parent[b]
+        differ = pa != pb
+        if not differ.any():
+            break
+        lo, hi = np.minimum(pa, pb)[differ], np.maximum(pa, pb)[differ]
+        np.minimum.at(parent, hi, lo)  # hook each root under the smaller one
+        while True:  # pointer jumping: every item straight to its root
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+    return parent
+
+
+@dataclass(frozen=True)
+class Group:
+    """Row positions of one group, best first (see `groups`), and `score`: the lowest cosine
+    between the first and any other member."""
+
+    rows: np.ndarray
+    score: float
+
+
+def groups(
+    vectors: np.ndarray,
+    threshold: float,
+    order_key: np.ndarray,
+    hashes: tuple[np.ndarray, np.ndarray] | None = None,
+    max_hash_distance: int = 8,
+    **search,
+) -> list[Group]:
+    """Groups of near-duplicate rows of `vectors`: pairs at cosine >= `threshold` (and, where
+    both rows have a hash in `hashes` = (values, has), hashes at most `max_hash_distance` bits
+    apart), joined transitively. Within a group rows are sorted by `order_key` (ascending: the
+    caller puts the best first, e.g. minus the pixel count); groups come by score, highest
+    first, then by their first row's key."""
+    pairs = near_pairs(vectors, threshold, **search)
+    pairs = pairs.keep(hash_agrees(pairs, hashes, max_hash_distance))
+    label = components(len(vectors), pairs.a, pairs.b)
+    members = np.unique(np.concatenate([pairs.a, pairs.b]))
+    if not len(members):
+        return []
+    by_label = members[np.argsort(label[members], kind="stable")]
+    cuts = np.flatnonzero(np.diff(label[by_label])) + 1
+    out = []
+    for rows in np.split(by_label, cuts):
+        rows = rows[np.lexsort((rows, order_key[rows]))]
+        score = float((vectors[rows[1:]] @ vectors[rows[0]]).min())
+        out.append(Group(rows, score))
+    out.sort(key=lambda g: (-g.score, order_key[g.rows[0]], int(g.rows[0])))
+    return out
