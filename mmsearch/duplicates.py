@@ -19,16 +19,18 @@ How (measured in benchmarks/bench_duplicates.py):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from .modalities import BY_NAME, TABLE
 from .phash import hamming
+from .records import show_path
 
 EXACT_BELOW = 20_000  # files; an exact k-NN pass over 20k x 512 takes ~2 s on two cores
 NEIGHBOURS = 16  # candidate neighbours per file
 NPROBE = 8  # lists probed per file in the IVF pass
-NO_HASH = None
+MAX_HASH_DISTANCE = 8  # bits of 64; see the module docstring
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def _partition(x: np.ndarray, nprobe: int) -> list[tuple[np.ndarray, np.ndarray]
 
     An IVF index's own search costs the same multiply-adds, but one query at a time (measured
     ~2 GFLOP/s here); a block is one matrix product (BLAS, 10x that)."""
-    from .index import KMEANS_ITERATIONS, TRAIN_POINTS_PER_LIST
+    from .storage.vectors import KMEANS_ITERATIONS, TRAIN_POINTS_PER_LIST
 
     faiss = _faiss()
     n, dim = x.shape
@@ -132,18 +134,12 @@ def _members(cell: np.ndarray, nlist: int, per_row: int = 1) -> list[np.ndarray]
     return [rows[bounds[c] : bounds[c + 1]] for c in range(nlist)]
 
 
-def hash_agrees(
-    pairs: Candidates, hashes: tuple[np.ndarray, np.ndarray] | None, max_distance: int
-) -> np.ndarray:
-    """Which pairs the perceptual hashes allow: `hashes` = (values, has), signed 64-bit hashes
-    aligned with the rows and which rows have one. A pair passes when its two hashes are at most
-    `max_distance` bits apart, or when either row has none (the vectors decide alone)."""
+def hash_agrees(pairs: Candidates, hashes: np.ndarray | None, max_distance: int) -> np.ndarray:
+    """Which pairs have perceptual hashes (signed 64-bit, one per row) at most `max_distance`
+    bits apart; all of them without hashes."""
     if hashes is None:
         return np.ones(len(pairs.a), bool)
-    values, has = hashes
-    both = has[pairs.a] & has[pairs.b]
-    near = hamming(values[pairs.a], values[pairs.b]) <= max_distance
-    return ~both | near
+    return hamming(hashes[pairs.a], hashes[pairs.b]) <= max_distance
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -179,13 +175,13 @@ def groups(
     vectors: np.ndarray,
     threshold: float,
     order_key: np.ndarray,
-    hashes: tuple[np.ndarray, np.ndarray] | None = None,
-    max_hash_distance: int = 8,
+    hashes: np.ndarray | None = None,
+    max_hash_distance: int = MAX_HASH_DISTANCE,
     **search,
 ) -> list[Group]:
-    """Groups of near-duplicate rows of `vectors`: pairs at cosine >= `threshold` (and, where
-    both rows have a hash in `hashes` = (values, has), hashes at most `max_hash_distance` bits
-    apart), joined transitively. Within a group rows are sorted by `order_key` (ascending: the
+    """Groups of near-duplicate rows of `vectors`: pairs at cosine >= `threshold` (and, given
+    `hashes`, one per row, with hashes at most `max_hash_distance` bits apart), joined
+    transitively. Within a group rows are sorted by `order_key` (ascending: the
     caller puts the best first, e.g. minus the pixel count); groups come by score, highest
     first, then by their first row's key."""
     pairs = near_pairs(vectors, threshold, **search)
@@ -203,3 +199,78 @@ def groups(
         out.append(Group(rows, score))
     out.sort(key=lambda g: (-g.score, order_key[g.rows[0]], int(g.rows[0])))
     return out
+
+
+@dataclass(frozen=True)
+class DuplicateFile:
+    path: bytes
+    size: int
+    width: int | None
+    height: int | None
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Files that are copies of one another, best first (the most pixels, then the largest
+    file); `score` is the lowest cosine between the first and any other."""
+
+    modality: str
+    files: list[DuplicateFile]
+    score: float
+
+    def to_dict(self) -> dict:
+        return {
+            "paths": [show_path(f.path) for f in self.files],
+            "score": round(self.score, 6),
+            "modality": self.modality,
+        }
+
+
+@dataclass
+class Duplicates:
+    """What `find_duplicates` found: the groups, most alike first, and per modality the files
+    left out for want of a perceptual hash (indexed by an mmsearch that did not record one)."""
+
+    groups: list[DuplicateGroup] = field(default_factory=list)
+    unhashed: dict[str, int] = field(default_factory=dict)
+
+
+def duplicate_types() -> tuple[str, ...]:
+    """The modalities `find_duplicates` compares (see `Modality.duplicate_cosine`)."""
+    return tuple(m.name for m in TABLE if m.duplicate_cosine is not None)
+
+
+def find_duplicates(
+    catalog,
+    dim: int,
+    modality: str = "any",
+    threshold: float | None = None,
+    max_hash_distance: int = MAX_HASH_DISTANCE,
+) -> Duplicates:
+    """Groups of near-duplicate files in a catalog, within each modality (`any`: each of
+    `duplicate_types()`). Two files are copies when their vectors' cosine reaches `threshold`
+    (default: the modality's `duplicate_cosine`) and, for a modality with `duplicate_hash`, their
+    perceptual hashes are at most `max_hash_distance` bits apart."""
+    found = Duplicates()
+    for m in duplicate_types() if modality == "any" else (modality,):
+        entry = BY_NAME[m]
+        files, vectors = catalog.file_vectors(dim, m)
+        hashes = None
+        if entry.duplicate_hash:
+            has = np.array([f[5] is not None for f in files], bool)
+            if not has.all():
+                found.unhashed[m] = int((~has).sum())
+                files, vectors = [f for f, h in zip(files, has, strict=True) if h], vectors[has]
+            hashes = np.array([f[5] for f in files], np.int64)
+        if len(files) < 2:
+            continue
+        size = np.array([f[2] for f in files], np.int64)
+        pixels = np.array([(f[3] or 0) * (f[4] or 0) for f in files], np.int64)
+        best_first = np.empty(len(files), np.int64)
+        best_first[np.lexsort((np.arange(len(files)), -size, -pixels))] = np.arange(len(files))
+        cut = entry.duplicate_cosine if threshold is None else threshold
+        for g in groups(vectors, cut, best_first, hashes, max_hash_distance):
+            members = [DuplicateFile(files[r][0], *files[r][2:5]) for r in g.rows]
+            found.groups.append(DuplicateGroup(m, members, g.score))
+    found.groups.sort(key=lambda g: -g.score)
+    return found

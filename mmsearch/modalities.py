@@ -26,6 +26,11 @@ class Modality:
     # The function in mmsearch.embed that embeds a list of loaded files of this modality (named,
     # not imported: embed.py imports the encoders, which this leaf module must not).
     embed: str
+    # `mmsearch duplicates`: the cosine two files' vectors need to be copies of each other (None:
+    # this modality is not compared), and whether their perceptual hashes, recorded at index
+    # time (mmsearch.phash), must agree too. Calibrated in benchmarks/bench_duplicates.py.
+    duplicate_cosine: float | None = None
+    duplicate_hash: bool = False
 
 
 # libsndfile's formats; .m4a is listed so that without a decoder it is recorded as a failure
@@ -42,9 +47,18 @@ TABLE: tuple[Modality, ...] = (
         tower="image",
         span="none",
         embed="embed_images",
+        duplicate_cosine=0.6,
+        duplicate_hash=True,
     ),
     Modality(TEXT, frozenset({".txt", ".md"}), tower="text", span="lines", embed="embed_notes"),
-    Modality(AUDIO, _AUDIO_EXTENSIONS, tower="audio", span="seconds", embed="embed_recordings"),
+    Modality(
+        AUDIO,
+        _AUDIO_EXTENSIONS,
+        tower="audio",
+        span="seconds",
+        embed="embed_recordings",
+        duplicate_cosine=0.95,
+    ),
 )
 
 MODALITIES: tuple[str, ...] = tuple(m.name for m in TABLE)

@@ -203,7 +203,7 @@ def plan(
             continue
         present.add(e.path)
         row = known.get(e.path)
-        if row and _same(row, e):
+        if row and _same(row, e) and not row.needs_meta:
             unchanged += 1
         elif row is None and (old := salvage.get(e.path)) is not None and _same(old, e):
             carry.append(old)
@@ -466,8 +466,13 @@ def _commit_chunk(
     added_ids, removed_ids = [], []
     with catalog.transaction():
         for x in loaded:
-            if x.error is not None:
-                _fail(catalog, x.entry, x.error, old_rows.get(x.entry.path), removed_ids, report)
+            old = old_rows.get(x.entry.path)
+            if x.error is None:
+                continue
+            if old is not None and old.needs_meta and _same(old, x.entry):
+                report.unchanged += 1  # only its meta was to be read: it keeps its vectors
+                continue
+            _fail(catalog, x.entry, x.error, old, removed_ids, report)
         for i, x in enumerate(ok):
             e, old = x.entry, old_rows.get(x.entry.path)
             if i not in reuse and x.hash in not_done:
@@ -482,26 +487,31 @@ def _commit_chunk(
                 report.partial.append((show_path(e.path), x.warning))
             src = reuse.get(i)
             if src is not None and old is not None and src.id == old.id:
-                catalog.update_file(old.id, e, x.hash)  # touched, same content: nothing to embed
+                # touched, same content: nothing to embed (x.meta fills in what an index
+                # written by an older mmsearch lacks)
+                catalog.update_file(old.id, e, x.hash, x.meta)
                 report.unchanged += 1
                 continue
             if src is not None and src.path in p.vanished and old is None:
                 # a move: the old row takes the new path and keeps its vectors and ids
-                catalog.update_file(src.id, e, x.hash)
+                catalog.update_file(src.id, e, x.hash, x.meta)
                 del p.vanished[src.path]
                 report.moved += 1
                 continue
+            meta = x.meta
             if src is not None or i in salvaged:
-                units = catalog.units_of(src.id) if src else col.salvage.units_of(salvaged[i].id)
+                source, source_id = (catalog, src.id) if src else (col.salvage, salvaged[i].id)
+                units = source.units_of(source_id)
                 segments = [s for s, _ in units]
                 vecs = np.stack([v for _, v in units]) if units else np.zeros((0, encoder.dim))
+                meta = meta or source.file_meta(source_id)  # same bytes, same meta
             else:
                 segments, vecs = fresh[x.hash]
             if old is None:
-                file_id = catalog.add_file(e, x.hash)
+                file_id = catalog.add_file(e, x.hash, meta)
                 report.added += 1
             else:
-                catalog.update_file(old.id, e, x.hash)
+                catalog.update_file(old.id, e, x.hash, meta)
                 file_id = old.id
                 report.updated += 1
             gone, new = catalog.replace_units(file_id, segments, vecs)
