@@ -40,15 +40,22 @@ def note_lines(
     )
 
 
-def group_by_file(hits: list[Hit]) -> list[Hit]:
-    """One row per file, at the rank of its best hit (that hit's segment), with `more` counting
-    the file's other hits in the list."""
+def group_by_file(hits: list[Hit], k: int) -> list[Hit]:
+    """The first k files of a ranked list, one row each at its best hit (that hit's segment),
+    with `more` counting the file's other hits that score at least as high as the last row:
+    the passages that would have been shown, had the list not been grouped."""
     best: dict[bytes, Hit] = {}
-    count: dict[bytes, int] = {}
     for hit in hits:
         best.setdefault(hit.path, hit)
-        count[hit.path] = count.get(hit.path, 0) + 1
-    return [dataclasses.replace(h, more=count[p] - 1) for p, h in best.items()]
+    rows = list(best.values())[:k]
+    if not rows:
+        return []
+    floor = rows[-1].score
+    count: dict[bytes, int] = {}
+    for hit in hits:
+        if hit.score >= floor:
+            count[hit.path] = count.get(hit.path, 0) + 1
+    return [dataclasses.replace(h, more=count[h.path] - 1) for h in rows]
 
 
 def renumber(hits: list[Hit]) -> list[Hit]:

@@ -293,7 +293,7 @@ class Searcher:
                 if (r := rows.get(uid)) is not None
             ]
             if self.options.group:
-                hits = group_by_file(hits)
+                hits = group_by_file(hits, k)
             # grouping folds a file's segments into one row: look deeper until k files
             if len(hits) >= k or len(ids) < want:
                 break
