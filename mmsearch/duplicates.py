@@ -1,18 +1,17 @@
 """Near-duplicates: groups of files that are copies, resized or recompressed versions of each other,
 found from what the index holds (its vectors, and the perceptual hashes of photos); nothing is
-embedded again.
+embedded again. Measured in benchmarks/bench_duplicates.py.
 
-How (measured in benchmarks/bench_duplicates.py):
-- One vector per file (a recording's or a note's segments averaged), so a file is compared as a
-  whole.
+- One vector per file (a recording's windows averaged), so a file is compared as a whole.
 - Candidate pairs: each file's `NEIGHBOURS` nearest files, kept when their cosine reaches the
-  threshold. Exact below `EXACT_BELOW` files (a blocked matrix product, n^2 but in BLAS); above,
-  an IVF-Flat index built for the occasion (~4*sqrt(n) lists, `NPROBE` probed), so the cost
-  grows as n^1.5, not n^2: 1M files in minutes instead of hours. A k-NN graph, not a range
-  search, bounds the memory at n*NEIGHBOURS pairs however loose the threshold.
-- Two photos that both have a perceptual hash must also have hashes at most `max_hash_distance`
-  bits apart: a weak model may score a heavy re-encode below two distinct shots of one scene, the
-  hash does not (re-encodings differ by <= 4 of 64 bits, distinct photos by >= 12).
+  threshold (a k-NN graph: memory stays at most n * NEIGHBOURS pairs however loose the
+  threshold). Exact below `EXACT_BELOW` files (blocked matrix products, n^2 in BLAS); above, the
+  pass an IVF index makes, one k-means cell at a time (see `_partition`): n^1.5, so 1M files take
+  minutes where the exact pass would take hours.
+- For a modality with `duplicate_hash` (photos), the perceptual hashes must also be at most
+  `max_hash_distance` bits apart: a weak model can score a heavy re-encode below two distinct
+  photos of the same kind of scene; the hashes of re-encodes differ by 0-4 bits of 64, those of
+  distinct photos by 12 or more.
 - Groups are the connected components of the kept pairs (union-find).
 """
 

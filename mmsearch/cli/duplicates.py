@@ -12,6 +12,7 @@ from ..duplicates import MAX_HASH_DISTANCE, duplicate_types
 from ..errors import UsageError
 from ..modalities import BY_NAME
 from .app import (
+    EXIT_CODES,
     NOTHING_FOUND,
     Debug,
     IndexDir,
@@ -29,7 +30,7 @@ DuplicateType = enum.Enum("DuplicateType", [(m, m) for m in (*duplicate_types(),
 _DEFAULTS = ", ".join(f"{m} {BY_NAME[m].duplicate_cosine}" for m in duplicate_types())
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 @handle_errors
 def duplicates(
     threshold: Annotated[
