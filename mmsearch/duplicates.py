@@ -29,7 +29,7 @@ from .records import show_path
 EXACT_BELOW = 20_000  # files; an exact k-NN pass over 20k x 512 takes ~2 s on two cores
 NEIGHBOURS = 16  # candidate neighbours per file
 NPROBE = 8  # lists probed per file in the IVF pass
-MAX_HASH_DISTANCE = 8  # bits of 64; see the module docstring
+MAX_HASH_DISTANCE = 4  # bits of 64; see the module docstring
 
 
 @dataclass(frozen=True)
