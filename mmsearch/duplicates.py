@@ -112,7 +112,7 @@ def _partition(x: np.ndarray, nprobe: int) -> list[tuple[np.ndarray, np.ndarray]
 
     An IVF index's own search costs the same multiply-adds, but one query at a time (measured
     ~2 GFLOP/s here); a block is one matrix product (BLAS, 10x that)."""
-    from .storage.vectors import KMEANS_ITERATIONS, TRAIN_POINTS_PER_LIST
+    from .storage.vectors.faiss_index import KMEANS_ITERATIONS, TRAIN_POINTS_PER_LIST
 
     faiss = _faiss()
     n, dim = x.shape

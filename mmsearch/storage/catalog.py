@@ -218,12 +218,6 @@ class Catalog:
     def unit_ids_of(self, file_id: int) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM units WHERE file_id = ?", (file_id,))]
 
-    def all_vectors(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.db.execute("SELECT id, vector FROM units ORDER BY id").fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, dim)
-        return ids, vecs
-
     def unit_ids(self) -> np.ndarray:
         return np.fromiter(
             (r[0] for r in self.db.execute("SELECT id FROM units ORDER BY id")), np.int64
@@ -270,20 +264,16 @@ class Catalog:
         where, args = flt.where(self.taken_sql) if flt else ("1", [])
         if modality is not None:
             where, args = f"({where}) AND f.modality = ?", [*args, modality]
-        rows = self.db.execute(
-            f"SELECT u.id FROM units u JOIN files f ON f.id = u.file_id WHERE {where}", args
-        )
-        return np.fromiter((r[0] for r in rows), np.int64)
+        return self._unit_ids(where, args)
 
     def unit_ids_of_content(self, path: bytes, digest: str) -> np.ndarray:
         """Ids of the units of the file at `path` and of every file with content hash `digest`
         (its byte-identical copies)."""
-        rows = self.db.execute(
-            "SELECT u.id FROM units u JOIN files f ON f.id = u.file_id "
-            "WHERE f.path = ? OR f.hash = ?",
-            (path, digest),
-        )
-        return np.fromiter((r[0] for r in rows), np.int64)
+        return self._unit_ids("f.path = ? OR f.hash = ?", [path, digest])
+
+    def _unit_ids(self, where: str, args: list) -> np.ndarray:
+        sql = f"SELECT u.id FROM units u JOIN files f ON f.id = u.file_id WHERE {where}"
+        return np.fromiter((r[0] for r in self.db.execute(sql, args)), np.int64)
 
     def file_vectors(self, dim: int, modality: str | None = None) -> tuple[list[tuple], np.ndarray]:
         """Per file of `modality` (None: all), in id order: (path, modality, size, width,
