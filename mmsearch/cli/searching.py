@@ -51,6 +51,7 @@ def search(
         Path | None,
         typer.Option(
             "--queries",
+            metavar="FILE",
             help="Answer every query in FILE (one per line, '-' for stdin; a line may add "
             "--image/--audio FILE) in one process; --json rows carry `query`.",
             show_default=False,
@@ -62,6 +63,7 @@ def search(
         list[str] | None,
         typer.Option(
             "--path",
+            metavar="GLOB",
             help="Only files whose absolute path matches this glob (* and ? match '/' too; a "
             "relative one is taken from here; no wildcard: that folder). Repeatable: any.",
             show_default=False,
@@ -71,6 +73,7 @@ def search(
         str | None,
         typer.Option(
             "--after",
+            metavar="DATE",
             help="Only files taken on or after DATE (YYYY-MM-DD[THH:MM], local time): a "
             "photo's EXIF date, else the file's mtime.",
             show_default=False,
@@ -78,17 +81,24 @@ def search(
     ] = None,
     before: Annotated[
         str | None,
-        typer.Option("--before", help="Only files taken before DATE.", show_default=False),
+        typer.Option(
+            "--before", metavar="DATE", help="Only files taken before DATE.", show_default=False
+        ),
     ] = None,
     min_size: Annotated[
         str | None,
         typer.Option(
-            "--min-size", help="Only files of at least SIZE (e.g. 200k, 2M).", show_default=False
+            "--min-size",
+            metavar="SIZE",
+            help="Only files of at least SIZE (e.g. 200k, 2M).",
+            show_default=False,
         ),
     ] = None,
     max_size: Annotated[
         str | None,
-        typer.Option("--max-size", help="Only files of at most SIZE.", show_default=False),
+        typer.Option(
+            "--max-size", metavar="SIZE", help="Only files of at most SIZE.", show_default=False
+        ),
     ] = None,
     group: Annotated[
         bool,
