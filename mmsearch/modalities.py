@@ -27,6 +27,11 @@ class Modality:
     # The function in mmsearch.embed that embeds a list of loaded files of this modality (named,
     # not imported: embed.py imports the encoders, which this leaf module must not).
     embed: str
+    # `mmsearch duplicates`: the cosine two files' vectors need to be copies of each other (None:
+    # this modality is not compared), and whether their perceptual hashes, recorded at index
+    # time (mmsearch.phash), must agree too. Calibrated in benchmarks/bench_duplicates.py.
+    duplicate_cosine: float | None = None
+    duplicate_hash: bool = False
     # Another tower used when the encoder has one (a video's soundtrack: "audio"); its units
     # are stored with that tower's modality (hits of the soundtrack are "audio" hits).
     also: str | None = None
@@ -48,9 +53,24 @@ _AUDIO_EXTENSIONS = frozenset(
 _VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp"})
 
 TABLE: tuple[Modality, ...] = (
-    Modality(IMAGE, _IMAGE_EXTENSIONS, tower="image", span="none", embed="embed_images"),
+    Modality(
+        IMAGE,
+        _IMAGE_EXTENSIONS,
+        tower="image",
+        span="none",
+        embed="embed_images",
+        duplicate_cosine=0.5,
+        duplicate_hash=True,
+    ),  # fmt: skip
     Modality(TEXT, frozenset({".txt", ".md"}), tower="text", span="lines", embed="embed_notes"),
-    Modality(AUDIO, _AUDIO_EXTENSIONS, tower="audio", span="seconds", embed="embed_recordings"),
+    Modality(
+        AUDIO,
+        _AUDIO_EXTENSIONS,
+        tower="audio",
+        span="seconds",
+        embed="embed_recordings",
+        duplicate_cosine=0.95,
+    ),  # fmt: skip
     # Frames kept by scene change through the image tower, the soundtrack through the audio one.
     Modality(
         VIDEO, _VIDEO_EXTENSIONS, tower="image", span="seconds", embed="embed_videos", also=AUDIO

@@ -38,6 +38,21 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class FileMeta:
+    """What a file says about itself beyond its stat, read when it is loaded: for a photo, when
+    it was taken (EXIF DateTimeOriginal), its size in pixels and its perceptual hash (`phash`).
+    None where unknown; a file's mtime stands in for `taken`."""
+
+    taken: float | None = None  # POSIX seconds
+    phash: int | None = None  # signed 64-bit, see mmsearch.phash
+    width: int | None = None
+    height: int | None = None
+
+    def values(self) -> tuple:
+        return (self.taken, self.phash, self.width, self.height)
+
+
+@dataclass(frozen=True)
 class Segment:
     """One embedded unit of a file: the whole file, or a line range / time range of it."""
 
@@ -56,6 +71,8 @@ class Hit:
     modality: str
     start: float | None = None
     end: float | None = None
+    snippet: tuple[str, ...] | None = None  # a note hit's lines, from `start` on
+    more: int | None = None  # grouped by file: the file's other hits folded into this one
 
     def to_dict(self) -> dict:
         d = {
@@ -67,6 +84,10 @@ class Hit:
         if self.start is not None:
             d["start"] = _number(self.start)
             d["end"] = _number(self.end)
+        if self.snippet is not None:
+            d["snippet"] = list(self.snippet)
+        if self.more is not None:
+            d["more"] = self.more
         return d
 
 

@@ -222,12 +222,16 @@ def test_catalog_written_before_units_had_a_modality(tmp_path):
     import sqlite3
 
     from mmsearch.records import FileEntry, Segment
-    from mmsearch.storage.catalog import SCHEMA, Catalog
+    from mmsearch.storage.catalog import Catalog
+    from mmsearch.storage.schema import SCHEMA
 
     old = tmp_path / "catalog.sqlite"
     db = sqlite3.connect(old)
     db.executescript(SCHEMA.replace(",\n    modality TEXT  --", "  --"))
-    db.execute("INSERT INTO files VALUES (1, X'2F612E6D7034', 'video', 1, 1, 'h')")
+    db.execute(
+        "INSERT INTO files (id, path, modality, size, mtime_ns, hash) "
+        "VALUES (1, X'2F612E6D7034', 'video', 1, 1, 'h')"
+    )
     db.execute("INSERT INTO units VALUES (7, 1, 0.0, 2.0, ?)", (np.ones(4, np.float32).tobytes(),))
     db.commit()
     db.close()

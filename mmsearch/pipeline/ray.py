@@ -21,7 +21,7 @@ from ..config import RaySettings
 from ..embed import Embedded, embed_loaded
 from ..errors import ModelMismatchError, UsageError
 from ..loaders import Loaded, LoadSettings, file_hash, load_file
-from ..records import FileEntry, Segment
+from ..records import FileEntry, FileMeta, Segment
 
 
 def _ray():
@@ -111,7 +111,10 @@ class EmbedActor:
         ok = [x for x in loaded if x.error is None and x.payload is not _REUSED]
         embedded = embed_loaded(self.encoder, ok, self.batch_size, _no_tick)
         results = dict(zip((id(x) for x in ok), embedded, strict=True))
-        out = {k: [] for k in ("hash", "error", "reason", "segments", "vectors", "dim", "warning")}
+        out = {
+            k: []
+            for k in ("hash", "error", "reason", "segments", "vectors", "dim", "warning", "meta")
+        }
         for x in loaded:
             result = results.get(id(x))
             segments, vectors, reason, warning = "", b"", "", ""
@@ -130,6 +133,7 @@ class EmbedActor:
             out["vectors"].append(vectors)
             out["dim"].append(self.encoder.dim)
             out["warning"].append(warning)
+            out["meta"].append(json.dumps(x.meta.values()) if x.meta is not None else "")
         n = len(loaded)
         return {
             "path": list(batch["path"]), "modality": list(batch["modality"]),
@@ -226,7 +230,9 @@ def ray_chunks(todo, vanished, encoder, settings: LoadSettings, options,
                 int(batch["mtime_ns"][i]),
             )  # fmt: skip
             error = str(batch["error"][i]) or None
-            loaded.append(Loaded(entry, str(batch["hash"][i]) or None, None, error))
+            meta = str(batch["meta"][i])
+            meta = FileMeta(*json.loads(meta)) if meta else None
+            loaded.append(Loaded(entry, str(batch["hash"][i]) or None, None, error, meta=meta))
             if error is None and str(batch["reason"][i]) != _REUSED:
                 results[entry.path] = _result(batch, i)
         yield loaded, results
