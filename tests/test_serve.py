@@ -184,7 +184,9 @@ def test_thumbnails_are_small_jpegs_kept_in_the_index(client, library):
         assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
         thumb, original = Image.open(io.BytesIO(r.content)), Image.open(h["path"])
         assert thumb.format == "JPEG" and max(thumb.size) <= 400
-        assert thumb.size[0] / thumb.size[1] == pytest.approx(original.size[0] / original.size[1], rel=0.05)
+        assert thumb.size[0] / thumb.size[1] == pytest.approx(
+            original.size[0] / original.size[1], rel=0.05
+        )
         assert (root / "default" / "thumbs" / h["id"][:2] / f"{h['id']}.jpg").is_file()
     assert sorted(p.name for p in media.rglob("*")) == before  # nothing beside the user's files
     note = client.get("/api/search?q=beach&type=text").json()["hits"][0]
@@ -278,7 +280,11 @@ def test_errors_are_json_with_their_status(client):
     assert client.get("/no/such/page").json() == {"error": "Not Found"}
     r = client.delete("/api/search")
     assert r.status_code == 405 and r.json()["error"]
-    r = client.post("/api/search", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"})
+    r = client.post(
+        "/api/search",
+        content=b"--x\r\nbroken",
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
     assert r.status_code == 400 and r.json()["error"]
     r = client.post("/api/search", data={"k": "3"})
     assert r.status_code == 400 and "nothing to search for" in r.json()["error"]
@@ -296,7 +302,9 @@ def test_page_and_info(client):
     assert (ix["name"], ix["files"], ix["vectors"]) == ("default", 5, 5)
 
 
-def test_sees_new_commits_and_rebuilds_without_a_restart(library, tmp_path, tiny_model, other_model):
+def test_sees_new_commits_and_rebuilds_without_a_restart(
+    library, tmp_path, tiny_model, other_model
+):
     media, served_root = library
     root = tmp_path / "indexes"
     shutil.copytree(served_root, root)

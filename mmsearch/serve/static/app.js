@@ -39,7 +39,7 @@ function basename(path) {
 function clock(seconds) {
   const m = Math.floor(seconds / 60);
   const s = seconds - 60 * m;
-  return `${m}:${s.toFixed(1).padStart(4, "0")}`;
+  return Number.isInteger(s) ? `${m}:${String(s).padStart(2, "0")}` : `${m}:${s.toFixed(1).padStart(4, "0")}`;
 }
 
 // Where in the file a hit is: lines of a note, seconds of a recording.
