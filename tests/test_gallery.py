@@ -26,7 +26,7 @@ pytest.importorskip("starlette", reason="needs the serve extra: pip install -e '
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright (the dev extra)")
 
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec  # noqa: E402
-from mmsearch.indexer import index_paths  # noqa: E402
+from mmsearch.pipeline.run import index_paths  # noqa: E402
 from mmsearch.serve import ServeOptions, create_app  # noqa: E402
 
 CHROMIUMS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -6,9 +6,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -22,8 +28,8 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from mmsearch.cli import app as cli_app  # noqa: E402
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec  # noqa: E402
-from mmsearch.indexer import index_paths  # noqa: E402
 from mmsearch.loaders import content_hash  # noqa: E402
+from mmsearch.pipeline.run import index_paths  # noqa: E402
 from mmsearch.serve import ServeOptions, create_app  # noqa: E402
 
 runner = CliRunner()
@@ -403,3 +409,43 @@ def test_read_only_index_keeps_thumbnails_in_a_private_temporary_directory(libra
         assert not thumbs.exists()
     finally:
         os.chmod(root / "default", 0o755)
+
+
+# --- the command ------------------------------------------------------------------------------
+def _cli(*args) -> object:
+    return runner.invoke(cli_app, ["serve", *map(str, args)])
+
+
+def test_other_addresses_need_a_token_and_a_taken_port_is_one_line(library):
+    r = _cli("--host", "0.0.0.0", "--port", 0, "--index-dir", library[1])
+    assert r.exit_code == 2 and "give --token" in r.stderr and "0.0.0.0" in r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = _cli("--port", taken.getsockname()[1], "--index-dir", library[1])
+    assert r.exit_code == 2 and "address already in use" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _cli("--port", 0, "--index", "nope", "--index-dir", library[1])
+    assert r.exit_code == 2 and "no index named 'nope'" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_the_command_serves_until_ctrl_c_or_sigterm(library, stop):
+    """The real command in a new process: prints where it listens, answers, stops cleanly."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "MMSEARCH_TOKEN": "t0ken"}
+    cmd = [sys.executable, "-m", "mmsearch.cli", "serve", "--port", "0", "--index-dir", str(library[1])]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"(http://\S+)\?token=t0ken ", line).group(1)
+        request = urllib.request.Request(url + "api/search?q=dog&k=2")
+        request.add_header("Authorization", "Bearer t0ken")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert len(json.load(answer)["hits"]) == 2
+        proc.send_signal(stop)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and err.strip().endswith("mmsearch: stopped"), err

@@ -6,7 +6,6 @@ the user's files.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -15,13 +14,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from ..config import DEFAULT_MAX_NOTE_BYTES
-from ..errors import LoadError
 from ..loaders import NotRegularFileError, open_for_decoding, open_regular
 from ..modalities import IMAGE, TEXT
-from ..store import Catalog
+from ..storage.catalog import Catalog
 
 ID = re.compile(r"[0-9a-f]{32}")  # blake2b-16 hex, as the catalog's `hash` column holds
 THUMB_SIDE = 400  # px, the longer side: sharp in a ~200 px grid cell on a 2x screen
@@ -33,49 +29,11 @@ class NotServed(Exception):
     """No file with that id can be sent (unknown id, or the file is gone): a 404."""
 
 
-# --- catalog look-ups ----------------------------------------------------------------------------
-def ids_of(catalog: Catalog, paths: list[bytes]) -> dict[bytes, str]:
-    """The file id (content hash) of each of `paths` that the catalog holds."""
-    out: dict[bytes, str] = {}
-    for start in range(0, len(paths), 500):  # SQLite's bound-parameter limit
-        part = paths[start : start + 500]
-        marks = ",".join("?" * len(part))
-        query = f"SELECT path, hash FROM files WHERE path IN ({marks})"
-        out.update(catalog.db.execute(query, part))
-    return out
-
-
-def paths_of(catalog: Catalog, file_id: str) -> list[tuple[bytes, str]]:
-    """(path, modality) of the indexed files with that id (copies share an id)."""
-    if not ID.fullmatch(file_id):
-        return []
-    rows = catalog.db.execute(
-        "SELECT path, modality FROM files WHERE hash = ? ORDER BY id", (file_id,)
-    )
-    return [(bytes(p), m) for p, m in rows]
-
-
-def vectors_of(catalog: Catalog, file_id: str, at: float | None = None) -> list[np.ndarray]:
-    """The stored vectors of the file with that id, or of its part starting at `at` (a note's
-    first line, a recording's second)."""
-    if not ID.fullmatch(file_id):
-        return []
-    query = (
-        "SELECT u.vector FROM units u JOIN files f ON f.id = u.file_id WHERE f.hash = ? "
-        "AND f.id = (SELECT MIN(id) FROM files WHERE hash = ?)"
-    )
-    args: list = [file_id, file_id]
-    if at is not None:
-        query += " AND u.start = ?"
-        args.append(at)
-    rows = catalog.db.execute(query + " ORDER BY u.id", args)
-    return [np.frombuffer(v, np.float32) for (v,) in rows]
-
-
-# --- files and thumbnails ------------------------------------------------------------------------
 def find(catalog: Catalog, file_id: str) -> tuple[bytes, str, os.stat_result]:
     """The indexed file with that id that is still a regular file: (path, modality, stat)."""
-    for path, modality in paths_of(catalog, file_id):
+    if not ID.fullmatch(file_id):
+        raise NotServed(f"no file with id {file_id!r} in this index")
+    for path, modality in catalog.files_with_hash(file_id):
         try:
             with open_regular(path) as f:
                 return path, modality, os.fstat(f.fileno())
@@ -85,18 +43,10 @@ def find(catalog: Catalog, file_id: str) -> tuple[bytes, str, os.stat_result]:
 
 
 def _image_thumb(path: bytes, out: Path) -> None:
-    from PIL import Image, ImageOps
+    from ..loaders.image import load_thumbnail
 
-    from ..loaders.image import _reasons, open_image, to_rgb
-
-    with open_for_decoding(path) as f, open_image(f) as img, _reasons():
-        if img.format == "JPEG":
-            img.draft("RGB", (THUMB_SIDE, THUMB_SIDE))  # decode at >= this size, not full size
-        img.seek(0)
-        img.load()
-        rgb = to_rgb(ImageOps.exif_transpose(img) or img)
-        rgb.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
-        _save_atomically(out, lambda tmp: rgb.save(tmp, "JPEG", quality=THUMB_QUALITY))
+    thumb = load_thumbnail(path, THUMB_SIDE)
+    _save_atomically(out, lambda tmp: thumb.save(tmp, "JPEG", quality=THUMB_QUALITY))
 
 
 # Modalities that have thumbnails, and the function that makes one: (path, out JPEG) -> None.
@@ -153,11 +103,8 @@ def note_lines(catalog: Catalog, file_id: str, start: int, end: int) -> str:
     path, modality, _ = find(catalog, file_id)
     if modality != TEXT:
         raise NotServed(f"file {file_id!r} is not a note")
-    with contextlib.closing(open_for_decoding(path)) as f:
+    with open_for_decoding(path) as f:
         text = read_note(f, DEFAULT_MAX_NOTE_BYTES).text
     lines = text.splitlines()[max(start, 1) - 1 : max(end, start)]
     snippet = "\n".join(lines)
     return snippet if len(snippet) <= MAX_SNIPPET_CHARS else snippet[:MAX_SNIPPET_CHARS] + "…"
-
-
-__all__ = ["ID", "THUMBNAILS", "LoadError", "NotServed", "Thumbnails", "find", "ids_of"]

@@ -6,12 +6,11 @@ finished run or rebuild (manifest.json is replaced), opens a new snapshot beside
 and swaps it in: queries never wait for a reopen, and the index run is never blocked (readers of a
 WAL database do not block its writer). A SQLite connection belongs to the thread that opened it,
 so each request thread searches through its own clone of the snapshot's Searcher, which has its
-own catalog connection and shares the snapshot's vectors and towers.
+own catalog connection and shares the snapshot's vectors and towers (Searcher.clone).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import sqlite3
 import threading
@@ -20,12 +19,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..collection import CATALOG, MANIFEST
 from ..config import SearchOptions
 from ..errors import MMSearchError
-from ..items import Hit
+from ..records import Hit
 from ..search import Searcher, combine
-from ..store import Catalog
+from ..storage.collection import MANIFEST
 from .encoder import EncoderThread
 
 POLL_S = 1.0  # how often the watcher looks at the manifest and the catalog's generation
@@ -46,8 +44,8 @@ class ServedSearcher(Searcher):
     request thread, rank in that thread and hand embedding to the encoder thread, which runs the
     snapshot instance's towers: a model is loaded once, whatever the number of threads."""
 
-    def __init__(self, options: SearchOptions, encoder: EncoderThread):
-        super().__init__(options)
+    def __init__(self, options: SearchOptions, encoder: EncoderThread, towers_from=None):
+        super().__init__(options, towers_from)
         self.encoder = encoder
         self.model = self  # the instance whose towers embed (clones keep pointing here)
 
@@ -62,26 +60,6 @@ class ServedSearcher(Searcher):
 
     def embed_audio(self, path: Path):
         return self.encoder.call(Searcher.embed_audio, self.model, path)
-
-
-def clone(searcher: Searcher) -> Searcher:
-    """`searcher` for the calling thread: the same towers and loaded vectors, its own catalog
-    connection. The vectors must have been loaded (Searcher._vectors) in `searcher`'s thread."""
-    other = copy.copy(searcher)
-    col = other.col = copy.copy(searcher.col)
-    col.catalog = Catalog(searcher.col.data_dir / CATALOG, readonly=True)
-    col.notes = []
-    if other._gpu_vectors:  # torch's exact index re-scores from the catalog: this thread's one
-        other._gpu_vectors = copy.copy(other._gpu_vectors)
-        other._gpu_vectors.catalog = col.catalog
-    return other
-
-
-def _share_towers(new: Searcher, old: Searcher) -> None:
-    """A reopened index of the same model (and audio model) keeps the towers already loaded."""
-    same = new.identity["key"] == old.identity["key"]
-    if same and new.col.manifest.get("audio_encoder") == old.col.manifest.get("audio_encoder"):
-        new._text, new._full = old._text, old._full
 
 
 def _signature(searcher: Searcher) -> tuple:
@@ -142,10 +120,10 @@ class LiveIndex:
         snap, local = self._snap, self._local
         if getattr(local, "snap", None) is not snap:
             try:
-                searcher = clone(snap.searcher)
+                searcher = snap.searcher.clone()
             except (sqlite3.Error, OSError):  # a rebuild just replaced the snapshot's files
                 snap = self._newer_than(snap)
-                searcher = clone(snap.searcher)
+                searcher = snap.searcher.clone()
             old = getattr(local, "searcher", None)
             local.searcher, local.snap = searcher, snap
             if old is not None:
@@ -246,12 +224,11 @@ class LiveIndex:
 
     def _open(self, previous: Snapshot | None) -> Snapshot:
         start = time.monotonic()
-        searcher = ServedSearcher(self.options, self.encoder)
+        towers = previous.searcher if previous is not None else None
+        searcher = ServedSearcher(self.options, self.encoder, towers_from=towers)
         try:
             signature = _signature(searcher)  # before loading: a commit meanwhile reopens again
-            if previous is not None:
-                _share_towers(searcher, previous.searcher)
-            searcher._vectors()  # loaded here, on the thread that owns the connection
+            searcher.warm()  # the vectors, loaded here, on the thread that owns the connection
         except BaseException:
             searcher.close()
             raise

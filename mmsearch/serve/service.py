@@ -13,10 +13,10 @@ from pathlib import Path
 
 from ..config import DEFAULT_INDEX, SearchOptions, index_root
 from ..errors import IndexNotFoundError, UsageError
-from ..items import Hit
 from ..modalities import MODALITIES
+from ..records import Hit
 from .encoder import EncoderThread
-from .files import THUMBNAILS, NotServed, Thumbnails, ids_of, vectors_of
+from .files import ID, THUMBNAILS, NotServed, Thumbnails
 from .live import POLL_S, LiveIndex
 
 MAX_K = 1000
@@ -162,14 +162,17 @@ class Service:
         else:
             if query.text or image is not None or audio is not None:
                 raise UsageError("like= is a query of its own: give no q, image or audio with it")
-            vectors = vectors_of(live.searcher().col.catalog, query.like, query.at)
+            catalog = live.searcher().col.catalog
+            vectors = (
+                catalog.vectors_with_hash(query.like, query.at) if ID.fullmatch(query.like) else []
+            )
             if not vectors:
                 raise NotServed(f"no file with id {query.like!r} in index {live.name!r}")
             hits = live.like(options, vectors)
         return {"hits": self._hits(live, hits)}
 
     def _hits(self, live: LiveIndex, hits: list[Hit]) -> list[dict]:
-        ids = ids_of(live.searcher().col.catalog, [h.path for h in hits])
+        ids = live.searcher().col.catalog.hashes_of([h.path for h in hits])
         out = []
         for hit in hits:
             d = hit.to_dict()
