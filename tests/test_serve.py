@@ -3,10 +3,12 @@ are checked, uploads are bounded and private, a concurrent index run shows up wi
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -54,6 +56,8 @@ def library(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
     for i in range(4):
         make_image(media / "photos" / f"p{i}.jpg", pattern=i, size=(64 + 16 * i, 48))
     make_note(media / "notes" / "trip.md", NOTE)
+    latin1 = os.path.join(os.fsencode(media / "photos"), b"caf\xe9.jpg")  # not UTF-8
+    make_image(Path(os.fsdecode(latin1)), pattern=7, size=(50, 50))
     (media / "photos" / ".hidden.jpg").write_bytes(SECRET)
     build(media, base / "indexes", tiny_model)
     (media / "notes" / "unindexed.md").write_bytes(SECRET)  # after indexing: not in the index
@@ -97,6 +101,9 @@ def test_hits_are_the_cli_json_plus_where_to_fetch_them(client, library, query):
         body = client.get(h["url"]).content
         assert body == Path(h["path"]).read_bytes()
         assert ("thumb" in h) == (h["modality"] == "image")
+    latin1 = [h for h in hits if h["path"].endswith("caf\udce9.jpg")]
+    assert len(latin1) == 1 and base64.b64decode(latin1[0]["path_bytes"]).endswith(b"caf\xe9.jpg")
+    assert b"\\udce9" in r.content  # escaped as the CLI escapes it: still valid UTF-8
 
 
 def test_type_and_k_and_their_errors(client):
@@ -305,7 +312,7 @@ def test_page_and_info(client):
     info = client.get("/api/info").json()
     assert info["indexes"] == ["default"] and {"q", "like", "k", "type"} <= set(info["params"])
     (ix,) = client.get("/api/indexes").json()["indexes"]
-    assert (ix["name"], ix["files"], ix["vectors"]) == ("default", 5, 5)
+    assert (ix["name"], ix["files"], ix["vectors"]) == ("default", 6, 6)
 
 
 def test_sees_new_commits_and_rebuilds_without_a_restart(
@@ -449,3 +456,49 @@ def test_the_command_serves_until_ctrl_c_or_sigterm(library, stop):
     finally:
         proc.kill()
     assert proc.returncode == 0 and err.strip().endswith("mmsearch: stopped"), err
+
+
+def test_readme_curl_examples_run(library, tmp_path, monkeypatch):
+    """The README's curl lines, each sent as curl would send it (ID: a hit's id)."""
+    from test_docs import code_blocks
+
+    media, root = library
+    (block,) = [b for b in code_blocks("### The gallery and the search API") if "curl" in b]
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(media / "photos" / "p1.jpg", "query.jpg")
+    with serve(root) as c:
+        file_id = c.get("/api/search?q=dog&type=image").json()["hits"][0]["id"]
+        for line in block.splitlines():
+            words = shlex.split(line.replace("ID", file_id), comments=True)
+            assert words[0] == "curl", line
+            status, body, out = _curl(c, words[1:])
+            assert status == 200, (line, body)
+            if out:
+                Path(out).write_bytes(body)
+    original = {p.read_bytes() for p in (media / "photos").glob("p*.jpg")}
+    assert Path("found.jpg").read_bytes() in original
+
+
+def _curl(client: TestClient, args: list[str]) -> tuple[int, bytes, str | None]:
+    """The request curl makes for -F NAME=@FILE / -F NAME=VALUE / -H / -o OUT and a URL."""
+    files, data, headers, out, url = {}, {}, {}, None, None
+    words = iter(args)
+    for word in words:
+        if word == "-F":
+            name, value = next(words).split("=", 1)
+            if value.startswith("@"):
+                files[name] = (value[1:], Path(value[1:]).read_bytes())
+            else:
+                data[name] = value
+        elif word == "-H":
+            name, value = next(words).split(":", 1)
+            headers[name] = value.strip()
+        elif word == "-o":
+            out = next(words)
+        else:
+            url = word.removeprefix("http://127.0.0.1:8765")
+    if files or data:
+        r = client.post(url, files=files, data=data, headers=headers)
+    else:
+        r = client.get(url, headers=headers)
+    return r.status_code, r.content, out

@@ -10,6 +10,7 @@ are sent only by id and only when they are in a served index. Errors are JSON: {
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import mimetypes
 import os
@@ -44,7 +45,15 @@ PAGE_POLICY = (
 log = logging.getLogger("mmsearch.serve")
 
 
-class ErrorResponse(JSONResponse):
+class Json(JSONResponse):
+    """JSON in ASCII: a file name that is not UTF-8 reaches the client as the same \\udcXX
+    escapes `mmsearch search --json` prints (Starlette's own would fail to encode it)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+class ErrorResponse(Json):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__({"error": message}, status, headers)
 
@@ -171,7 +180,7 @@ def build_app(service: Service) -> Starlette:
 
     async def search(request: Request):
         query = parse_query(request.query_params.multi_items())
-        return JSONResponse(await run_in_threadpool(service.search, query))
+        return Json(await run_in_threadpool(service.search, query))
 
     async def search_by_example(request: Request):
         limited = Request(request.scope, _Limited(request, service.options.max_upload))
@@ -190,7 +199,7 @@ def build_app(service: Service) -> Starlette:
                         names[str(files[name])] = value.filename or f"the uploaded {name}"
                 query = parse_query(items)
                 try:
-                    return JSONResponse(await run_in_threadpool(service.search, query, **files))
+                    return Json(await run_in_threadpool(service.search, query, **files))
                 except UsageError as e:  # name the upload as the client did, not our copy
                     message = str(e)
                     for path, name in names.items():
@@ -237,10 +246,10 @@ def build_app(service: Service) -> Starlette:
         return FileResponse(out, media_type="image/jpeg", headers=cache)
 
     def indexes(request: Request):
-        return JSONResponse({"indexes": [live.info() for live in service.indexes.values()]})
+        return Json({"indexes": [live.info() for live in service.indexes.values()]})
 
     async def info(request: Request):
-        return JSONResponse(service.info())
+        return Json(service.info())
 
     async def page(request: Request):
         return FileResponse(STATIC / "index.html", headers={"content-security-policy": PAGE_POLICY})
