@@ -6,7 +6,8 @@ One index (ViT-B-32, random weights; 20 real photos padded to --items vectors, s
 common.padded_index). Measured side by side in one run:
 - text queries (flickr8k captions), one after another: p50/p95 of GET /api/search through the
   real `mmsearch serve` (HTTP on loopback, one kept-alive connection) vs Searcher.search in this
-  process vs a cold `mmsearch search` process; the HTTP floor is GET /api/info;
+  process (as it is, and with faiss on one OpenMP thread, as the server's request threads search)
+  vs a cold `mmsearch search` process; the HTTP floor is GET /api/info;
 - image queries: an uploaded JPEG (POST /api/search) vs Searcher.search(image=...);
 - throughput with --clients concurrent clients, with the server batching texts that arrive
   together and without (the same app with ServeOptions(batch=False)).
@@ -140,18 +141,24 @@ def timed(fn, *args, **kw) -> tuple[float, object]:
 
 
 def in_process(root: Path, texts: list[str], photos: list[Path]) -> dict:
+    import faiss
+
     from mmsearch.config import SearchOptions
     from mmsearch.search import Searcher
 
     with Searcher(SearchOptions(root_dir=root)) as s:
         s.search(texts[0])
         runs = [timed(s.search, q) for q in texts]
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # as the server's request threads search
+        one = [timed(s.search, q)[0] for q in texts]
+        faiss.omp_set_num_threads(threads)
         s.search(image=photos[0])  # the image tower loads
         images = [timed(lambda p: s.search(image=p), p)[0] for p in photos]
     paths = {
         q: [os.fsdecode(h.path) for h in hits] for q, (_, hits) in zip(texts, runs, strict=True)
     }
-    return {"text": [t for t, _ in runs], "image": images, "paths": paths}
+    return {"text": [t for t, _ in runs], "one": one, "image": images, "paths": paths}
 
 
 def through_api(env: dict, texts: list[str], photos: list[Path], clients: int) -> dict:
@@ -210,11 +217,13 @@ def main() -> None:
 
     same = sum(api["paths"][q] == local["paths"][q] for q in texts)
     a, i, h = quantiles(api["text"]), quantiles(local["text"]), quantiles(api["floor"])
+    one = quantiles(local["one"])
     ai, li = quantiles(api["image"]), quantiles(local["image"])
     cold = 1000 * statistics.median(cold_s)
     print(f"machine: {machine()}, load {os.getloadavg()[0]:.1f}")
     print(f"index: {args.items} vectors (ViT-B-32, random weights); {len(texts)} text queries")
     print(f"in-process Searcher.search      p50 {i[0]:7.1f} ms  p95 {i[1]:7.1f} ms")
+    print(f"  ... with one faiss thread     p50 {one[0]:7.1f} ms  p95 {one[1]:7.1f} ms")
     print(f"API GET /api/search             p50 {a[0]:7.1f} ms  p95 {a[1]:7.1f} ms")
     print(f"HTTP floor GET /api/info        p50 {h[0]:7.1f} ms  p95 {h[1]:7.1f} ms")
     print(f"cold `mmsearch search`          p50 {cold:7.1f} ms  ({args.cold_runs} runs)")
@@ -225,7 +234,8 @@ def main() -> None:
         qps, p50, p95 = api[name]
         print(f"{args.clients} clients, {name:<9}           {qps:6.1f} q/s   p50 {p50:7.1f} ms  "
               f"p95 {p95:7.1f} ms")  # fmt: skip
-    print(f"ratio API/in-process p50: {a[0] / i[0]:.2f} (target <= 1.3)")
+    print(f"ratio API/in-process p50: {a[0] / i[0]:.2f}; to in-process with one faiss thread, "
+          f"as the server: {a[0] / one[0]:.2f} (target <= 1.3)")  # fmt: skip
     print(f"ratio cold CLI/API p50: {cold / a[0]:.1f}x (target >= 10x)")
     print(f"ratio throughput batched/unbatched: {api['batched'][0] / api['unbatched'][0]:.2f}")
 

@@ -62,6 +62,16 @@ class ServedSearcher(Searcher):
         return self.encoder.call(Searcher.embed_audio, self.model, path)
 
 
+def _one_faiss_thread() -> None:
+    """Let faiss search with one OpenMP thread in the calling thread (the setting is per thread).
+    A request searches one query, which gains nothing from a parallel region, and concurrent
+    requests are the parallelism; on a loaded 2-core machine the parallel region made a
+    single-query search of 10k vectors 60 ms instead of 7 (benchmarks/RESULTS.md)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
 def _signature(searcher: Searcher) -> tuple:
     """What changes when the index does: manifest.json (replaced by a finished run or rebuild)
     and the catalog's generation (moved by every commit)."""
@@ -119,6 +129,7 @@ class LiveIndex:
         """The calling thread's clone of the current snapshot's Searcher."""
         snap, local = self._snap, self._local
         if getattr(local, "snap", None) is not snap:
+            _one_faiss_thread()
             try:
                 searcher = snap.searcher.clone()
             except (sqlite3.Error, OSError):  # a rebuild just replaced the snapshot's files
