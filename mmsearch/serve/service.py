@@ -30,18 +30,14 @@ class Param:
 
     field: str
     parse: Callable[[str], object]
-    many: bool = False  # repeatable (?path=a&path=b): the field gets a tuple
 
 
-# Query parameter -> the SearchOptions field it sets. A parameter is accepted only when this
-# mmsearch's SearchOptions has the field, so a new search option is one line here.
+# Query parameter -> the SearchOptions field it sets. A parameter is accepted only where this
+# mmsearch's SearchOptions has the field, and /api/info lists it (the gallery shows a filter for
+# each it knows), so a new search option is one line here.
 OPTION_PARAMS: dict[str, Param] = {
     "k": Param("k", int),
     "type": Param("modality", str),
-    "min_relevance": Param("min_relevance", float),
-    "path": Param("paths", str, many=True),
-    "after": Param("after", str),
-    "before": Param("before", str),
 }
 _FIELDS = {f.name for f in dataclasses.fields(SearchOptions)}
 ACCEPTED: dict[str, Param] = {k: p for k, p in OPTION_PARAMS.items() if p.field in _FIELDS}
@@ -74,13 +70,13 @@ def parse_query(items: list[tuple[str, str]]) -> Query:
             raise UsageError(f"unknown parameter {name!r}; known: {known}")
         values.setdefault(name, []).append(value)
     for name, given in values.items():
-        if len(given) > 1 and not (name in ACCEPTED and ACCEPTED[name].many):
+        if len(given) > 1:
             raise UsageError(f"parameter {name!r} given {len(given)} times")
-    options = {}
-    for name, param in ACCEPTED.items():
-        if name in values:
-            parsed = [_number(name, param.parse, v) for v in values[name]]
-            options[param.field] = tuple(parsed) if param.many else parsed[0]
+    options = {
+        param.field: _number(name, param.parse, values[name][0])
+        for name, param in ACCEPTED.items()
+        if name in values
+    }
     if not 1 <= options.get("k", 1) <= MAX_K:
         raise UsageError(f"k must be between 1 and {MAX_K}")
     one = {name: given[0] for name, given in values.items() if name in QUERY_PARAMS}

@@ -51,8 +51,12 @@ function span(hit) {
   return `${clock(hit.start)}–${clock(hit.end)}`;
 }
 
+function percent(relevance) {
+  return Math.round(relevance <= 1 ? 100 * relevance : relevance);
+}
+
 function scoreText(hit) {
-  if (typeof hit.relevance === "number") return `${Math.round(hit.relevance)}%`;
+  if (typeof hit.relevance === "number") return `${percent(hit.relevance)}%`;
   return hit.score.toFixed(3);
 }
 
@@ -187,9 +191,7 @@ function card(hit, i) {
   } else if (hit.modality === "video" && hit.url) {
     media.append(el("video", { controls: true, preload: "none", src: mediaUrl(hit), poster: hit.thumb }));
   } else if (hit.modality === "text") {
-    const snippet = el("pre", { class: "snippet", text: "…" });
-    media.append(snippet);
-    if (hit.url) loadSnippet(hit, snippet);
+    media.append(snippetBox(hit));
   } else {
     media.append(el("div", { class: "glyph", "aria-hidden": "true", text: "?" }));
   }
@@ -199,6 +201,7 @@ function card(hit, i) {
     el("span", { class: "meta" }, [
       el("span", { class: "kind", text: hit.modality === "text" ? "note" : hit.modality }),
       where && hit.modality === "text" ? el("span", { class: "where", text: where }) : "",
+      hit.more ? el("span", { class: "where", text: `+${hit.more}`, title: `${hit.more} more matches in this file` }) : "",
       el("span", { class: "score", text: scoreText(hit), title: `rank ${hit.rank}, score ${hit.score}` }),
     ]),
   ]);
@@ -214,6 +217,14 @@ function card(hit, i) {
   });
   item.addEventListener("focus", () => { state.focus = i; });
   return item;
+}
+
+// A note's matching lines: carried by the hit where the server puts them there, else fetched.
+function snippetBox(hit) {
+  const pre = el("pre", { class: "snippet", text: "…" });
+  if (Array.isArray(hit.snippet)) pre.textContent = hit.snippet.join("\n");
+  else if (hit.url) loadSnippet(hit, pre);
+  return pre;
 }
 
 async function loadSnippet(hit, pre) {
@@ -239,15 +250,13 @@ function openViewer(i) {
   } else if (hit.modality === "video" && hit.url) {
     media.append(el("video", { controls: true, autoplay: true, src: mediaUrl(hit) }));
   } else {
-    const pre = el("pre", { class: "snippet", text: "…" });
-    media.append(pre);
-    if (hit.url) loadSnippet(hit, pre);
+    media.append(snippetBox(hit));
   }
   $("viewer-name").textContent = basename(hit.path);
   $("viewer-path").textContent = hit.path;
   const where = span(hit);
   $("viewer-meta").textContent = [`#${hit.rank}`, hit.modality, where, `score ${hit.score.toFixed(3)}`,
-    typeof hit.relevance === "number" ? `relevance ${Math.round(hit.relevance)}%` : ""].filter(Boolean).join(" · ");
+    typeof hit.relevance === "number" ? `relevance ${percent(hit.relevance)}%` : ""].filter(Boolean).join(" · ");
   $("viewer-open").href = hit.url || "#";
   $("viewer-like").onclick = () => moreLike(hit);
   const viewer = $("viewer");
