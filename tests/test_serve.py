@@ -110,7 +110,8 @@ def test_type_and_k_and_their_errors(client):
     hits = client.get("/api/search", params={"q": "dog", "type": "image", "k": 2}).json()["hits"]
     assert len(hits) == 2 and {h["modality"] for h in hits} == {"image"}
     for params, message in [
-        ({"q": "dog", "type": "video?"}, "unknown --type"),
+        ({"q": "dog", "type": "video?"}, "unknown type 'video?'"),
+        ({"like": "0" * 32, "type": "video?"}, "unknown type"),
         ({"q": "dog", "k": 0}, "k must be"),
         ({"q": "dog", "k": "ten"}, "not a number"),
         ({"q": "dog", "colour": "red"}, "unknown parameter 'colour'"),

@@ -35,9 +35,15 @@ class Param:
 # Query parameter -> the SearchOptions field it sets. A parameter is accepted only where this
 # mmsearch's SearchOptions has the field, and /api/info lists it (the gallery shows a filter for
 # each it knows), so a new search option is one line here.
+def _type(text: str) -> str:
+    if text not in (*MODALITIES, "any"):
+        raise UsageError(f"unknown type {text!r}; use {', '.join(MODALITIES)} or any")
+    return text
+
+
 OPTION_PARAMS: dict[str, Param] = {
     "k": Param("k", int),
-    "type": Param("modality", str),
+    "type": Param("modality", _type),
 }
 _FIELDS = {f.name for f in dataclasses.fields(SearchOptions)}
 ACCEPTED: dict[str, Param] = {k: p for k, p in OPTION_PARAMS.items() if p.field in _FIELDS}

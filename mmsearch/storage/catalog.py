@@ -300,8 +300,8 @@ class Catalog:
             "SELECT vector FROM units WHERE file_id = (SELECT MIN(id) FROM files WHERE hash = ?)"
         )
         args: list = [digest]
-        if start is not None:
-            query += " AND start = ?"
+        if start is not None:  # as a hit gives it: rounded to 3 decimals
+            query += " AND abs(start - ?) < 0.0005"
             args.append(start)
         rows = self.db.execute(query + " ORDER BY id", args)
         return [np.frombuffer(v, np.float32) for (v,) in rows]
