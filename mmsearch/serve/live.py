@@ -155,31 +155,25 @@ class LiveIndex:
             )
         return self._snap
 
-    def search(
-        self, options: SearchOptions, query: str | None, image=None, audio=None
-    ) -> list[Hit]:
-        """Searcher.search with this request's options (k, type, and whatever else
-        SearchOptions holds); the index's own name, root and device are kept."""
+    def search(self, fields: dict, query: str | None, image=None, audio=None) -> list[Hit]:
+        """Searcher.search with this request's SearchOptions `fields` (k, modality, ...) over
+        the index's own (name, root, device)."""
         searcher = self.searcher()
-        searcher.options = self._options(options)  # this thread's clone only
+        searcher.options = replace(self.options, **fields)  # this thread's clone only
         return searcher.search(query, image=image, audio=audio)
 
-    def like(self, options: SearchOptions, vectors) -> list[Hit]:
+    def like(self, fields: dict, vectors) -> list[Hit]:
         """The hits nearest to stored vectors (a file's, or one part of it): 'more like this'."""
         searcher = self.searcher()
-        searcher.options = options = self._options(options)
+        searcher.options = options = replace(self.options, **fields)
         q = combine(list(vectors), [1.0] * len(vectors))
         return searcher.rank(q, options.k, options.modality)
 
-    def _options(self, options: SearchOptions) -> SearchOptions:
-        base = self.options
-        return replace(options, name=base.name, root_dir=base.root_dir, device=base.device)
-
     def info(self) -> dict:
         """What /api/indexes says of this index (counted once per snapshot)."""
-        snap = self._snap
+        col = self.searcher().col
+        snap = self._local.snap  # the snapshot `col` belongs to
         if snap.info is None:
-            col = self.searcher().col
             counts = col.catalog.counts()
             audio = col.manifest.get("audio_encoder")
             snap.info = {

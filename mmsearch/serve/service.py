@@ -158,9 +158,8 @@ class Service:
         """{"hits": [...]}: `mmsearch search --json`'s objects plus `id`, `url` and, for
         modalities with thumbnails, `thumb`."""
         live = self.index(query.index)
-        options = dataclasses.replace(live.options, **query.options)
         if query.like is None:
-            hits = live.search(options, query.text, image=image, audio=audio)
+            hits = live.search(query.options, query.text, image=image, audio=audio)
         else:
             if query.text or image is not None or audio is not None:
                 raise UsageError("like= is a query of its own: give no q, image or audio with it")
@@ -170,7 +169,7 @@ class Service:
             )
             if not vectors:
                 raise NotServed(f"no file with id {query.like!r} in index {live.name!r}")
-            hits = live.like(options, vectors)
+            hits = live.like(query.options, vectors)
         return {"hits": self._hits(live, hits)}
 
     def _hits(self, live: LiveIndex, hits: list[Hit]) -> list[dict]:
