@@ -117,9 +117,8 @@ class Searcher:
             self._text, self._full = towers_from._text, towers_from._full
 
     def _same_model(self, other: Searcher) -> bool:
-        audio = self.col.manifest.get("audio_encoder")
         same = other.identity["key"] == self.identity["key"]
-        return same and other.col.manifest.get("audio_encoder") == audio
+        return same and other.col.manifest.audio_encoder == self.col.manifest.audio_encoder
 
     def clone(self) -> Searcher:
         """This Searcher for another thread: the same towers and loaded vectors, its own catalog

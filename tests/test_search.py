@@ -162,9 +162,9 @@ def test_a_clone_answers_in_another_thread(indexed, monkeypatch, device):
     thread that opened them): the same hits as the Searcher they were cloned from."""
     import threading
 
-    import mmsearch.storage.torch_vectors
+    import mmsearch.storage.vectors.torch_exact
 
-    monkeypatch.setattr(mmsearch.storage.torch_vectors, "wanted", lambda _device: device)
+    monkeypatch.setattr(mmsearch.storage.vectors.torch_exact, "wanted", lambda _device: device)
     with Searcher(SearchOptions()) as s:
         s.warm()
         expected = [s.search(q, k=k, modality=m) for q, k, m in QUERIES]

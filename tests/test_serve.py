@@ -30,7 +30,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from mmsearch.cli import app as cli_app  # noqa: E402
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec  # noqa: E402
-from mmsearch.loaders import content_hash  # noqa: E402
+from mmsearch.loaders.files import content_hash  # noqa: E402
 from mmsearch.pipeline.run import index_paths  # noqa: E402
 from mmsearch.serve import ServeOptions, create_app  # noqa: E402
 

@@ -163,7 +163,7 @@ def load_thumbnail(path, side: int) -> Image.Image:
     scaled to fit in `side` x `side` (never up). JPEGs are decoded at a reduced size. Raises
     LoadError with a reason, as load_image does."""
     if isinstance(path, (str, bytes, os.PathLike)):
-        from . import open_for_decoding
+        from .files import open_for_decoding
 
         with open_for_decoding(path) as f:
             return load_thumbnail(f, side)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import DEFAULT_MAX_NOTE_BYTES
-from ..loaders import NotRegularFileError, open_for_decoding, open_regular
+from ..loaders.files import NotRegularFileError, open_for_decoding, open_regular
 from ..modalities import IMAGE, TEXT
 from ..storage.catalog import Catalog
 

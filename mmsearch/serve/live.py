@@ -175,7 +175,7 @@ class LiveIndex:
         snap = self._local.snap  # the snapshot `col` belongs to
         if snap.info is None:
             counts = col.catalog.counts()
-            audio = col.manifest.get("audio_encoder")
+            audio = col.manifest.audio_encoder
             snap.info = {
                 "name": self.name,
                 "model": snap.searcher.identity.get("spec"),
@@ -183,7 +183,7 @@ class LiveIndex:
                 "files": counts["files"],
                 "vectors": counts["vectors"],
                 "modalities": counts["by_modality"],
-                "updated": col.manifest.get("updated"),
+                "updated": col.manifest.updated,
             }
         return {**snap.info, "problem": self.problem}
 
