@@ -35,7 +35,7 @@ def export_query_tower(encoder: Encoder, cache_dir: Path) -> bool:
     target = Path(cache_dir) / "text"
     if (target / "config.json").is_file():
         return True
-    from .fast_text import export_fast_text
+    from .query_text import export_fast_text
 
     model, tokenizer = encoder.extras["model"], encoder.extras["tokenizer"]
     if next(model.parameters()).dtype != _float32() or encoder.extras.get("device") != "cpu":
@@ -58,7 +58,7 @@ def query_text_tower(cache_dir: Path) -> Tower | None:
     target = Path(cache_dir) / "text"
     if not (target / "config.json").is_file():
         return None
-    from .fast_text import FastTextTower
+    from .query_text import FastTextTower
 
     return FastTextTower.load(target)
 
