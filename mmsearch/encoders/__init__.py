@@ -73,11 +73,11 @@ def attach_audio(
 ) -> Encoder:
     """Give `encoder` an audio tower: CLAP's audio encoder projected into its space.
 
-    The projector is `projector` if given (a file or an `audio.Projector`), else the one fitted
+    The projector is `projector` if given (a file or a `clap.Projector`), else the one fitted
     for this (CLIP, CLAP) pair and cached in `cache_dir` (fitted on first use, or again with
     `refit`).
     """
-    from .audio import load_audio_tower
+    from .clap import load_audio_tower
 
     tower = load_audio_tower(
         audio_model,

@@ -126,7 +126,7 @@ def _attach_audio(
     """Load the audio tower for this index: --audio-model if given, else the audio model and
     projector of a fine-tuned --model directory if it has them, else the index's own. With
     `realign`, the projector is fitted afresh (and recorded by the caller, `record=False`)."""
-    from ..encoders.audio import (
+    from ..encoders.clap import (
         AUDIO_MODEL_DIRNAME,
         PROJECTOR_FILENAME,
         model_dir_audio_model,
@@ -539,7 +539,7 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
         _attach_audio(col, encoder, options, progress, realign=True, record=False)
         col.begin_generation(encoder.identity, audio=encoder.audio.identity)
         if col.audio_identity is None:
-            from ..encoders.audio import save_projector
+            from ..encoders.clap import save_projector
 
             projector = encoder.audio.projector
             col.set_audio(encoder.audio.identity, lambda path: save_projector(projector, path))
