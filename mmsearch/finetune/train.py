@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..config import DEFAULT_MODEL, ModelSpec
+from ..encoders.text_parts import encode_text, split_text_tower
 from ..errors import LoadError, UsageError
 from ..records import IMAGE
 from .evaluate import Progress, Recall, _quiet, decode_images, recall_at_k
@@ -584,7 +585,7 @@ class _Encoder:
         self.std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1) * 255
         self.image_suffix = self.text_suffix = None
         self.image_cached = self.text_cached = False
-        self.text_parts = text_parts(model)
+        self.text_parts = split_text_tower(model)
         self.pad_id = self.text_parts[3] if self.text_parts else 0
 
     def pixels(self, split: _Split, file_idx: np.ndarray):
@@ -761,84 +762,6 @@ def _captions_by_file(split: _Split) -> list[np.ndarray]:
     order = np.argsort(split.file_of, kind="stable")
     bounds = np.searchsorted(split.file_of[order], np.arange(len(split.files) + 1))
     return [order[bounds[i] : bounds[i + 1]] for i in range(len(split.files))]
-
-
-def text_parts(model):
-    """(pooled, project, trunk modules, pad id) for text towers whose forward splits at the output
-    projection (open_clip's CLIP text tower, Hugging Face towers); None for others.
-
-    `pooled(tokens)` cuts the batch to its longest text where padding provably cannot change the
-    result: a causal mask with argmax pooling, or a padding-masked Hugging Face tower.
-    """
-    import torch
-
-    text = getattr(model, "text", None)
-    if text is not None and all(
-        hasattr(text, a) for a in ("transformer", "pooler", "proj", "config")
-    ):
-        pad = text.config.pad_token_id
-        if pad is None:
-            return None
-
-        def hf_pooled(tokens):  # HFTextEncoder.forward up to its projection
-            tokens = tokens[:, : _used_columns(tokens, pad)]
-            mask = (tokens != pad).long()
-            return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
-
-        return hf_pooled, text.proj, [text.transformer], pad
-    trimmable = (
-        text is None
-        and getattr(model, "text_pool_type", None) == "argmax"
-        and getattr(model, "attn_mask", None) is not None
-        and hasattr(model, "positional_embedding")
-    )
-    if not trimmable:
-        return None
-
-    def clip_pooled(tokens):  # CLIP.encode_text up to its projection
-        n = _used_columns(tokens, 0)
-        tokens = tokens[:, :n]
-        cast = model.transformer.get_cast_dtype()
-        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
-        x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
-        x = model.ln_final(x)
-        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-
-    def clip_project(x):
-        proj = model.text_projection
-        if isinstance(proj, torch.nn.Linear):
-            return proj(x)
-        return x @ proj if proj is not None else x
-
-    trunk = [model.token_embedding, model.transformer, model.ln_final]
-    return clip_pooled, clip_project, [*trunk, _ParamHolder(model.positional_embedding)], 0
-
-
-class _ParamHolder:
-    """Lets a bare parameter sit in a list of modules for freezing checks and hashing."""
-
-    def __init__(self, p):
-        self.p = p
-
-    def parameters(self):
-        return iter([self.p])
-
-    def state_dict(self):
-        return {"p": self.p}
-
-
-def encode_text(model, tokens):
-    """`model.encode_text`, through `text_parts` where the tower allows (same result, faster)."""
-    parts = text_parts(model)
-    if parts is None:
-        return model.encode_text(tokens)
-    pooled, project, _, _ = parts
-    return project(pooled(tokens))
-
-
-def _used_columns(tokens, pad_id: int) -> int:
-    used = (tokens != pad_id).any(dim=0).nonzero()
-    return int(used.max()) + 1 if len(used) else 1
 
 
 # --- model files ------------------------------------------------------------------------------------

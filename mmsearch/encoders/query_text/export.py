@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base import l2_normalize
+from ..text_parts import clip_text_tower
 from .tokenizer import UNICODE_SPLIT_TAIL, byte_char, byte_order, pair_key
 from .tower import BLOCK_KEYS, FORMAT, FORMAT_VERSION, OPTIONAL_BLOCK_KEYS, FastTextTower
 
@@ -55,51 +56,6 @@ EMBED_SAMPLES = (
 )
 
 
-def _text_parts(model) -> tuple[dict | None, str | None]:
-    """The text tower's modules and settings, or (None, why it is unsupported)."""
-    import torch
-    from open_clip.model import CLIP, CustomTextCLIP
-    from open_clip.transformer import TextTransformer
-
-    if isinstance(model, CLIP):
-        src = model
-        parts = {"pool_type": model.text_pool_type, "cls_emb": None, "use_pad_mask": False}
-    elif isinstance(model, CustomTextCLIP):
-        src = model.text
-        if not isinstance(src, TextTransformer):
-            return None, f"text tower is {type(src).__name__}, not open_clip's TextTransformer"
-        parts = {
-            "pool_type": src.pool_type,
-            "cls_emb": src.cls_emb,
-            "use_pad_mask": getattr(src, "use_pad_mask", False),
-        }
-    else:
-        return None, f"{type(model).__name__} is not an open_clip CLIP model"
-    for name in (
-        "token_embedding",
-        "positional_embedding",
-        "transformer",
-        "ln_final",
-        "text_projection",
-        "attn_mask",
-    ):
-        parts[name] = getattr(src, name, None)
-    if parts["pool_type"] != "argmax":
-        return None, f"text pooling {parts['pool_type']!r} (only 'argmax' is supported)"
-    if parts["cls_emb"] is not None or parts["use_pad_mask"]:
-        return None, "text tower with a class token or padding mask"
-    mask = parts["attn_mask"]
-    if not isinstance(mask, torch.Tensor):
-        return None, "text tower without a causal attention mask"
-    n_pos = mask.shape[0]
-    causal = torch.full((n_pos, n_pos), float("-inf")).triu_(1)
-    if mask.shape != causal.shape or not torch.equal(mask.float().cpu(), causal):
-        return None, "text attention mask is not causal"
-    if not isinstance(parts["token_embedding"], torch.nn.Embedding):
-        return None, "token embedding is not an nn.Embedding"
-    return parts, None
-
-
 def _layer_norm_params(ln, width: int):
     import torch
 
@@ -133,34 +89,34 @@ def _collect(model) -> tuple[dict | None, dict | None, str | None]:
     import torch
     from open_clip.transformer import Transformer
 
-    parts, why = _text_parts(model)
-    if parts is None:
+    src, why = clip_text_tower(model)
+    if src is None:
         return None, None, why
-    tf = parts["transformer"]
+    tf = src.transformer
     if type(tf) is not Transformer:
         return None, None, f"text transformer is {type(tf).__name__}"
     blocks = list(tf.resblocks)
     if not blocks:
         return None, None, "text transformer has no layers"
     width = int(tf.width)
-    params = [p for p in tf.parameters()] + [parts["token_embedding"].weight]
+    params = [p for p in tf.parameters()] + [src.token_embedding.weight]
     if any(p.dtype != torch.float32 for p in params):
         return None, None, "text tower weights are not float32 (export from an fp32 model)"
     stacks, shape, why = _stacked_blocks(blocks, width)
     if stacks is None:
         return None, None, why
-    lnf = _layer_norm_params(parts["ln_final"], width)
+    lnf = _layer_norm_params(src.ln_final, width)
     if lnf is None:
         return None, None, "unsupported final normalisation layer"
     eps = shape["eps"] | {lnf[2]}
     if len(eps) != 1:
         return None, None, "layer norms differ in eps"
     weights = {k: np.ascontiguousarray(np.stack(v)) for k, v in stacks.items() if v}
-    weights["token_embedding"] = _f32(parts["token_embedding"].weight)
-    weights["positional_embedding"] = _f32(parts["positional_embedding"])
+    weights["token_embedding"] = _f32(src.token_embedding.weight)
+    weights["positional_embedding"] = _f32(src.positional_embedding)
     weights["ln_final_w"] = _f32(lnf[0])
     weights["ln_final_b"] = _f32(lnf[1])
-    dim, why = _projection(parts["text_projection"], width, weights)
+    dim, why = _projection(src.text_projection, width, weights)
     if dim is None:
         return None, None, why
     config = {
