@@ -265,20 +265,10 @@ def _tokenizer_tables(
             ),
         )
     enc = tokenizer.encoder
-    order = byte_order()
-    chars = [byte_char(b) for b in order]
-    if [enc.get(c) for c in chars] != list(range(256)) or [
-        enc.get(c + "</w>") for c in chars
-    ] != list(range(256, 512)):
-        return None, None, "tokenizer vocabulary does not start with the byte table"
-    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
-    pairs = np.zeros((len(merges), 2), dtype=np.int32)
-    for r, (a, b) in enumerate(merges):
-        ia, ib = enc.get(a), enc.get(b)
-        if ia is None or ib is None or enc.get(a + b) != 512 + r:
-            return None, None, "tokenizer merges do not map onto its vocabulary"
-        pairs[r] = (ia, ib)
-    n_regular = 512 + len(merges)
+    pairs, why = _merge_pairs(enc, tokenizer.bpe_ranks)
+    if pairs is None:
+        return None, None, why
+    n_regular = 512 + len(pairs)
     specials = {t: i for t, i in enc.items() if i >= n_regular}
     if len(enc) != n_regular + len(specials):
         return None, None, "tokenizer vocabulary has duplicate tokens"
@@ -301,6 +291,24 @@ def _tokenizer_tables(
         "eot_id": int(tokenizer.eot_token_id),
     }
     return cfg, pairs, None
+
+
+def _merge_pairs(enc: dict, bpe_ranks: dict) -> tuple[np.ndarray | None, str | None]:
+    """The BPE merges as (left id, right id) in rank order, checked to build the vocabulary the
+    way ClipBpeTokenizer assumes (bytes, bytes + '</w>', then merge r at id 512 + r)."""
+    chars = [byte_char(b) for b in byte_order()]
+    if [enc.get(c) for c in chars] != list(range(256)) or [
+        enc.get(c + "</w>") for c in chars
+    ] != list(range(256, 512)):
+        return None, "tokenizer vocabulary does not start with the byte table"
+    merges = sorted(bpe_ranks, key=bpe_ranks.get)
+    pairs = np.zeros((len(merges), 2), dtype=np.int32)
+    for r, (a, b) in enumerate(merges):
+        ia, ib = enc.get(a), enc.get(b)
+        if ia is None or ib is None or enc.get(a + b) != 512 + r:
+            return None, "tokenizer merges do not map onto its vocabulary"
+        pairs[r] = (ia, ib)
+    return pairs, None
 
 
 def unsupported_reason(model, tokenizer) -> str | None:
