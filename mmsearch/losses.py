@@ -1,6 +1,6 @@
 """Symmetric InfoNCE (CLIP's contrastive loss) as a pure function of embeddings.
 
-One loss for every contrastive fit: image/text fine-tuning (`finetune.train`), audio fine-tuning
+One loss for every contrastive fit: image/text fine-tuning (`finetune.optim`), audio fine-tuning
 (`finetune.audio`) and the audio projector's refinement (`encoders.clap.projector`).
 """
 
