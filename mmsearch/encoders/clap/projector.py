@@ -308,7 +308,8 @@ def pick_projector(
     settings: FitSettings = FitSettings(),
 ) -> Projector:
     """`given`; else the projector in the fine-tuned `model_dir`; else the cached fit; else a new
-    fit, then cached (see `tower.load_audio_tower`). `refit` skips the last two stored ones."""
+    fit, then cached (see `tower.load_audio_tower`). With `refit`, only `given` is taken as is:
+    the model directory's and the cached projectors are passed over for a new fit."""
     if isinstance(given, Projector):
         return given
     if given is not None:
