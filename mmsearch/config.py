@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .filters import FileFilter
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_TAGS = {"ViT-B-32": "laion2b_s34b_b79k"}
@@ -137,6 +138,17 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class AudioWindowing:
+    """How recordings are cut for an audio tower: its sample rate and window length, and the hop
+    between window starts (`loaders.audio.load_audio` and `iter_windows` take these as keywords:
+    `**dataclasses.asdict(w)`)."""
+
+    sample_rate: int
+    window_s: float
+    hop_s: float
+
+
+@dataclass(frozen=True)
 class ImagePrep:
     """How an image becomes the model's input; mirrors open_clip's PreprocessCfg (eval mode)."""
 
@@ -210,3 +222,7 @@ class SearchOptions:
     k: int = 10
     modality: str = "any"  # image | text | audio | any
     device: str = "auto"
+    filters: FileFilter = field(default_factory=FileFilter)  # which files may be returned
+    group: bool = False  # one row per file (its best segment), the others counted
+    exclude_self: bool = False  # image/audio queries: not the query file or its exact copies
+    snippets: bool = True  # note hits carry their lines
