@@ -114,7 +114,7 @@ def random_clap_dir(
         RobertaTokenizer,
     )
 
-    from mmsearch.encoders.audio import read_captions
+    from mmsearch.encoders.clap import read_captions
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
