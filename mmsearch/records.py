@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 # The modality names, defined with the rest of each modality in `modalities`; kept importable
 # from here, where they always were.
-from .modalities import AUDIO, IMAGE, MODALITIES, TEXT  # noqa: F401
+from .modalities import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO  # noqa: F401
 
 
 def show_path(path: bytes) -> str:
@@ -59,6 +59,8 @@ class Segment:
     start: float | None = None
     end: float | None = None
     text: str | None = None  # the text of a note chunk (what gets embedded)
+    # The unit's own modality when it is not the file's (a video's soundtrack: "audio").
+    modality: str | None = None
 
 
 @dataclass(frozen=True)

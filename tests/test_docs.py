@@ -14,6 +14,7 @@ import pytest
 import typer
 from conftest import make_image, make_note
 from typer.testing import CliRunner
+from videos import make_video
 
 from mmsearch.cli import app
 
@@ -77,6 +78,7 @@ def test_readme_cli_examples_run(user_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_image(tmp_path / "query.jpg", pattern=1)
     make_image(tmp_path / "ref.jpg", pattern=2)
+    make_video(user_files / "Videos" / "party.mp4", [(3, 70)], fps=2, size=(32, 32))  # not indexed
     quick = code_blocks("## Quick start")[0].splitlines()[0]
     lines = [part.strip() for part in quick.split("&&") if part.strip().startswith("mmsearch")]
     lines += code_blocks("## Using it")[0].splitlines()
@@ -91,10 +93,12 @@ def test_readme_cli_examples_run(user_files, tmp_path, monkeypatch):
         commands = [[w] for w in words[1:] if w != "|"] if "|" in words else [words[1:]]
         for args in commands:
             r = runner.invoke(app, args)
-            expected = 1 if args[-2:] == ["--type", "audio"] else 0  # the index has no audio
+            # the index holds no sound and no video
+            expected = 1 if args[-2:] in (["--type", "audio"], ["--type", "video"]) else 0
             assert r.exit_code == expected, (line, r.output)
             ran.append(args[0])
-    assert ran.count("search") >= 5 and {"index", "info", "failures", "list"} <= set(ran)
+    assert ran.count("search") >= 6 and {"index", "info", "failures", "list", "clip"} <= set(ran)
+    assert (tmp_path / "fireworks.mp4").is_file()
 
 
 def test_readme_exit_codes_match_the_cli():

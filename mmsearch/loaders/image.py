@@ -68,7 +68,7 @@ def open_image(fp: BinaryIO) -> Iterator[Image.Image]:
     is not an image, or claims too many pixels, before any pixel data is read. Leaving the
     block closes the image, and with it `fp` (PIL closes the file it read from)."""
     with _reasons():
-        img = Image.open(fp)
+        img = _open(fp)
     try:
         w, h = img.size
         if w * h > MAX_PIXELS:
@@ -78,6 +78,21 @@ def open_image(fp: BinaryIO) -> Iterator[Image.Image]:
         yield img
     finally:
         img.close()
+
+
+def _open(fp: BinaryIO) -> Image.Image:
+    """Image.open, and HEIF (the photos of iPhones) through pillow-heif, taught to Pillow the
+    first time a file needs it: importing it costs more than decoding most photos."""
+    try:
+        return Image.open(fp)
+    except Image.UnidentifiedImageError:
+        if "HEIF" in Image.OPEN:
+            raise
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+        fp.seek(0)
+        return Image.open(fp)
 
 
 def decode_image(img: Image.Image, prep: ImagePrep) -> np.ndarray:

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from ..config import IndexOptions
-from ..embed import Interrupted, embed_loaded
+from ..embed import Embedded, Interrupted, embed_loaded
 from ..encoders import Encoder
 from ..loaders import Loaded, LoadSettings, load_file
-from ..records import FileEntry, Segment, show_path
+from ..records import FileEntry, show_path
 from ..storage.catalog import FileRow
 from ..storage.collection import model_cache_dir
 from .plan import Plan, same_stat
@@ -138,7 +138,7 @@ def commit_chunk(
             if src is not None:
                 salvaged[i] = src
     # 2. Embed the rest; identical files within the chunk are embedded once.
-    fresh: dict[str, tuple[list[Segment], np.ndarray]] = {}
+    fresh: dict[str, Embedded] = {}
     failed: dict[int, str] = {}
     to_embed = [i for i in range(len(ok)) if i not in reuse and i not in salvaged]
     first_of_hash = {}
@@ -189,9 +189,11 @@ def commit_chunk(
                 fail_file(catalog, e, reason, old, removed_ids, report)
                 continue
             catalog.clear_failure(e.path)
-            if x.warning:  # indexed, but not all of it (a note over --max-note-bytes)
-                catalog.record_failure(e, x.warning)
-                report.partial.append((show_path(e.path), x.warning))
+            # indexed, but not all of it (a note over --max-note-bytes, a video damaged halfway)
+            warning = x.warning or (fresh[x.hash].warning if x.hash in fresh else None)
+            if warning:
+                catalog.record_failure(e, warning)
+                report.partial.append((show_path(e.path), warning))
             src = reuse.get(i)
             if src is not None and old is not None and src.id == old.id:
                 # touched, same content: nothing to embed (x.meta fills in what an index
@@ -213,7 +215,7 @@ def commit_chunk(
                 vecs = np.stack([v for _, v in units]) if units else np.zeros((0, encoder.dim))
                 meta = meta or source.file_meta(source_id)  # same bytes, same meta
             else:
-                segments, vecs = fresh[x.hash]
+                segments, vecs = fresh[x.hash].segments, fresh[x.hash].vectors
             if old is None:
                 file_id = catalog.add_file(e, x.hash, meta)
                 report.added += 1

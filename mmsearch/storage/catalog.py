@@ -19,47 +19,7 @@ from ..filters import FileFilter
 from ..modalities import TABLE
 from ..records import FileEntry, FileMeta, Segment
 from .readonly import open_readonly
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS files (
-    id INTEGER PRIMARY KEY,
-    path BLOB NOT NULL UNIQUE,
-    modality TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    hash TEXT NOT NULL,
-    taken REAL,
-    phash INTEGER,
-    width INTEGER,
-    height INTEGER
-);
-CREATE INDEX IF NOT EXISTS files_hash ON files(hash);
-CREATE TABLE IF NOT EXISTS units (
-    id INTEGER PRIMARY KEY,
-    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
-    start REAL,
-    end REAL,
-    vector BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS units_file ON units(file_id);
-CREATE TABLE IF NOT EXISTS failures (
-    path BLOB PRIMARY KEY,
-    modality TEXT,
-    size INTEGER,
-    mtime_ns INTEGER,
-    reason TEXT NOT NULL,
-    time REAL NOT NULL
-);
-"""
-# Columns added to `files` after the first release (FileMeta's fields): a writer adds them to an
-# older catalog when it opens it; a reader of one that lacks them reads NULLs.
-META_COLUMNS = (
-    ("taken", "REAL"),
-    ("phash", "INTEGER"),
-    ("width", "INTEGER"),
-    ("height", "INTEGER"),
-)
+from .schema import META_COLUMNS, SCHEMA, columns_sql, migrate
 
 
 @dataclass(frozen=True)
@@ -105,19 +65,15 @@ class Catalog:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
-            self._migrate()
+            migrate(self.db)
         self.db.execute("PRAGMA foreign_keys=ON")
-        have = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
-        # what reads a FileMeta column says where an older catalog lacks it
-        self.meta_sql = {c: f"f.{c}" if c in have else "NULL" for c, _ in META_COLUMNS}
+        # What reads a later column says where an older catalog (opened read-only) lacks it.
+        self.meta_sql = columns_sql(self.db, "files", "f", [c for c, _ in META_COLUMNS])
+        self._own_modality = columns_sql(self.db, "units", "u", ["modality"])["modality"]
 
-    def _migrate(self) -> None:
-        """Bring a catalog written by an older mmsearch up to this schema (columns added with
-        NULLs: adding one rewrites nothing)."""
-        have = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
-        for name, kind in META_COLUMNS:
-            if name not in have:
-                self.db.execute(f"ALTER TABLE files ADD COLUMN {name} {kind}")
+    @property
+    def _unit_modality(self) -> str:
+        return f"COALESCE({self._own_modality}, f.modality)"
 
     def close(self) -> None:
         self.db.close()
@@ -211,9 +167,13 @@ class Catalog:
 
     def units_of(self, file_id: int) -> list[tuple[Segment, np.ndarray]]:
         rows = self.db.execute(
-            "SELECT start, end, vector FROM units WHERE file_id = ? ORDER BY id", (file_id,)
+            f"SELECT start, end, vector, {self._own_modality} FROM units u WHERE file_id = ? "
+            "ORDER BY id",
+            (file_id,),
         )
-        return [(Segment(s, e), np.frombuffer(v, dtype=np.float32)) for s, e, v in rows]
+        return [
+            (Segment(s, e, modality=m), np.frombuffer(v, dtype=np.float32)) for s, e, v, m in rows
+        ]
 
     def unit_ids_of(self, file_id: int) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM units WHERE file_id = ?", (file_id,))]
@@ -251,7 +211,7 @@ class Catalog:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(
-            "SELECT u.id, f.path, f.modality, u.start, u.end, f.size, f.mtime_ns FROM units u "
+            f"SELECT u.id, f.path, {self._unit_modality}, u.start, u.end, f.size, f.mtime_ns FROM units u "
             f"JOIN files f ON f.id = u.file_id WHERE u.id IN ({marks})",
             ids,
         )
@@ -263,8 +223,11 @@ class Catalog:
         """Ids of the units of files of `modality` (None: any) that pass the filter `flt`."""
         where, args = flt.where(self.taken_sql) if flt else ("1", [])
         if modality is not None:
-            where, args = f"({where}) AND f.modality = ?", [*args, modality]
+            where, args = f"({where}) AND {self._unit_modality} = ?", [*args, modality]
         return self._unit_ids(where, args)
+
+    def unit_ids_with_modality(self, modality: str) -> np.ndarray:
+        return self.unit_ids_matching(modality)
 
     def unit_ids_of_content(self, path: bytes, digest: str) -> np.ndarray:
         """Ids of the units of the file at `path` and of every file with content hash `digest`
@@ -372,8 +335,8 @@ class Catalog:
         new = []
         for seg, vec in zip(segments, vectors, strict=True):
             cur = self.db.execute(
-                "INSERT INTO units(file_id, start, end, vector) VALUES (?,?,?,?)",
-                (file_id, seg.start, seg.end, vec.tobytes()),
+                "INSERT INTO units(file_id, start, end, vector, modality) VALUES (?,?,?,?,?)",
+                (file_id, seg.start, seg.end, vec.tobytes(), seg.modality),
             )
             new.append(cur.lastrowid)
         return old, new
