@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -101,11 +102,14 @@ def check_query(
 class Searcher:
     """Answers queries against one index; keeps the index and towers loaded between queries."""
 
-    def __init__(self, options: SearchOptions):
+    def __init__(self, options: SearchOptions, towers_from: Searcher | None = None):
+        """With `towers_from`, a Searcher of this index opened earlier (the index has changed
+        since): its loaded towers are used when the model and audio model are the same."""
         self.options = options
         self.col = Collection.open_reader(options.root_dir, options.name)
         identity = self.col.encoder_identity
         if identity is None:
+            self.col.close()
             raise UsageError(f"index {options.name!r} is empty: index some files first")
         self.identity = identity
         self._text = None
@@ -113,6 +117,27 @@ class Searcher:
         self._gpu_vectors = None
         self._embedded: dict[str, np.ndarray] = {}  # query text -> vector
         self._allowed: dict[str, np.ndarray | None] = {}  # --type -> ids the filters let through
+        if towers_from is not None and self._same_model(towers_from):
+            self._text, self._full = towers_from._text, towers_from._full
+
+    def _same_model(self, other: Searcher) -> bool:
+        same = other.identity["key"] == self.identity["key"]
+        return same and other.col.manifest.audio_encoder == self.col.manifest.audio_encoder
+
+    def clone(self) -> Searcher:
+        """This Searcher for another thread: the same towers and loaded vectors, its own catalog
+        connection (a SQLite connection belongs to the thread that opened it). Call `warm`
+        first, in this Searcher's thread, or each clone loads the vectors again."""
+        other = copy.copy(self)
+        other.col = self.col.clone()
+        other._embedded, other._allowed = {}, {}  # per clone: filters read its own catalog
+        if other._gpu_vectors:
+            other._gpu_vectors = other._gpu_vectors.for_catalog(other.col.catalog)
+        return other
+
+    def warm(self) -> None:
+        """Load the index's vectors now, not at the first query."""
+        self._vectors()
 
     def close(self) -> None:
         self.col.close()

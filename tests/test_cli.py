@@ -142,7 +142,7 @@ def test_error_bad_query_image(indexed, tmp_path):
 
 def test_error_empty_query_and_bad_type(indexed):
     assert "nothing to search" in one_line_error(cli("search"))
-    assert "--type" in one_line_error(cli("search", "x", "--type", "video"))
+    assert "--type" in one_line_error(cli("search", "x", "--type", "hologram"))
     assert "-k" in one_line_error(cli("search", "x", "-k", "0"))
 
 
@@ -266,7 +266,7 @@ def no_model(monkeypatch):
     "args, words",
     [
         (["search", "x", "--device", "tpu"], ["--device", "'tpu' is not a device"]),
-        (["search", "x", "--type", "video"], ["--type", "'video' is not one of"]),
+        (["search", "x", "--type", "hologram"], ["--type", "'hologram' is not one of"]),
         (["search", "x", "-k", "0"], ["-k"]),
         (["search", "x", "--no-such-option"], ["No such option: --no-such-option"]),
         (["index"], ["Missing argument"]),

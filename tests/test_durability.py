@@ -192,8 +192,8 @@ def test_types_choose_what_a_run_indexes_and_leave_the_rest(tiny_model, tmp_path
 def test_unknown_type_is_refused(tiny_model, tmp_path):
     from mmsearch.errors import UsageError
 
-    with pytest.raises(UsageError, match="unknown type 'video'"):
-        index_paths(options(tiny_model, photos(tmp_path / "lib", 1), types=("video",)))
+    with pytest.raises(UsageError, match="unknown type 'hologram'"):
+        index_paths(options(tiny_model, photos(tmp_path / "lib", 1), types=("hologram",)))
 
 
 # --- items 13, 16, 17: damage is repaired or named ----------------------------------------------

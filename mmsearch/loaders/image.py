@@ -221,3 +221,22 @@ def _center_crop_or_pad(a: np.ndarray, th: int, tw: int, fill: int) -> np.ndarra
     top = int(round((h - th) / 2.0))
     left = int(round((w - tw) / 2.0))
     return np.ascontiguousarray(a[top : top + th, left : left + tw])
+
+
+def load_thumbnail(path, side: int) -> Image.Image:
+    """`path` (a path or a binary file object) for display: first frame, EXIF orientation, RGB,
+    scaled to fit in `side` x `side` (never up). JPEGs are decoded at a reduced size. Raises
+    LoadError with a reason, as load_image does."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        from .files import open_for_decoding
+
+        with open_for_decoding(path) as f:
+            return load_thumbnail(f, side)
+    with open_image(path) as img, _reasons():
+        if img.format == "JPEG":
+            img.draft("RGB", (side, side))  # decoded at the smallest scale still >= side
+        img.seek(0)
+        img.load()
+        rgb = to_rgb(ImageOps.exif_transpose(img) or img)
+        rgb.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        return rgb

@@ -175,7 +175,7 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
         attach_index_audio(col, encoder, options, progress, realign=True, record=False)
         col.begin_generation(encoder.identity, audio=encoder.audio.identity)
         if col.audio_identity is None:
-            from ..encoders.audio import save_projector
+            from ..encoders.clap import save_projector
 
             projector = encoder.audio.projector
             col.set_audio(encoder.audio.identity, lambda path: save_projector(projector, path))

@@ -270,6 +270,38 @@ class Catalog:
         """SQL for when a file was taken: its EXIF date where one was read, else its mtime."""
         return f"COALESCE({self.meta_sql['taken']}, f.mtime_ns / 1e9)"
 
+    # --- by content hash: how a server names a file to clients, never by its path -------------
+    def hashes_of(self, paths: list[bytes]) -> dict[bytes, str]:
+        """The content hash of each of `paths` the catalog holds."""
+        out: dict[bytes, str] = {}
+        for start in range(0, len(paths), 500):  # SQLite's bound-parameter limit
+            part = paths[start : start + 500]
+            marks = ",".join("?" * len(part))
+            out.update(
+                self.db.execute(f"SELECT path, hash FROM files WHERE path IN ({marks})", part)
+            )
+        return out
+
+    def files_with_hash(self, digest: str) -> list[tuple[bytes, str]]:
+        """(path, modality) of every file with that content (copies share it), oldest first."""
+        rows = self.db.execute(
+            "SELECT path, modality FROM files WHERE hash = ? ORDER BY id", (digest,)
+        )
+        return [(bytes(path), modality) for path, modality in rows]
+
+    def vectors_with_hash(self, digest: str, start: float | None = None) -> list[np.ndarray]:
+        """The vectors of the (first) file with that content, or of its unit starting at
+        `start` (a note's first line, a recording's second)."""
+        query = (
+            "SELECT vector FROM units WHERE file_id = (SELECT MIN(id) FROM files WHERE hash = ?)"
+        )
+        args: list = [digest]
+        if start is not None:  # as a hit gives it: rounded to 3 decimals
+            query += " AND abs(start - ?) < 0.0005"
+            args.append(start)
+        rows = self.db.execute(query + " ORDER BY id", args)
+        return [np.frombuffer(v, np.float32) for (v,) in rows]
+
     def counts(self) -> dict:
         files = dict(self.db.execute("SELECT modality, COUNT(*) FROM files GROUP BY modality"))
         units = dict(
