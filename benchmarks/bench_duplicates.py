@@ -2,8 +2,8 @@
 
 1. Real photos (flickr8k_val1k, 1,000 photos ~200 px) embedded by the real weak aligned model of
    issue 10 (/work/lit_model: frozen EfficientNet-Lite0 + MiniLM, linear heads), through
-   `mmsearch index` itself. Planted near-copies of 200 photos: a quality-35 re-encode and a
-   60%-size quality-35 re-encode. Look-alikes that must not be grouped: for 200 other photos a
+   `mmsearch index` itself. Planted near-copies of 200 photos: a quality-35 re-encode, a
+   60%-size quality-35 re-encode and a half-size quality-20 one. Look-alikes that must not be grouped: for 200 other photos a
    second "shot" (a 95% crop from one corner, scaled back: the camera moved a little), and for
    every photo its most similar other photo by the model (the hardest distinct pairs there are).
    Printed side by side: the cosine and the perceptual-hash distance of each kind of pair, which
@@ -40,6 +40,7 @@ from common import DATASETS, machine  # noqa: E402
 
 LIT_MODEL = Path("/work/lit_model")
 PLANTED, SHOTS = 200, 200
+COPIES = ((1.0, 35), (0.6, 35), (0.5, 20))  # (scale, JPEG quality) of the planted re-encodes
 
 
 def load() -> float:
@@ -48,7 +49,7 @@ def load() -> float:
 
 # --- 1. real photos ---------------------------------------------------------------------------
 def derive(photos: list[Path], out: Path, seed: int = 0) -> dict:
-    """The planted files: {source: [q35, q35-60pct]} for PLANTED photos, {source: shot} for
+    """The planted files: {source: [q35, q35-60pct, q20-50pct]} for PLANTED photos, {source: shot} for
     SHOTS others; written once under `out`."""
     from PIL import Image
 
@@ -59,12 +60,14 @@ def derive(photos: list[Path], out: Path, seed: int = 0) -> dict:
     for i in order[:PLANTED]:
         src = photos[i]
         img = Image.open(src).convert("RGB")
-        a, b = out / f"{src.stem}-q35.jpg", out / f"{src.stem}-q35-60pct.jpg"
-        if not b.exists():
-            img.save(a, "JPEG", quality=35)
-            small = img.resize((round(img.width * 0.6), round(img.height * 0.6)), Image.BICUBIC)
-            small.save(b, "JPEG", quality=35)
-        copies[src] = [a, b]
+        made = []
+        for scale, quality in COPIES:
+            name = f"{src.stem}-q{quality}" + (f"-{round(scale * 100)}pct" if scale < 1 else "")
+            made.append(out / f"{name}.jpg")
+            if not made[-1].exists():
+                size = (round(img.width * scale), round(img.height * scale))
+                img.resize(size, Image.BICUBIC).save(made[-1], "JPEG", quality=quality)
+        copies[src] = made
     for i in order[PLANTED : PLANTED + SHOTS]:
         src = photos[i]
         shot = out / f"{src.stem}-shot.jpg"
@@ -125,8 +128,12 @@ def photos_benchmark(work: Path, threads: int) -> dict:
         return (vectors[a] * vectors[b]).sum(1), hamming(hashes[a], hashes[b])
 
     kinds = {
-        "re-encode q35": [(s, c[0]) for s, c in planted["copies"].items()],
-        "re-encode q35 at 60%": [(s, c[1]) for s, c in planted["copies"].items()],
+        **{
+            f"re-encode q{quality}" + (f" at {round(scale * 100)}%" if scale < 1 else ""): [
+                (s, c[i]) for s, c in planted["copies"].items()
+            ]
+            for i, (scale, quality) in enumerate(COPIES)
+        },
         "another shot (95% crop)": list(planted["shots"].items()),
     }
     originals = np.array([row[str(p)] for p in photos])
@@ -140,16 +147,16 @@ def photos_benchmark(work: Path, threads: int) -> dict:
         print(f"  {name:<26} n={len(cos):4d}  cosine  {quantiles(cos)}")
         print(f"  {'':<26}         hash    {quantiles(ham)}")
 
-    positive = np.concatenate([measured[k][0] for k in list(kinds)[:2]])
-    pos_ham = np.concatenate([measured[k][1] for k in list(kinds)[:2]])
-    negatives = {k: measured[k] for k in list(kinds)[2:]}
+    positive = np.concatenate([measured[k][0] for k in list(kinds)[: len(COPIES)]])
+    pos_ham = np.concatenate([measured[k][1] for k in list(kinds)[: len(COPIES)]])
+    negatives = {k: measured[k] for k in list(kinds)[len(COPIES) :]}
     floor = BY_NAME["image"].duplicate_cosine
     rules = {}
     for t in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9):
         rules[f"vectors alone, cosine >= {t}"] = lambda c, h, t=t: c >= t
     for hmax in (2, 4, 5, 6, 8, 12):
         rules[f"hashes alone, <= {hmax} bits"] = lambda c, h, hmax=hmax: h <= hmax
-    for t in (0.4, 0.5, 0.6):
+    for t in (0.3, 0.4, 0.5, 0.6):
         for hmax in (4, 8):
             default = " (default)" if (t, hmax) == (floor, MAX_HASH_DISTANCE) else ""
             rules[f"both{default}: cosine >= {t}, hash <= {hmax}"] = lambda c, h, t=t, hmax=hmax: (
@@ -182,7 +189,8 @@ def photos_benchmark(work: Path, threads: int) -> dict:
         ),
     }
     with Collection.open_reader(root, "dup") as col:
-        for t, hmax in ((floor, 8), (0.6, MAX_HASH_DISTANCE)):
+        for t, hmax in ((floor, 8), (0.3, MAX_HASH_DISTANCE), (0.5, MAX_HASH_DISTANCE),
+                        (0.6, MAX_HASH_DISTANCE)):  # fmt: skip
             other = find_duplicates(col.catalog, col.dim, "image", t, hmax)
             got_other = [{os.fsdecode(f.path) for f in g.files} for g in other.groups]
             end_to_end[f"cosine >= {t}, hash <= {hmax}"] = _pair_scores(truth, got_other)

@@ -10,8 +10,8 @@ embedded again. Measured in benchmarks/bench_duplicates.py.
   minutes where the exact pass would take hours.
 - For a modality with `duplicate_hash` (photos), the perceptual hashes must also be at most
   `max_hash_distance` bits apart: a weak model can score a heavy re-encode below two distinct
-  photos of the same kind of scene; the hashes of re-encodes differ by 0-4 bits of 64, those of
-  distinct photos by 12 or more.
+  photos of the same kind of scene; the hashes of 99.8% of re-encodes differ by 0-4 bits of 64,
+  those of distinct photos by 12 or more (benchmarks/RESULTS.md).
 - Groups are the connected components of the kept pairs (union-find).
 """
 

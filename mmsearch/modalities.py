@@ -59,7 +59,7 @@ TABLE: tuple[Modality, ...] = (
         tower="image",
         span="none",
         embed="embed_images",
-        duplicate_cosine=0.5,
+        duplicate_cosine=0.4,
         duplicate_hash=True,
     ),  # fmt: skip
     Modality(TEXT, frozenset({".txt", ".md"}), tower="text", span="lines", embed="embed_notes"),

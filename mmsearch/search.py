@@ -99,6 +99,9 @@ def check_query(
     return terms
 
 
+ALLOWED_KEPT = 8  # (type, filters) id sets a Searcher keeps
+
+
 class Searcher:
     """Answers queries against one index; keeps the index and towers loaded between queries."""
 
@@ -116,7 +119,7 @@ class Searcher:
         self._full = None
         self._gpu_vectors = None
         self._embedded: dict[str, np.ndarray] = {}  # query text -> vector
-        self._allowed: dict[str, np.ndarray | None] = {}  # --type -> ids the filters let through
+        self._allowed: dict[tuple, np.ndarray] = {}  # (type, filters) -> ids they let through
         if towers_from is not None and self._same_model(towers_from):
             self._text, self._full = towers_from._text, towers_from._full
 
@@ -219,7 +222,8 @@ class Searcher:
 
     def prepare_texts(self, texts: list[str]) -> None:
         """Embed the texts not embedded yet, in one batch (a batch of queries embeds all its
-        terms at once); query_vector then finds them. Kept for the Searcher's life."""
+        terms at once); query_vector then finds them. Kept for the Searcher's life: for a batch,
+        not for every query a resident process answers."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._embedded]
         if todo:
             self._embedded.update(zip(todo, self.embed_texts(todo), strict=True))
@@ -231,9 +235,11 @@ class Searcher:
         terms = check_query(query, image, audio)
         vectors, weights = [], []
         if terms:
-            # Each distinct text is embedded once, so a repeated term gets the very same vector.
-            self.prepare_texts([t.text for t in terms])
-            vectors += [self._embedded[t.text] for t in terms]
+            # Each distinct text is embedded once, so a repeated term gets the very same vector;
+            # only texts given to prepare_texts are kept (a resident process keeps no history).
+            texts = [t for t in dict.fromkeys(t.text for t in terms) if t not in self._embedded]
+            fresh = dict(zip(texts, self.embed_texts(texts), strict=True)) if texts else {}
+            vectors += [self._embedded.get(t.text, fresh.get(t.text)) for t in terms]
             weights += [t.weight for t in terms]
         for path, embed in ((image, self.embed_image), (audio, self.embed_audio)):
             if path is not None:
@@ -288,17 +294,18 @@ class Searcher:
     def allowed(self, modality: str = "any") -> np.ndarray | None:
         """The unit ids a search of `modality` may return (its type and the options' filters),
         or None for all. Applied inside the vector search, before the top k: a filter never
-        loses results to -k. Read once per Searcher (a batch of queries shares it)."""
-        if modality not in self._allowed:
-            flt = self.options.filters
-            self._allowed[modality] = (
-                None
-                if modality == "any" and not flt
-                else self.col.catalog.unit_ids_matching(
-                    None if modality == "any" else modality, flt
-                )
-            )
-        return self._allowed[modality]
+        loses results to -k. Read once per (type, filters) and kept for the next queries (a
+        batch shares it); a few at a time, so a resident process varying them stays small."""
+        flt = self.options.filters
+        if modality == "any" and not flt:
+            return None
+        key = (modality, flt)
+        if key not in self._allowed:
+            if len(self._allowed) >= ALLOWED_KEPT:
+                self._allowed.clear()
+            kind = None if modality == "any" else modality
+            self._allowed[key] = self.col.catalog.unit_ids_matching(kind, flt)
+        return self._allowed[key]
 
     def rank(
         self, q: np.ndarray, k: int, modality: str = "any", exclude: np.ndarray | None = None

@@ -186,3 +186,38 @@ def test_same_content_reuses_meta_with_the_vectors(photos, tiny_model, tmp_path)
     assert cli("index", photos).exit_code == 0
     rows = [json.loads(line) for line in cli("duplicates", "--json").stdout.splitlines()]
     assert sorted(len(r["paths"]) for r in rows) == [2, 3]
+
+
+def test_recordings_are_compared_by_their_mean_window(home):
+    """A recording is many window vectors: two files whose windows match (a re-encode) are
+    copies; one that shares a single window with them (a quote) is not. Vectors alone decide
+    (recordings have no perceptual hash)."""
+    from mmsearch.config import index_root
+    from mmsearch.duplicates import find_duplicates
+    from mmsearch.records import FileEntry, Segment
+    from mmsearch.storage.collection import Collection
+
+    rng = np.random.default_rng(0)
+    windows = unit(rng.standard_normal((6, DIM)))
+    files = {
+        "a.wav": windows,
+        "a.flac": away(windows, 0.1, rng),  # every window a little off
+        "quote.wav": np.concatenate([windows[:1], unit(rng.standard_normal((5, DIM)))]),
+        "other.wav": unit(rng.standard_normal((6, DIM))),
+    }
+    with Collection.open_writer(index_root(), "default") as col:
+        col.write_manifest(encoder={"key": "synthetic", "spec": "synthetic", "dim": DIM})
+        with col.catalog.transaction():
+            for i, (name, vecs) in enumerate(files.items()):
+                entry = FileEntry(f"/rec/{name}".encode(), "audio", 1000 + i, 1)
+                fid = col.catalog.add_file(entry, f"h{i}")
+                segments = [Segment(7.5 * w, 7.5 * w + 10) for w in range(len(vecs))]
+                col.catalog.replace_units(fid, segments, vecs)
+    with Collection.open_reader(index_root(), "default") as col:
+        found = find_duplicates(col.catalog, DIM, "audio")
+        assert [[f.path for f in g.files] for g in found.groups] == [
+            [b"/rec/a.flac", b"/rec/a.wav"]
+        ]
+        assert found.groups[0].score > 0.95 and not found.unhashed
+        assert find_duplicates(col.catalog, DIM, "any").groups == found.groups
+        assert find_duplicates(col.catalog, DIM, "image").groups == []

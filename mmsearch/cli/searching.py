@@ -121,7 +121,7 @@ def search(
 ):
     """Search an index by text, image or sound. Exits 1 when nothing is found."""
     from ..batch import BatchQuery
-    from ..search import Searcher, check_query
+    from ..search import Searcher, check_query, parse_query
 
     if queries is not None:
         if query is not None or image is not None or audio is not None:
@@ -146,9 +146,7 @@ def search(
     with Searcher(options) as searcher:
         for note in searcher.col.notes:
             say(f"mmsearch: warning: {note}", err=True)
-        if queries is not None:
-            from ..search import parse_query
-
+        if queries is not None:  # every text query embedded in one batch
             searcher.prepare_texts([t.text for q in batch if q.query for t in parse_query(q.query)])
         for i, q in enumerate(batch):
             hits = searcher.search(q.query, image=q.image, audio=q.audio)
