@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .config import EncoderOptions, ModelSpec, SearchOptions
 from .errors import ModelMismatchError, UsageError
+from .modalities import span_of
 from .records import MODALITIES, Hit
+from .results import group_by_file, note_lines, renumber
 from .storage.collection import Collection, model_cache_dir
 
 _SPLIT = re.compile(r"\s+([+-])\s+")
@@ -113,6 +115,8 @@ class Searcher:
         self._text = None
         self._full = None
         self._gpu_vectors = None
+        self._embedded: dict[str, np.ndarray] = {}  # query text -> vector
+        self._allowed: dict[str, np.ndarray | None] = {}  # --type -> ids the filters let through
         if towers_from is not None and self._same_model(towers_from):
             self._text, self._full = towers_from._text, towers_from._full
 
@@ -124,10 +128,19 @@ class Searcher:
         """This Searcher for another thread: the same towers and loaded vectors, its own catalog
         connection (a SQLite connection belongs to the thread that opened it). Call `warm`
         first, in this Searcher's thread, or each clone loads the vectors again."""
-        other = copy.copy(self)
+        other = self.with_options(self.options)
         other.col = self.col.clone()
         if other._gpu_vectors:
             other._gpu_vectors = other._gpu_vectors.for_catalog(other.col.catalog)
+        return other
+
+    def with_options(self, options: SearchOptions) -> Searcher:
+        """This Searcher with other search options (k, type, filters, ...): the same index, catalog
+        connection (so: for this thread), towers and vectors, and caches of its own, as what the
+        filters let through depends on the options. Cheap: a server makes one per request."""
+        other = copy.copy(self)
+        other.options = options
+        other._embedded, other._allowed = {}, {}
         return other
 
     def warm(self) -> None:
@@ -212,6 +225,13 @@ class Searcher:
             raise UsageError(f"cannot use {path} as a query sound: {e.reason}") from None
         return combine(list(enc.encode_audio([w for _, _, w in windows])), [1.0] * len(windows))
 
+    def prepare_texts(self, texts: list[str]) -> None:
+        """Embed the texts not embedded yet, in one batch (a batch of queries embeds all its
+        terms at once); query_vector then finds them. Kept for the Searcher's life."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._embedded]
+        if todo:
+            self._embedded.update(zip(todo, self.embed_texts(todo), strict=True))
+
     # --- search -------------------------------------------------------------------------------
     def query_vector(
         self, query: str | None, image: Path | None = None, audio: Path | None = None
@@ -220,9 +240,8 @@ class Searcher:
         vectors, weights = [], []
         if terms:
             # Each distinct text is embedded once, so a repeated term gets the very same vector.
-            texts = list(dict.fromkeys(t.text for t in terms))
-            embedded = dict(zip(texts, self.embed_texts(texts), strict=True))
-            vectors += [embedded[t.text] for t in terms]
+            self.prepare_texts([t.text for t in terms])
+            vectors += [self._embedded[t.text] for t in terms]
             weights += [t.weight for t in terms]
         for path, embed in ((image, self.embed_image), (audio, self.embed_audio)):
             if path is not None:
@@ -246,7 +265,21 @@ class Searcher:
             raise UsageError(f"unknown --type {modality!r}; use {', '.join(MODALITIES)} or any")
         check_query(query, image, audio)  # before a model loads
         q = self.query_vector(query, image, audio)
-        return self.rank(q, k, modality)
+        exclude = None
+        if self.options.exclude_self and (image is not None or audio is not None):
+            exclude = self._copies_of([p for p in (image, audio) if p is not None])
+        return self.rank(q, k, modality, exclude)
+
+    def _copies_of(self, paths: list[Path]) -> np.ndarray:
+        """Unit ids of the query files and of their byte-identical copies in the index."""
+        from .loaders import file_hash
+        from .pipeline.walk import absolute
+
+        found = [np.zeros(0, np.int64)]
+        for path in paths:
+            where = absolute(path)
+            found.append(self.col.catalog.unit_ids_of_content(where, file_hash(where)))
+        return np.unique(np.concatenate(found))
 
     def _vectors(self):
         """The index's FAISS vectors, or all of them on the GPU through torch when this process
@@ -260,20 +293,53 @@ class Searcher:
             )
         return self._gpu_vectors or self.col.vectors
 
-    def rank(self, q: np.ndarray, k: int, modality: str = "any") -> list[Hit]:
-        allowed = None
-        if modality != "any":
-            allowed = self.col.catalog.unit_ids_with_modality(modality)
-        scores, ids = self._vectors().search(q, k, allowed)
-        rows = self.col.catalog.units(ids)
-        hits = []
-        for score, uid in zip(scores, ids, strict=True):
-            row = rows.get(int(uid))
-            if row is None:  # vector without catalog row: a writer is mid-commit
-                continue
-            hits.append(
-                Hit(len(hits) + 1, float(score), row.path, row.modality, row.start, row.end)
+    def allowed(self, modality: str = "any") -> np.ndarray | None:
+        """The unit ids a search of `modality` may return (its type and the options' filters),
+        or None for all. Applied inside the vector search, before the top k: a filter never
+        loses results to -k. Read once per Searcher (a batch of queries shares it)."""
+        if modality not in self._allowed:
+            flt = self.options.filters
+            self._allowed[modality] = (
+                None
+                if modality == "any" and not flt
+                else self.col.catalog.unit_ids_matching(
+                    None if modality == "any" else modality, flt
+                )
             )
+        return self._allowed[modality]
+
+    def rank(
+        self, q: np.ndarray, k: int, modality: str = "any", exclude: np.ndarray | None = None
+    ) -> list[Hit]:
+        """The top k hits for query vector q: files of `modality` that pass the filters, not
+        units `exclude`; with options.group, k files (each at its best segment)."""
+        allowed = self.allowed(modality)
+        skip = set() if exclude is None else set(exclude.tolist())
+        want = k + len(skip)
+        while True:
+            scores, ids = self._vectors().search(q, want, allowed)
+            rows = self.col.catalog.units([i for i in ids.tolist() if i not in skip])
+            # a vector without catalog row (excluded, or a writer mid-commit) is left out
+            hits = [
+                Hit(0, score, r.path, r.modality, r.start, r.end)
+                for score, uid in zip(scores.tolist(), ids.tolist(), strict=True)
+                if (r := rows.get(uid)) is not None
+            ]
+            if self.options.group:
+                hits = group_by_file(hits, k)
+            # grouping folds a file's segments into one row: look deeper until k files
+            if len(hits) >= k or len(ids) < want:
+                break
+            want *= 4
+        hits = renumber(hits[:k])
+        if self.options.snippets:
+            stat = {r.path: (r.size, r.mtime_ns) for r in rows.values()}
+            hits = [
+                replace(h, snippet=note_lines(h.path, h.start, h.end, *stat[h.path]))
+                if span_of(h.modality) == "lines" and h.start is not None
+                else h
+                for h in hits
+            ]
         return hits
 
 

@@ -111,7 +111,7 @@ def test_search_errors(indexed, tmp_path):
         with pytest.raises(UsageError, match="not found"):
             s.search(image=tmp_path / "nope.jpg")
         with pytest.raises(UsageError, match="--type"):
-            s.search("x", modality="video")
+            s.search("x", modality="hologram")
     with pytest.raises(IndexNotFoundError, match="no index named 'other'"):
         Searcher(SearchOptions(name="other"))
 
