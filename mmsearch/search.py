@@ -131,11 +131,19 @@ class Searcher:
         """This Searcher for another thread: the same towers and loaded vectors, its own catalog
         connection (a SQLite connection belongs to the thread that opened it). Call `warm`
         first, in this Searcher's thread, or each clone loads the vectors again."""
-        other = copy.copy(self)
+        other = self.with_options(self.options)
         other.col = self.col.clone()
-        other._embedded, other._allowed = {}, {}  # per clone: filters read its own catalog
         if other._gpu_vectors:
             other._gpu_vectors = other._gpu_vectors.for_catalog(other.col.catalog)
+        return other
+
+    def with_options(self, options: SearchOptions) -> Searcher:
+        """This Searcher with other search options (k, type, filters, ...): the same index, catalog
+        connection (so: for this thread), towers and vectors, and caches of its own, as what the
+        filters let through depends on the options. Cheap: a server makes one per request."""
+        other = copy.copy(self)
+        other.options = options
+        other._embedded, other._allowed = {}, {}
         return other
 
     def warm(self) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import anyio
+import numpy as np
 import pytest
 from conftest import make_image, make_note
 from typer.testing import CliRunner
@@ -106,6 +107,28 @@ def test_hits_are_the_cli_json_plus_where_to_fetch_them(client, library, query):
     assert b"\\udce9" in r.content  # escaped as the CLI escapes it: still valid UTF-8
 
 
+@pytest.mark.parametrize(
+    "params, args",
+    [
+        ({"path": "*.md"}, ["--path", "*.md"]),
+        ({"path": ["*/p1.jpg", "*/p2.jpg"]}, ["--path", "*/p1.jpg", "--path", "*/p2.jpg"]),
+        (
+            {"after": "2001-01-01", "max_size": "100k"},
+            ["--after", "2001-01-01", "--max-size", "100k"],
+        ),
+        ({"before": "2001-01-01"}, ["--before", "2001-01-01"]),
+        ({"group": "1", "type": "image", "k": 2}, ["--group", "--type", "image", "-k", "2"]),
+    ],
+)
+def test_filters_are_the_search_options_of_their_names(client, library, params, args):
+    r = client.get("/api/search", params={"q": "a dog", **params})
+    if "before" in params:  # every file is newer: nothing found, as the CLI finds nothing
+        assert r.status_code == 200 and r.json()["hits"] == []
+        return
+    same_hits(r.json()["hits"], cli_hits(library[1], "a dog", *args))
+    assert r.json()["hits"]
+
+
 def test_type_and_k_and_their_errors(client):
     hits = client.get("/api/search", params={"q": "dog", "type": "image", "k": 2}).json()["hits"]
     assert len(hits) == 2 and {h["modality"] for h in hits} == {"image"}
@@ -119,6 +142,9 @@ def test_type_and_k_and_their_errors(client):
         ({"q": "   "}, "nothing to search for"),
         ({"q": "dog - dog"}, "cancel"),
         ({"q": "dog", "index": "nope"}, "not served here"),
+        ({"q": "dog", "after": "yesterday"}, "is not a date"),
+        ({"q": "dog", "group": "maybe"}, "not a yes or no"),
+        ({"q": "dog", "min_size": "big"}, "min-size"),
     ]:
         r = client.get("/api/search", params=params)
         assert r.status_code in (400, 404), (params, r.text)
@@ -178,14 +204,11 @@ def test_more_like_this_uses_the_stored_vectors(client, library):
     assert r.status_code == 404 and "no file with id" in r.json()["error"]
 
 
-def test_note_lines_are_the_lines_a_hit_names(client):
+def test_a_note_hit_carries_its_lines(client):
     note = client.get("/api/search?q=beach&type=text").json()["hits"][0]
-    r = client.get(note["url"], params={"lines": "2-3"})
-    assert r.text == "We went to the beach.\nThe dog ran after a ball."
-    assert client.get(note["url"], params={"lines": "4"}).text == "Then it rained."
-    assert client.get(note["url"], params={"lines": "x"}).status_code == 400
-    photo = client.get("/api/search?q=dog&type=image").json()["hits"][0]
-    assert client.get(photo["url"], params={"lines": "1-2"}).status_code == 404
+    assert (note["start"], note["end"]) == (1, 4)
+    assert note["snippet"] == NOTE.splitlines()
+    assert "thumb" not in note and client.get(note["url"]).text == NOTE
 
 
 def test_thumbnails_are_small_jpegs_kept_in_the_index(client, library):
@@ -245,7 +268,7 @@ def test_no_crafted_url_returns_a_file_that_is_not_served(client, library):
         f"/file/default/{media}/notes/unindexed.md", f"/file/default/{indexed}%00.md",
         "/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py",
         "/static/../../../../etc/passwd", "/static/", "/static", "/thumb/default/..%2f..%2fthumbs",
-        f"/static/{passwd}", f"/file/default/{indexed}?lines=../../etc/passwd",
+        f"/static/{passwd}", f"/file/default/{indexed}/../../etc/passwd",
     ]  # fmt: skip
     for url in attempts:
         status, body = raw_get(client, url.encode())
@@ -503,3 +526,27 @@ def _curl(client: TestClient, args: list[str]) -> tuple[int, bytes, str | None]:
     else:
         r = client.get(url, headers=headers)
     return r.status_code, r.content, out
+
+
+def test_a_video_hit_has_the_frame_of_its_moment_as_thumbnail(tmp_path, tiny_model):
+    """Shots of a video are hits at their second; the thumbnail is the picture shown there."""
+    from PIL import Image
+    from videos import make_video
+
+    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
+    make_video(tmp_path / "v" / "trip.mp4", [(c, 4.0) for c in colours], tone=None, gop=5)
+    build(tmp_path / "v", tmp_path / "indexes", tiny_model)
+    with serve(tmp_path / "indexes") as c:
+        hits = c.get("/api/search?q=a+trip&type=video&k=10").json()["hits"]
+        assert len(hits) == 3 and {h["start"] for h in hits} == {0, 4, 8}
+        for h in hits:
+            assert h["thumb"] == f"/thumb/default/{h['id']}?at={h['start']}"
+            r = c.get(h["thumb"])
+            assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+            pixels = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), np.float32)
+            colour = np.array(colours[int(h["start"]) // 4], np.float32)
+            assert np.abs(pixels.mean(axis=(0, 1)) - colour).max() < 25, (
+                h["start"],
+                pixels.mean((0, 1)),
+            )
+        assert c.get(f"/thumb/default/{hits[0]['id']}?at=soon").status_code == 400

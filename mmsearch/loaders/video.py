@@ -208,8 +208,6 @@ class _Sampler:
 
     def _keep(self, frame):
         """The frame as shown (rotation applied), prepared for the image tower."""
-        from PIL import Image
-
         from .image import resize_crop
 
         w, h = _display_size(frame, self.stream.sample_aspect_ratio)
@@ -218,12 +216,47 @@ class _Sampler:
             # for photos; the same bound as JPEG draft mode), which is what costs little at 4K.
             scale = min(1.0, 2 * min(self.prep.size) / min(w, h))
             w, h = max(1, round(w * scale)), max(1, round(h * scale))
-        img = self.reformatter.reformat(frame, w, h, "rgb24", interpolation="AREA").to_image()
-        turn = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
-                270: Image.Transpose.ROTATE_270}.get(frame.rotation % 360)  # fmt: skip
-        if turn is not None:
-            img = img.transpose(turn)
+        img = _shown(frame, self.reformatter, w, h)
         return img if self.prep is None else resize_crop(img, self.prep)
+
+
+def frame_at(path: bytes | str | os.PathLike, seconds: float, side: int):
+    """The picture shown `seconds` into the video at `path` (the first frame at or after that
+    moment, turned as the video is shown) as a PIL image fitting in `side` x `side`: a hit's
+    thumbnail. Seeks to the keyframe before, so it costs one group of pictures, not the video
+    up to there. LoadError with a reason when there is no such frame."""
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    with open_media(path, DEFAULT_DECODE_BUDGET_S) as container:
+        if not container.streams.video:
+            raise LoadError("no video stream")
+        stream = container.streams.video[0]
+        target = max(0.0, seconds) + media_origin(container)
+        try:
+            container.seek(int(target / stream.time_base), stream=stream, backward=True)
+            frame = next((f for f in container.decode(stream) if _at_or_after(f, target)), None)
+        except (av.FFmpegError, ValueError, MemoryError) as e:
+            raise LoadError(f"the video is damaged ({ffmpeg_reason(e)})") from None
+        if frame is None:
+            raise LoadError(f"no frame at {seconds:.1f} s")
+        w, h = _display_size(frame, stream.sample_aspect_ratio)
+        scale = min(1.0, side / max(w, h))
+        return _shown(frame, VideoReformatter(), max(1, round(w * scale)), max(1, round(h * scale)))
+
+
+def _at_or_after(frame, t: float) -> bool:
+    return frame.time is None or frame.time >= t - 1e-3
+
+
+def _shown(frame, reformatter, w: int, h: int):
+    """The frame as a w x h RGB PIL image, turned by its rotation (w, h before turning)."""
+    from PIL import Image
+
+    img = reformatter.reformat(frame, w, h, "rgb24", interpolation="AREA").to_image()
+    turn = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
+            270: Image.Transpose.ROTATE_270}.get(frame.rotation % 360)  # fmt: skip
+    return img if turn is None else img.transpose(turn)
 
 
 def _display_size(frame, sar) -> tuple[int, int]:

@@ -25,13 +25,13 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import IndexNotFoundError, LoadError, MMSearchError, UsageError
 from ..modalities import BY_NAME, TEXT
-from .files import NotServed, find, note_lines
+from .files import NotServed, find
 from .live import IndexUnavailable
 from .service import ServeOptions, Service, parse_query
 
@@ -218,16 +218,7 @@ def build_app(service: Service) -> Starlette:
 
     def file(request: Request):
         live = service.index(request.path_params["index"])
-        catalog = live.searcher().col.catalog
-        file_id = request.path_params["id"]
-        lines = request.query_params.get("lines")
-        if lines is not None:
-            start, _, end = lines.partition("-")
-            if not (start.isdigit() and (end or start).isdigit()):
-                raise UsageError(f"lines={lines!r}: give FIRST-LAST, e.g. lines=3-7")
-            text = note_lines(catalog, file_id, int(start), int(end or start))
-            return PlainTextResponse(text, headers={"content-security-policy": "sandbox"})
-        path, modality, st = find(catalog, file_id)
+        path, modality, st = find(live.searcher().col.catalog, request.path_params["id"])
         media = mimetypes.guess_type(os.fsdecode(path))[0] or "application/octet-stream"
         if modality == TEXT:
             media = "text/plain; charset=utf-8"  # notes are shown, never run or downloaded
@@ -240,7 +231,13 @@ def build_app(service: Service) -> Starlette:
 
     def thumb(request: Request):
         live = service.index(request.path_params["index"])
-        out = service.thumbs[live.name].get(live.searcher().col.catalog, request.path_params["id"])
+        at = request.query_params.get("at")
+        try:
+            seconds = None if at is None else float(at)
+        except ValueError:
+            raise UsageError(f"at={at!r} is not a number of seconds") from None
+        catalog = live.searcher().col.catalog
+        out = service.thumbs[live.name].get(catalog, request.path_params["id"], seconds)
         # named by content: the same id is always the same picture
         cache = {"cache-control": "private, max-age=604800"}
         return FileResponse(out, media_type="image/jpeg", headers=cache)

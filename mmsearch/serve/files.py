@@ -14,15 +14,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import DEFAULT_MAX_NOTE_BYTES
-from ..loaders.files import NotRegularFileError, open_for_decoding, open_regular
-from ..modalities import IMAGE, TEXT
+from ..loaders.files import NotRegularFileError, open_regular
+from ..modalities import IMAGE, VIDEO, span_of
 from ..storage.catalog import Catalog
 
 ID = re.compile(r"[0-9a-f]{32}")  # blake2b-16 hex, as the catalog's `hash` column holds
 THUMB_SIDE = 400  # px, the longer side: sharp in a ~200 px grid cell on a 2x screen
 THUMB_QUALITY = 82
-MAX_SNIPPET_CHARS = 4000
 
 
 class NotServed(Exception):
@@ -42,15 +40,31 @@ def find(catalog: Catalog, file_id: str) -> tuple[bytes, str, os.stat_result]:
     raise NotServed(f"no file with id {file_id!r} in this index")
 
 
-def _image_thumb(path: bytes, out: Path) -> None:
+def _image_thumb(path: bytes, out: Path, at: float | None) -> None:
     from ..loaders.image import load_thumbnail
 
     thumb = load_thumbnail(path, THUMB_SIDE)
     _save_atomically(out, lambda tmp: thumb.save(tmp, "JPEG", quality=THUMB_QUALITY))
 
 
-# Modalities that have thumbnails, and the function that makes one: (path, out JPEG) -> None.
-THUMBNAILS: dict[str, Callable[[bytes, Path], None]] = {IMAGE: _image_thumb}
+def _video_thumb(path: bytes, out: Path, at: float | None) -> None:
+    from ..loaders.video import frame_at
+
+    frame = frame_at(path, at or 0.0, THUMB_SIDE)
+    _save_atomically(out, lambda tmp: frame.save(tmp, "JPEG", quality=THUMB_QUALITY))
+
+
+# Modalities that have thumbnails, and the function that makes one: (path, out JPEG, the
+# second shown where the modality's hits are moments) -> None.
+THUMBNAILS: dict[str, Callable[[bytes, Path, float | None], None]] = {
+    IMAGE: _image_thumb,
+    VIDEO: _video_thumb,
+}
+
+
+def thumb_at(modality: str, start: float | None) -> float | None:
+    """The moment a hit's thumbnail shows: its start where hits are moments (seconds)."""
+    return start if span_of(modality) == "seconds" else None
 
 
 def _save_atomically(out: Path, write: Callable[[Path], None]) -> None:
@@ -81,30 +95,17 @@ class Thumbnails:
         if self._temporary:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def get(self, catalog: Catalog, file_id: str) -> Path:
-        """The thumbnail's path, made now if it was not yet. NotServed when there is none;
-        LoadError when the file cannot be decoded."""
+    def get(self, catalog: Catalog, file_id: str, at: float | None = None) -> Path:
+        """The thumbnail's path (of the moment `at` seconds in, for a video), made now if it
+        was not yet. NotServed when there is none; LoadError when the file cannot be decoded."""
         path, modality, _ = find(catalog, file_id)
         make = THUMBNAILS.get(modality)
         if make is None:
             raise NotServed(f"no thumbnail for {modality} files")
-        out = self.dir / file_id[:2] / f"{file_id}.jpg"
+        at = thumb_at(modality, at or 0.0)
+        name = file_id if at is None else f"{file_id}-{at:.3f}"
+        out = self.dir / file_id[:2] / f"{name}.jpg"
         if not out.is_file():
             out.parent.mkdir(exist_ok=True)
-            make(path, out)
+            make(path, out, at)
         return out
-
-
-def note_lines(catalog: Catalog, file_id: str, start: int, end: int) -> str:
-    """Lines `start`..`end` (1-based, inclusive, as hits give them) of the note with that id,
-    decoded as the indexer decoded it."""
-    from ..loaders.text import read_note
-
-    path, modality, _ = find(catalog, file_id)
-    if modality != TEXT:
-        raise NotServed(f"file {file_id!r} is not a note")
-    with open_for_decoding(path) as f:
-        text = read_note(f, DEFAULT_MAX_NOTE_BYTES).text
-    lines = text.splitlines()[max(start, 1) - 1 : max(end, start)]
-    snippet = "\n".join(lines)
-    return snippet if len(snippet) <= MAX_SNIPPET_CHARS else snippet[:MAX_SNIPPET_CHARS] + "…"

@@ -156,18 +156,16 @@ class LiveIndex:
         return self._snap
 
     def search(self, fields: dict, query: str | None, image=None, audio=None) -> list[Hit]:
-        """Searcher.search with this request's SearchOptions `fields` (k, modality, ...) over
-        the index's own (name, root, device)."""
-        searcher = self.searcher()
-        searcher.options = replace(self.options, **fields)  # this thread's clone only
+        """Searcher.search with this request's SearchOptions `fields` (k, modality, filters,
+        ...) over the index's own (name, root, device)."""
+        searcher = self.searcher().with_options(replace(self.options, **fields))
         return searcher.search(query, image=image, audio=audio)
 
     def like(self, fields: dict, vectors) -> list[Hit]:
         """The hits nearest to stored vectors (a file's, or one part of it): 'more like this'."""
-        searcher = self.searcher()
-        searcher.options = options = replace(self.options, **fields)
+        searcher = self.searcher().with_options(replace(self.options, **fields))
         q = combine(list(vectors), [1.0] * len(vectors))
-        return searcher.rank(q, options.k, options.modality)
+        return searcher.rank(q, searcher.options.k, searcher.options.modality)
 
     def info(self) -> dict:
         """What /api/indexes says of this index (counted once per snapshot)."""

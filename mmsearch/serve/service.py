@@ -4,7 +4,6 @@ thumbnail), and the parameters a query may carry."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -13,10 +12,11 @@ from pathlib import Path
 
 from ..config import DEFAULT_INDEX, SearchOptions, index_root
 from ..errors import IndexNotFoundError, UsageError
+from ..filters import FileFilter
 from ..modalities import MODALITIES
 from ..records import Hit
 from .encoder import EncoderThread
-from .files import ID, THUMBNAILS, NotServed, Thumbnails
+from .files import ID, THUMBNAILS, NotServed, Thumbnails, thumb_at
 from .live import POLL_S, LiveIndex
 
 MAX_K = 1000
@@ -32,23 +32,34 @@ class Param:
     parse: Callable[[str], object]
 
 
-# Query parameter -> the SearchOptions field it sets. A parameter is accepted only where this
-# mmsearch's SearchOptions has the field, and /api/info lists it (the gallery shows a filter for
-# each it knows), so a new search option is one line here.
 def _type(text: str) -> str:
     if text not in (*MODALITIES, "any"):
         raise UsageError(f"unknown type {text!r}; use {', '.join(MODALITIES)} or any")
     return text
 
 
+def _flag(text: str) -> bool:
+    value = {"1": True, "true": True, "yes": True, "on": True}.get(text.lower())
+    if value is None and text.lower() not in ("0", "false", "no", "off", ""):
+        raise UsageError(f"{text!r} is not a yes or no; use 1 or 0")
+    return bool(value)
+
+
+# Query parameter -> the SearchOptions field it sets, as the command line's option of that name
+# does. A new search option is one line here; /api/info lists them and the gallery shows a
+# control for those it knows.
 OPTION_PARAMS: dict[str, Param] = {
     "k": Param("k", int),
     "type": Param("modality", _type),
+    "group": Param("group", _flag),
+    "exclude_self": Param("exclude_self", _flag),
 }
-_FIELDS = {f.name for f in dataclasses.fields(SearchOptions)}
-ACCEPTED: dict[str, Param] = {k: p for k, p in OPTION_PARAMS.items() if p.field in _FIELDS}
+# Parameters that make SearchOptions.filters, in FileFilter.parse's order: --path (repeatable:
+# any of them), --after, --before, --min-size, --max-size.
+FILTER_PARAMS = ("path", "after", "before", "min_size", "max_size")
 # Parameters of the query itself: text (with query arithmetic), the index, "more like this".
 QUERY_PARAMS = ("q", "index", "like", "at")
+ACCEPTED = (*QUERY_PARAMS, *OPTION_PARAMS, *FILTER_PARAMS)
 
 
 @dataclass(frozen=True)
@@ -71,21 +82,22 @@ def parse_query(items: list[tuple[str, str]]) -> Query:
     """A query from (name, value) parameters: unknown or repeated ones are refused."""
     values: dict[str, list[str]] = {}
     for name, value in items:
-        if name not in ACCEPTED and name not in QUERY_PARAMS:
-            known = ", ".join([*QUERY_PARAMS, *ACCEPTED])
-            raise UsageError(f"unknown parameter {name!r}; known: {known}")
+        if name not in ACCEPTED:
+            raise UsageError(f"unknown parameter {name!r}; known: {', '.join(ACCEPTED)}")
         values.setdefault(name, []).append(value)
-    for name, given in values.items():
-        if len(given) > 1:
-            raise UsageError(f"parameter {name!r} given {len(given)} times")
+        if len(values[name]) > 1 and name != "path":
+            raise UsageError(f"parameter {name!r} given more than once")
+    one = {name: given[0] for name, given in values.items()}
     options = {
-        param.field: _number(name, param.parse, values[name][0])
-        for name, param in ACCEPTED.items()
-        if name in values
+        param.field: _number(name, param.parse, one[name])
+        for name, param in OPTION_PARAMS.items()
+        if name in one
     }
     if not 1 <= options.get("k", 1) <= MAX_K:
         raise UsageError(f"k must be between 1 and {MAX_K}")
-    one = {name: given[0] for name, given in values.items() if name in QUERY_PARAMS}
+    if any(name in values for name in FILTER_PARAMS):
+        paths, *rest = (values.get("path", ()), *(one.get(n) for n in FILTER_PARAMS[1:]))
+        options["filters"] = FileFilter.parse(paths, *rest)
     at = _number("at", float, one["at"]) if "at" in one else None
     return Query(one.get("index"), one.get("q"), one.get("like"), at, options)
 
@@ -147,7 +159,7 @@ class Service:
     def info(self) -> dict:
         return {
             "indexes": list(self.indexes),
-            "params": [*QUERY_PARAMS, *ACCEPTED],
+            "params": list(ACCEPTED),
             "types": [*MODALITIES, "any"],
             "thumbnails": list(THUMBNAILS),
             "max_upload": self.options.max_upload,
@@ -182,6 +194,9 @@ class Service:
                 d["id"] = file_id
                 d["url"] = f"/file/{live.name}/{file_id}"
                 if hit.modality in THUMBNAILS:
-                    d["thumb"] = f"/thumb/{live.name}/{file_id}"
+                    at = thumb_at(hit.modality, d.get("start"))
+                    d["thumb"] = f"/thumb/{live.name}/{file_id}" + (
+                        "" if at is None else f"?at={at}"
+                    )
             out.append(d)
         return out

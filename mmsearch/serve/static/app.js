@@ -8,10 +8,10 @@ const KINDS = { image: "image", audio: "audio" }; // upload field for a dropped 
 
 // Filters shown when the server accepts the parameter (see /api/info "params").
 const FILTERS = [
-  { param: "path", label: "Path", type: "text", placeholder: "~/Pictures/2024/**" },
-  { param: "after", label: "After", type: "date" },
-  { param: "before", label: "Before", type: "date" },
-  { param: "min_relevance", label: "Min. relevance", type: "number", min: 0, max: 100, step: 5 },
+  { param: "path", label: "Path", type: "text", placeholder: "~/Pictures/2024/*" },
+  { param: "after", label: "Taken after", type: "date" },
+  { param: "before", label: "before", type: "date" },
+  { param: "group", label: "One per file", type: "checkbox" },
 ];
 
 const state = { info: null, hits: [], k: PAGE, example: null, params: null, focus: -1 };
@@ -88,7 +88,12 @@ function formParams() {
   }
   for (const f of FILTERS) {
     const input = $(`filter-${f.param}`);
-    if (input && input.value.trim()) params.set(f.param, input.value.trim());
+    if (!input) continue;
+    if (f.type === "checkbox") {
+      if (input.checked) params.set(f.param, "1");
+    } else if (input.value.trim()) {
+      params.set(f.param, input.value.trim());
+    }
   }
   return params;
 }
@@ -99,7 +104,9 @@ function fillForm(params) {
   if (params.get("index")) $("index").value = params.get("index");
   for (const f of FILTERS) {
     const input = $(`filter-${f.param}`);
-    if (input) input.value = params.get(f.param) || "";
+    if (!input) continue;
+    if (f.type === "checkbox") input.checked = params.get(f.param) === "1";
+    else input.value = params.get(f.param) || "";
   }
 }
 
@@ -182,6 +189,7 @@ function card(hit, i) {
     const img = el("img", { src: hit.thumb, alt: name, loading: "lazy", decoding: "async" });
     img.addEventListener("error", () => media.classList.add("broken"), { once: true });
     media.append(img);
+    if (hit.modality === "video") media.append(el("span", { class: "badge", text: `▶ ${span(hit)}` }));
   } else if (hit.modality === "audio" && hit.url) {
     media.append(
       el("div", { class: "glyph", "aria-hidden": "true", text: "♪" }),
@@ -219,21 +227,10 @@ function card(hit, i) {
   return item;
 }
 
-// A note's matching lines: carried by the hit where the server puts them there, else fetched.
+// A note's matching lines, which the hit carries.
 function snippetBox(hit) {
-  const pre = el("pre", { class: "snippet", text: "…" });
-  if (Array.isArray(hit.snippet)) pre.textContent = hit.snippet.join("\n");
-  else if (hit.url) loadSnippet(hit, pre);
-  return pre;
-}
-
-async function loadSnippet(hit, pre) {
-  try {
-    const response = await fetch(`${hit.url}?lines=${hit.start}-${hit.end}`);
-    pre.textContent = response.ok ? await response.text() : "(this note cannot be read now)";
-  } catch (e) {
-    pre.textContent = "(this note cannot be read now)";
-  }
+  const lines = Array.isArray(hit.snippet) ? hit.snippet.join("\n") : "(no text)";
+  return el("pre", { class: "snippet", text: lines });
 }
 
 // --- the viewer ---------------------------------------------------------------------------------
