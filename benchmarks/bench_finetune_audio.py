@@ -63,7 +63,7 @@ def small_random_clap_dir(seed: int = 0) -> Path:
 def digit_pairs(speakers: set[str], per_class: int):
     """(path, word) of the first `per_class` recordings per (speaker, digit), manifest order."""
     from mmsearch.finetune.pairs import Pair, PairSet
-    from mmsearch.items import AUDIO
+    from mmsearch.records import AUDIO
 
     root = DATASETS / "digits_trimodal"
     counts: dict[tuple[str, str], int] = {}

@@ -65,8 +65,8 @@ def main() -> None:
     from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec
     from mmsearch.encoders import create_encoder
     from mmsearch.encoders.clip import pick_dtype
-    from mmsearch.indexer import default_workers, index_paths
     from mmsearch.loaders.image import load_image
+    from mmsearch.pipeline.run import default_workers, index_paths
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,7 +103,7 @@ def main() -> None:
     runs = {"n": 0}
     # Time inside catalog commits (the direct cost of committing more often; unlike files/s it
     # does not drift with the machine's load): wrap Catalog.transaction.
-    from mmsearch import store
+    from mmsearch.storage import catalog as store
 
     commits = {"n": 0, "s": 0.0}
     plain_transaction = store.Catalog.transaction

@@ -34,7 +34,7 @@ def main() -> None:
     import ray
 
     from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, RaySettings
-    from mmsearch.indexer import index_paths
+    from mmsearch.pipeline.run import index_paths
 
     src = sorted((DATASETS / "flickr8k_train2k" / "images").glob("*.jpg"))[: args.limit]
     work = Path(tempfile.mkdtemp(prefix="mmbench-ray-"))

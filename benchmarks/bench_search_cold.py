@@ -39,10 +39,10 @@ def main() -> None:
     args = ap.parse_args()
     require_datasets()
 
-    from mmsearch.collection import Collection
     from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec
-    from mmsearch.indexer import index_paths
-    from mmsearch.items import FileEntry, Segment
+    from mmsearch.pipeline.run import index_paths
+    from mmsearch.records import FileEntry, Segment
+    from mmsearch.storage.collection import Collection
 
     work = Path(tempfile.mkdtemp(prefix="mmcold-"))
     photos = work / "photos"

@@ -10,7 +10,7 @@ k-means training, adding, the exact scan for tuning and the nprobe tuning, all a
 process (page cache warm, as for a CLI search shortly after another) with a plain read and with
 the mmap flags readers use, single-query latency (median) unfiltered and with a 10% filter, and
 recall@10 against the flat index on fresh queries (same distribution, not stored) and on fresh
-queries shifted off the data as queries from another modality are (`mmsearch.index.shifted`, with
+queries shifted off the data as queries from another modality are (`mmsearch.storage.vectors.shifted`, with
 another direction than the one tuning used).
 The auto-picked index is built for every size, even below the threshold where mmsearch would stay
 exact, to show what it would cost there.
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from common import machine
 
-from mmsearch.index import (
+from mmsearch.storage.vectors import (
     FLAT,
     VectorIndex,
     build_ivf,
@@ -46,7 +46,7 @@ OPEN_SCRIPT = textwrap.dedent(
     import sys, time, numpy as np
     t0 = time.perf_counter()
     import faiss
-    from mmsearch.index import VectorIndex
+    from mmsearch.storage.vectors import VectorIndex
     path, dim, mmap, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
     q = np.load(sys.argv[5])
     t1 = time.perf_counter()

@@ -14,7 +14,7 @@ import importlib
 
 from .config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions
 from .errors import MMSearchError
-from .items import Hit, IndexReport
+from .records import Hit, IndexReport
 
 __version__ = "0.1.0"
 
@@ -35,7 +35,7 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy: importing mmsearch must stay cheap (the CLI's cold search depends on it).
     if name == "index_paths":
-        from .indexer import index_paths
+        from .pipeline.run import index_paths
 
         return index_paths
     if name in ("search", "Searcher"):

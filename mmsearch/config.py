@@ -169,7 +169,7 @@ class EncoderOptions:
 
 @dataclass(frozen=True)
 class RaySettings:
-    """Where and how `mmsearch index --ray` embeds (see mmsearch.distributed)."""
+    """Where and how `mmsearch index --ray` embeds (see mmsearch.pipeline.ray)."""
 
     address: str = "auto"  # "auto": the running cluster (RAY_ADDRESS); "local"; or ray://host:port
     actors: int | None = None  # encoder actors; None: one per GPU, else (CPUs - 1), at least 1
@@ -194,7 +194,7 @@ class IndexOptions:
     # kill or Ctrl-C on a slow model loses seconds, not minutes
     commit_seconds: float | None = 10.0
     types: tuple[str, ...] | None = None  # modalities this run indexes (None: all)
-    # Vector index (mmsearch.index.choose_type): auto | flat | ivf; None keeps the index's own
+    # Vector index (mmsearch.storage.vectors.choose_type): auto | flat | ivf; None keeps the index's own
     # choice (auto for a new index). auto is exact below `exact_below` vectors, IVF above.
     index_type: str | None = None
     exact_below: int = 300_000

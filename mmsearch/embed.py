@@ -13,10 +13,10 @@ import numpy as np
 
 from .encoders import Encoder
 from .errors import LoadError
-from .items import Segment
 from .loaders import Loaded
 from .loaders.text import chunk_note
 from .modalities import TABLE, Modality
+from .records import Segment
 
 Tick = Callable[[int], None]
 # Embeds loaded files of one modality: (encoder, items, batch_size, tick, out) fills out[i] with

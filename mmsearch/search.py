@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .collection import Collection, model_cache_dir
 from .config import EncoderOptions, ModelSpec, SearchOptions
 from .errors import ModelMismatchError, UsageError
-from .items import MODALITIES, Hit
+from .records import MODALITIES, Hit
+from .storage.collection import Collection, model_cache_dir
 
 _SPLIT = re.compile(r"\s+([+-])\s+")
 _WEIGHT = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:\s*(.+)$", re.S)
@@ -227,7 +227,7 @@ class Searcher:
     def _vectors(self):
         """The index's FAISS vectors, or all of them on the GPU through torch when this process
         has a GPU to search on (see torch_search.wanted)."""
-        from .torch_search import TorchExactIndex, wanted
+        from .storage.torch_vectors import TorchExactIndex, wanted
 
         if self._gpu_vectors is None:
             device = wanted(self.options.device)

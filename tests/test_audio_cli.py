@@ -147,7 +147,7 @@ def test_align_audio_refits_and_reembeds(library, monkeypatch):
 
 def test_interrupted_align_audio_keeps_the_old_audio_and_resumes(library, monkeypatch):
     from mmsearch.config import IndexOptions, index_root
-    from mmsearch.indexer import align_audio
+    from mmsearch.pipeline.run import align_audio
 
     few_captions(monkeypatch)
     before = hits_of(cli("search", "a bird", "--type", "audio", "--json", "-k", "100"))

@@ -148,7 +148,7 @@ def test_error_bad_index_name(media, tiny_model):
 
 
 def test_error_locked_index(indexed, tiny_model, home):
-    from mmsearch.collection import Collection
+    from mmsearch.storage.collection import Collection
 
     with Collection.open_writer(home, "default"):
         msg = one_line_error(cli("index", indexed, "--model", tiny_model))
@@ -203,8 +203,8 @@ def test_installed_command_end_to_end(tiny_model, media, tmp_path):
 
 
 def test_index_type_option_is_remembered_and_checked(tiny_model, media):
-    from mmsearch.collection import Collection
     from mmsearch.config import index_root
+    from mmsearch.storage.collection import Collection
 
     def choice():
         with Collection.open_reader(index_root(), "default") as col:
@@ -294,7 +294,7 @@ def test_query_file_is_checked_before_the_index_and_the_model(indexed, no_model,
 
 
 def test_permission_error_is_one_line_naming_the_path(indexed, monkeypatch):
-    from mmsearch.collection import Collection
+    from mmsearch.storage.collection import Collection
 
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", "/srv/idx/default/catalog.sqlite")
@@ -515,8 +515,8 @@ def test_read_only_index_answers_and_nothing_is_written(indexed, home, tmp_path)
 def test_readers_see_commits_in_the_wal_or_say_why_they_cannot(indexed, home, tmp_path):
     import shutil
 
-    from mmsearch.items import FileEntry
-    from mmsearch.store import Catalog
+    from mmsearch.records import FileEntry
+    from mmsearch.storage.catalog import Catalog
 
     writer = Catalog(home / "default" / "catalog.sqlite")  # a writer still running
     try:

@@ -44,7 +44,7 @@ import pytest
 from conftest import make_image, make_note
 
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions
-from mmsearch.indexer import index_paths
+from mmsearch.pipeline.run import index_paths
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "default"
@@ -161,9 +161,9 @@ def check_consistency(index_dir: Path, query: str = "a photo of a dog") -> list[
     """The index opens and answers; no duplicates; vectors == the catalog's units, and back.
 
     An index killed before its first commit may be absent or empty (no files): that is fine."""
-    from mmsearch.collection import Collection
     from mmsearch.errors import MMSearchError
     from mmsearch.search import Searcher
+    from mmsearch.storage.collection import Collection
 
     problems: list[str] = []
     manifest = read_manifest(index_dir)
@@ -310,8 +310,8 @@ from contextlib import contextmanager
 from pathlib import Path
 import torch, open_clip, faiss  # noqa: F401  imported once, before any fork
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec
-from mmsearch.indexer import index_paths
-from mmsearch import store
+from mmsearch.pipeline.run import index_paths
+from mmsearch.storage import catalog as store
 
 def mark(word):
     os.write(1, (word + "\n").encode())

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from conftest import bump_mtime, make_image, make_note
 
-from mmsearch.collection import Collection
 from mmsearch.config import (
     EncoderOptions,
     IndexOptions,
@@ -18,8 +17,9 @@ from mmsearch.config import (
     SearchOptions,
     index_root,
 )
-from mmsearch.indexer import index_paths
+from mmsearch.pipeline.run import index_paths
 from mmsearch.search import Searcher
+from mmsearch.storage.collection import Collection
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a Ray instance takes ~10-40 s to start on 2 cores
@@ -69,7 +69,7 @@ def contents(name: str) -> dict:
 
 
 def test_ray_run_builds_the_same_index_as_a_local_run(tiny_model, media, monkeypatch):
-    import mmsearch.indexer
+    import mmsearch.pipeline.run
 
     make_note(media / "notes" / "long.txt", "\n".join(f"line {i} about boats" for i in range(60)))
     local = run(tiny_model, media, "local", on_ray=False)
@@ -78,7 +78,7 @@ def test_ray_run_builds_the_same_index_as_a_local_run(tiny_model, media, monkeyp
         raise AssertionError("a Ray run decoded files on the driver")
 
     with monkeypatch.context() as m:
-        m.setattr(mmsearch.indexer, "_load_chunks", no_local_decoding)
+        m.setattr(mmsearch.pipeline.run, "_load_chunks", no_local_decoding)
         remote = run(tiny_model, media, "remote", on_ray=True)
     fields = ("added", "updated", "removed", "moved", "unchanged", "failed", "files", "vectors")
     assert [getattr(remote, f) for f in fields] == [getattr(local, f) for f in fields]
@@ -104,7 +104,7 @@ def test_ray_run_builds_the_same_index_as_a_local_run(tiny_model, media, monkeyp
 
 
 def test_ray_runs_are_incremental(tiny_model, media, monkeypatch):
-    import mmsearch.distributed
+    import mmsearch.pipeline.ray
 
     run(tiny_model, media, "remote", on_ray=True)
     make_image(media / "photos" / "new.png", pattern=77)
@@ -116,7 +116,7 @@ def test_ray_runs_are_incremental(tiny_model, media, monkeypatch):
     (media / "photos" / "p3.jpg").rename(media / "photos" / "moved.jpg")
 
     embedded_remotely = set()
-    real = mmsearch.distributed.ray_chunks
+    real = mmsearch.pipeline.ray.ray_chunks
 
     def spy(*a, **k):
         for loaded, results in real(*a, **k):
@@ -124,7 +124,7 @@ def test_ray_runs_are_incremental(tiny_model, media, monkeypatch):
             yield loaded, results
 
     with monkeypatch.context() as m:
-        m.setattr(mmsearch.distributed, "ray_chunks", spy)
+        m.setattr(mmsearch.pipeline.ray, "ray_chunks", spy)
         r = run(tiny_model, media, "remote", on_ray=True)
     assert (r.added, r.updated, r.removed, r.moved, r.unchanged) == (1, 1, 1, 1, 3)
     assert r.failed == 1 and r.failed_now == 0

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from conftest import make_image, make_tone
 
-from mmsearch.collection import CATALOG, MANIFEST, VECTORS, Collection
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions, index_root
 from mmsearch.errors import (
     IndexFormatError,
@@ -24,8 +23,9 @@ from mmsearch.errors import (
     ModelError,
     ModelMismatchError,
 )
-from mmsearch.indexer import index_paths
+from mmsearch.pipeline.run import index_paths
 from mmsearch.search import Searcher
+from mmsearch.storage.collection import CATALOG, MANIFEST, VECTORS, Collection
 
 
 def options(model, *roots, **kw) -> IndexOptions:
@@ -388,7 +388,7 @@ def test_lost_wal_is_reported_and_the_next_run_restores(built, damage, tmp_path)
         "import os, sqlite3, sys\n"
         "from pathlib import Path\n"
         "from mmsearch.config import IndexOptions, EncoderOptions, index_root\n"
-        "from mmsearch.indexer import index_paths\n"
+        "from mmsearch.pipeline.run import index_paths\n"
         "db = sqlite3.connect(sys.argv[2]); db.execute('SELECT 1 FROM files').fetchall()\n"
         "index_paths(IndexOptions(roots=(Path(sys.argv[1]),), root_dir=index_root(), workers=0,\n"
         "    encoder=EncoderOptions(precision='fp32')))\n"

@@ -10,9 +10,9 @@ import pytest
 from conftest import make_note
 from PIL import Image
 
-from mmsearch.collection import Collection
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, index_root
-from mmsearch.indexer import index_paths
+from mmsearch.pipeline.run import index_paths
+from mmsearch.storage.collection import Collection
 
 
 def reference(model_dir, images, texts):
@@ -68,8 +68,8 @@ def test_indexed_vectors_match_open_clip(tiny_model, tmp_path, precision):
 
 def test_torch_free_query_tower_matches_open_clip(tiny_model, tmp_path):
     """The tower cold searches use is exported at index time, also from a bf16 index."""
-    from mmsearch.collection import Collection, model_cache_dir
     from mmsearch.encoders import query_text_tower
+    from mmsearch.storage.collection import Collection, model_cache_dir
 
     d = tmp_path / "q"
     make_note(d / "n.txt", "hello world")

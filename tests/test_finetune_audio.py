@@ -21,7 +21,7 @@ from mmsearch.encoders.audio import (
 )
 from mmsearch.finetune.audio import train_audio_projector
 from mmsearch.finetune.pairs import Pair, PairSet, split_by_file
-from mmsearch.items import AUDIO
+from mmsearch.records import AUDIO
 
 CLASSES = {
     220.0: ["a low hum", "deep droning bass", "a low rumble"],

@@ -210,7 +210,7 @@ def test_head_training_is_seeded_and_reproducible():
     from mmsearch.encoders.audio import Projector
     from mmsearch.finetune.audio import HeadSettings, _Set, _train_head
     from mmsearch.finetune.pairs import Pair, PairSet
-    from mmsearch.items import AUDIO
+    from mmsearch.records import AUDIO
 
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((5, 16))

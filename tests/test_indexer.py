@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import bump_mtime, make_image, make_note
 
-from mmsearch.collection import Collection
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions, index_root
 from mmsearch.errors import IndexLockedError, ModelMismatchError, UsageError
-from mmsearch.indexer import index_paths
+from mmsearch.pipeline.run import index_paths
 from mmsearch.search import Searcher
+from mmsearch.storage.collection import Collection
 
 
 def run(tiny_model, *roots, progress=None, **kw):
@@ -273,7 +273,7 @@ def test_parallel_workers_give_the_same_vectors(tiny_model, tmp_path, home):
 
 
 def test_run_without_new_files_does_not_load_the_model(tiny_model, media, monkeypatch):
-    import mmsearch.indexer as indexer
+    import mmsearch.pipeline.run as indexer
 
     run(tiny_model, media)
     monkeypatch.setattr(indexer, "create_encoder", lambda *a, **k: pytest.fail("model loaded"))

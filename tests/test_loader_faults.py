@@ -21,13 +21,14 @@ import soundfile as sf
 from conftest import make_image, make_note
 
 import mmsearch
-from mmsearch import indexer, loaders
+from mmsearch import loaders
 from mmsearch.config import EncoderOptions, ImagePrep, IndexOptions, ModelSpec, index_root
 from mmsearch.errors import LoadError
-from mmsearch.files import absolute, walk
-from mmsearch.items import AUDIO, IMAGE, TEXT, FileEntry
 from mmsearch.loaders import LoadSettings, content_hash, file_hash, load_file
 from mmsearch.loaders.audio import iter_windows
+from mmsearch.pipeline import run as indexer
+from mmsearch.pipeline.walk import absolute, walk
+from mmsearch.records import AUDIO, IMAGE, TEXT, FileEntry
 
 SETTINGS = LoadSettings(
     image_prep=ImagePrep(size=(32, 32)), modalities=frozenset({IMAGE, TEXT, AUDIO})
@@ -213,7 +214,7 @@ def test_audio_block_past_its_budget_fails_the_file(tmp_path, monkeypatch):
 _RSS_PROBE = """
 import json, os, resource, sys
 from mmsearch.config import ImagePrep
-from mmsearch.items import FileEntry
+from mmsearch.records import FileEntry
 from mmsearch.loaders import LoadSettings, load_file
 settings = LoadSettings(image_prep=ImagePrep(size=(32, 32)))
 warm, huge = json.loads(sys.argv[1])

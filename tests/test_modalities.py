@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from mmsearch import embed, items, loaders
+from mmsearch import embed, loaders
+from mmsearch import records as items
 from mmsearch.encoders import Encoder
 from mmsearch.modalities import BY_EXTENSION, MODALITIES, TABLE, span_of
 

@@ -11,7 +11,7 @@ from conftest import make_image, make_note
 
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions, index_root
 from mmsearch.errors import IndexNotFoundError, UsageError
-from mmsearch.indexer import index_paths
+from mmsearch.pipeline.run import index_paths
 from mmsearch.search import Searcher, Term, combine, parse_query
 
 
@@ -117,12 +117,12 @@ def test_search_errors(indexed, tmp_path):
 
 
 def _torch_answers(monkeypatch, device: str, options: SearchOptions, queries) -> list:
-    import mmsearch.torch_search
+    import mmsearch.storage.torch_vectors
 
-    monkeypatch.setattr(mmsearch.torch_search, "wanted", lambda _device: device)
+    monkeypatch.setattr(mmsearch.storage.torch_vectors, "wanted", lambda _device: device)
     with Searcher(options) as s:
         out = [s.search(q, k=k, modality=m) for q, k, m in queries]
-        assert isinstance(s._vectors(), mmsearch.torch_search.TorchExactIndex)
+        assert isinstance(s._vectors(), mmsearch.storage.torch_vectors.TorchExactIndex)
     return out
 
 
@@ -145,7 +145,7 @@ def test_torch_search_on_cuda_gives_the_faiss_answers(indexed, monkeypatch):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from mmsearch.torch_search import wanted
+    from mmsearch.storage.torch_vectors import wanted
 
     assert wanted("cuda") == "cuda"
     with Searcher(SearchOptions()) as s:
@@ -162,7 +162,7 @@ def test_cold_search_does_not_pick_torch():
     import sys
 
     code = (
-        "import sys; from mmsearch.torch_search import wanted; "
+        "import sys; from mmsearch.storage.torch_vectors import wanted; "
         "assert wanted('auto') is None and wanted('cpu') is None; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

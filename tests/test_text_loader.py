@@ -135,8 +135,8 @@ def test_index_max_note_bytes_caps_what_a_note_contributes(tiny_model, tmp_path)
     from typer.testing import CliRunner
 
     from mmsearch.cli import app
-    from mmsearch.collection import Collection
     from mmsearch.config import index_root
+    from mmsearch.storage.collection import Collection
 
     note = make_note(
         tmp_path / "notes" / "long.txt", "".join(f"line {i} of a diary\n" for i in range(400))

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from conftest import make_image, make_note
 
-from mmsearch.collection import Collection
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions, index_root
 from mmsearch.errors import UsageError
-from mmsearch.index import FLAT, VectorIndex, choose_type
-from mmsearch.indexer import index_paths
-from mmsearch.items import FileEntry, Segment
+from mmsearch.pipeline.run import index_paths
+from mmsearch.records import FileEntry, Segment
 from mmsearch.search import Searcher
+from mmsearch.storage.collection import Collection
+from mmsearch.storage.vectors import FLAT, VectorIndex, choose_type
 
 DIM = 64
 THRESHOLD = 4000

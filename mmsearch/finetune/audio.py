@@ -46,8 +46,8 @@ from ..encoders.audio import (
     save_projector,
 )
 from ..errors import LoadError, UsageError
-from ..items import AUDIO
 from ..loaders.audio import iter_windows
+from ..records import AUDIO
 from .evaluate import Recall, recall_shared_captions
 from .pairs import UNDECODABLE, PairSet, split_by_file
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..config import EncoderOptions, ImagePrep, ModelSpec
 from ..errors import LoadError, UsageError
-from ..items import IMAGE
 from ..loaders.image import load_image
+from ..records import IMAGE
 from .pairs import UNDECODABLE, PairSet, Skipped
 
 KS = (1, 5, 10)

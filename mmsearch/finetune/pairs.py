@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..items import AUDIO, IMAGE
 from ..loaders import modality_of as _modality_by_extension
+from ..records import AUDIO, IMAGE
 
 PATH_KEYS = (
     "path", "filepath", "file_path", "filepaths", "file", "filename", "file_name",

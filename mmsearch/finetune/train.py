@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import DEFAULT_MODEL, ModelSpec
 from ..errors import LoadError, UsageError
-from ..items import IMAGE
+from ..records import IMAGE
 from .evaluate import Progress, Recall, _quiet, decode_images, recall_at_k
 from .methods import DEFAULT_LORA_TARGETS, DEFAULT_LR, METHODS
 from .pairs import UNDECODABLE, PairSet, Skipped, split_by_file

@@ -17,8 +17,8 @@ from typing import Any, BinaryIO
 
 from ..config import DEFAULT_MAX_NOTE_BYTES
 from ..errors import LoadError
-from ..items import FileEntry
 from ..modalities import BY_EXTENSION, IMAGE, TEXT
+from ..records import FileEntry
 
 DEFAULT_DECODE_BUDGET_S = 60.0
 HASH_BLOCK = 1 << 20  # bytes read at a time when hashing

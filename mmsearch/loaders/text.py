@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import LoadError
-from ..items import Segment
+from ..records import Segment
 
 READ_BLOCK = 1 << 20  # bytes read (and hashed) at a time
 SNIFF_BYTES = 8192  # a NUL byte in the first this-many bytes means binary (as git and grep do)

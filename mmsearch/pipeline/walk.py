@@ -6,9 +6,9 @@ import os
 import stat
 from collections.abc import Iterator
 
-from .errors import UsageError
-from .items import FileEntry
-from .loaders import modality_of
+from ..errors import UsageError
+from ..loaders import modality_of
+from ..records import FileEntry
 
 
 def absolute(path: str | os.PathLike) -> bytes:

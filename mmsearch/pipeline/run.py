@@ -16,17 +16,17 @@ from functools import cached_property
 
 import numpy as np
 
-from .atomic import write_error
-from .collection import Collection, model_cache_dir
-from .config import DEFAULT_MODEL, IndexOptions, ModelSpec
-from .embed import Interrupted, embed_loaded
-from .encoders import Encoder, attach_audio, create_encoder, export_query_tower
-from .errors import IndexNotFoundError, ModelError, ModelMismatchError, UsageError
-from .files import check_roots, walk
-from .items import AUDIO, MODALITIES, FileEntry, IndexReport, Segment, show_path
-from .loaders import Loaded, LoadSettings, load_file
-from .modalities import TABLE
-from .store import FileRow
+from ..config import DEFAULT_MODEL, IndexOptions, ModelSpec
+from ..embed import Interrupted, embed_loaded
+from ..encoders import Encoder, attach_audio, create_encoder, export_query_tower
+from ..errors import IndexNotFoundError, ModelError, ModelMismatchError, UsageError
+from ..loaders import Loaded, LoadSettings, load_file
+from ..modalities import TABLE
+from ..records import AUDIO, MODALITIES, FileEntry, IndexReport, Segment, show_path
+from ..storage.atomic import write_error
+from ..storage.catalog import FileRow
+from ..storage.collection import Collection, model_cache_dir
+from .walk import check_roots, walk
 
 Progress = Callable[..., None]
 
@@ -59,7 +59,7 @@ def index_paths(options: IndexOptions, progress: Progress | None = None) -> Inde
     roots = check_roots(list(options.roots))
     if options.ray is not None and options.ray.address != "local":
         # reach the cluster before seconds of model loading (a local one starts when needed)
-        from .distributed import connect
+        from .ray import connect
 
         connect(options.ray)
     types = check_types(options.types)
@@ -126,7 +126,7 @@ def _attach_audio(
     """Load the audio tower for this index: --audio-model if given, else the audio model and
     projector of a fine-tuned --model directory if it has them, else the index's own. With
     `realign`, the projector is fitted afresh (and recorded by the caller, `record=False`)."""
-    from .encoders.audio import (
+    from ..encoders.audio import (
         AUDIO_MODEL_DIRNAME,
         PROJECTOR_FILENAME,
         model_dir_audio_model,
@@ -355,7 +355,7 @@ def _chunks(col, encoder, p: Plan, settings: LoadSettings, options: IndexOptions
         for loaded in _load_chunks(todo, settings, options):
             yield loaded, None
         return
-    from .distributed import ray_chunks
+    from .ray import ray_chunks
 
     cache = model_cache_dir(col.root_dir, encoder.identity["key"])
     chunks = ray_chunks(todo, dict(p.vanished), encoder, settings, options, options.ray, cache)
@@ -539,7 +539,7 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
         _attach_audio(col, encoder, options, progress, realign=True, record=False)
         col.begin_generation(encoder.identity, audio=encoder.audio.identity)
         if col.audio_identity is None:
-            from .encoders.audio import save_projector
+            from ..encoders.audio import save_projector
 
             projector = encoder.audio.projector
             col.set_audio(encoder.audio.identity, lambda path: save_projector(projector, path))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IndexFormatError, IndexWriteError
-from .items import FileEntry, Segment
+from ..errors import IndexFormatError, IndexWriteError
+from ..records import FileEntry, Segment
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -85,7 +85,7 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
     import os
     from urllib.parse import quote
 
-    from .errors import IndexFormatError
+    from ..errors import IndexFormatError
 
     try:  # an unreadable file: PermissionError naming it, not SQLite's "unable to open"
         open(path, "rb").close()

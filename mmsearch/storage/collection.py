@@ -23,15 +23,16 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .atomic import open_lock, replace_text
-from .errors import (
+from ..errors import (
     IndexFormatError,
     IndexLockedError,
     IndexNotFoundError,
     ModelMismatchError,
     UsageError,
 )
-from .index import (
+from .atomic import open_lock, replace_text
+from .catalog import Catalog
+from .vectors import (
     EXACT_BELOW,
     FLAT,
     RETRAIN_GROWTH,
@@ -45,7 +46,6 @@ from .index import (
     ivf_lists,
     tuning_sample,
 )
-from .store import Catalog
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -17,11 +17,11 @@ import os
 
 import numpy as np
 
-from .config import RaySettings
-from .embed import embed_loaded
-from .errors import ModelMismatchError, UsageError
-from .items import FileEntry, Segment
-from .loaders import Loaded, LoadSettings, file_hash, load_file
+from ..config import RaySettings
+from ..embed import embed_loaded
+from ..errors import ModelMismatchError, UsageError
+from ..loaders import Loaded, LoadSettings, file_hash, load_file
+from ..records import FileEntry, Segment
 
 
 def _ray():
@@ -74,14 +74,14 @@ class EmbedActor:
 
     def __init__(self, spec: str, precision: str, audio: dict | None, settings: LoadSettings,
                  batch_size: int):  # fmt: skip
-        from .config import EncoderOptions, ModelSpec
-        from .encoders import create_encoder
+        from ..config import EncoderOptions, ModelSpec
+        from ..encoders import create_encoder
 
         self.encoder = create_encoder(
             ModelSpec.parse(spec), EncoderOptions(device="auto", precision=precision)
         )
         if audio is not None:
-            from .encoders import attach_audio
+            from ..encoders import attach_audio
 
             attach_audio(self.encoder, audio["spec"], audio["cache_dir"], audio["projector"])
         self.settings = settings

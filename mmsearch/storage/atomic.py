@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import IndexWriteError
+from ..errors import IndexWriteError
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 FLAT = "IDMap2,FlatIP"
 EXACT_BELOW = 300_000  # auto: exact search below this many vectors

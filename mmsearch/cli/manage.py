@@ -1,0 +1,127 @@
+"""`mmsearch info`, `mmsearch failures`, `mmsearch list`."""
+
+from __future__ import annotations
+
+from ..config import (
+    DEFAULT_INDEX,
+    find_index_root,
+)
+from .app import (
+    Debug,
+    IndexDir,
+    IndexName,
+    Json,
+    app,
+    emit_json,
+    handle_errors,
+    one_line,
+    resolve_root,
+    say,
+    shown,
+)
+
+
+def _vector_index_info(vi: dict) -> dict:
+    """An approximate index's search settings and measured recall, from the manifest."""
+    keys = ("nprobe", "nlist", "recall_at_10")
+    return {k: vi[k] for k in keys if vi.get(k) is not None}
+
+
+@app.command()
+@handle_errors
+def info(
+    index_name: IndexName = DEFAULT_INDEX,
+    index_dir: IndexDir = None,
+    as_json: Json = False,
+    debug: Debug = False,
+):
+    """Show an index's model, size and counts."""
+    from ..storage.collection import Collection
+
+    with Collection.open_reader(resolve_root(index_dir), index_name) as col:
+        for note in col.notes:
+            say(f"mmsearch: warning: {note}", err=True)
+        counts = col.catalog.counts()
+        enc = col.encoder_identity or {}
+        audio = col.manifest.get("audio_encoder")
+        data = {
+            "name": index_name,
+            "path": str(col.dir.resolve()),
+            "model": enc.get("spec"),
+            "weights": enc.get("weights"),
+            "dim": enc.get("dim"),
+            "audio_model": audio.get("spec") if audio else None,
+            "files": counts["files"],
+            "vectors": counts["vectors"],
+            "failures": counts["failures"],
+            "modalities": counts["by_modality"],
+            "index_type": col.manifest.get("index_type", "IDMap2,FlatIP"),
+            **_vector_index_info(col.manifest.get("vector_index") or {}),
+            "created": col.manifest.get("created"),
+            "updated": col.manifest.get("updated"),
+            "format_version": col.manifest.get("format_version"),
+            # an interrupted --rebuild or align-audio that the next one resumes
+            "unfinished_rebuild": col.manifest.get("pending"),
+        }
+    if as_json:
+        emit_json(data)
+        return
+    for key, value in data.items():
+        if key == "modalities":
+            for m, c in value.items():
+                say(f"{m + ':':<15}{c['files']} files, {c['vectors']} vectors")
+        elif value is not None:
+            say(f"{key + ':':<15}{shown(str(value)) if key in ('path', 'model') else value}")
+
+
+@app.command()
+@handle_errors
+def failures(
+    index_name: IndexName = DEFAULT_INDEX,
+    index_dir: IndexDir = None,
+    as_json: Json = False,
+    debug: Debug = False,
+):
+    """List files that could not be indexed, with the reason."""
+    from ..records import path_fields
+    from ..storage.collection import Collection
+
+    with Collection.open_reader(resolve_root(index_dir), index_name) as col:
+        rows = col.catalog.failures()
+    for path, reason, modality in rows:
+        if as_json:
+            emit_json({**path_fields(path), "reason": reason, "modality": modality})
+        else:
+            say(f"{shown(path)}: {one_line(reason)}")
+
+
+@app.command("list")
+@handle_errors
+def list_(index_dir: IndexDir = None, as_json: Json = False, debug: Debug = False):
+    """List the indexes under the index root, and say where that root is and why."""
+    from ..storage.collection import Collection, list_indexes
+
+    found = find_index_root(index_dir)
+    root = found.path
+    say(f"indexes in {shown(str(root.absolute()))} ({found.source})", err=True)
+    names = list_indexes(root)
+    if not names:
+        say("no index there yet; create one with: mmsearch index PATH", err=True)
+    for name in names:
+        with Collection.open_reader(root, name) as col:
+            counts = col.catalog.counts()
+            # an index whose model never loaded still says which one it will use
+            model = (col.encoder_identity or {}).get("spec") or col.manifest.get("model_spec")
+        if as_json:
+            emit_json(
+                {
+                    "name": name,
+                    "model": model,
+                    "files": counts["files"],
+                    "vectors": counts["vectors"],
+                    "root": str(root.absolute()),
+                    "root_source": found.source,
+                }
+            )
+        else:
+            say(f"{name}\t{counts['files']} files\t{shown(str(model))}")
