@@ -210,3 +210,4 @@ class SearchOptions:
     k: int = 10
     modality: str = "any"  # image | text | audio | any
     device: str = "auto"
+    min_relevance: float | None = None  # hits below this calibrated relevance are dropped

@@ -54,11 +54,15 @@ class Hit:
     modality: str
     start: float | None = None
     end: float | None = None
+    # Calibrated: the estimated probability that the hit is related to the query, comparable
+    # across modalities and queries (mmsearch.storage.calibration); `score` is the raw cosine.
+    relevance: float | None = None
 
     def to_dict(self) -> dict:
         d = {
             "rank": self.rank,
             "score": round(float(self.score), 6),
+            "relevance": None if self.relevance is None else round(float(self.relevance), 4),
             **path_fields(self.path),
             "modality": self.modality,
         }

@@ -10,7 +10,8 @@ import numpy as np
 
 from .config import EncoderOptions, ModelSpec, SearchOptions
 from .errors import ModelMismatchError, UsageError
-from .records import MODALITIES, Hit
+from .records import AUDIO, IMAGE, MODALITIES, TEXT, Hit
+from .storage.calibration import Calibration
 from .storage.collection import Collection, model_cache_dir
 
 _SPLIT = re.compile(r"\s+([+-])\s+")
@@ -82,6 +83,14 @@ def check_query_file(path: Path, what: str) -> Path:
     return p
 
 
+def query_modality(terms: list[Term], image: Path | None, audio: Path | None) -> str:
+    """The modality a query is read as for relevance: the one with the largest weight in it
+    (text on a tie: 'sunset' + an example photo is a text query)."""
+    parts = [(abs(t.weight), TEXT) for t in terms]
+    parts += [(1.0, m) for m, path in ((IMAGE, image), (AUDIO, audio)) if path is not None]
+    return max(parts, key=lambda p: p[0])[1] if parts else TEXT
+
+
 def check_query(
     query: str | None, image: Path | None = None, audio: Path | None = None
 ) -> list[Term]:
@@ -109,6 +118,7 @@ class Searcher:
         self._text = None
         self._full = None
         self._gpu_vectors = None
+        self._calibration = None
 
     def close(self) -> None:
         self.col.close()
@@ -213,16 +223,24 @@ class Searcher:
         audio: Path | None = None,
         k: int | None = None,
         modality: str | None = None,
+        min_relevance: float | None = None,
     ) -> list[Hit]:
+        """The top k hits, best first. `modality` "any" ranks every modality by relevance;
+        hits below `min_relevance` are dropped (so a query about something absent from the
+        index may get none)."""
         k = self.options.k if k is None else k
         if k < 1:
             raise UsageError("-k must be at least 1")
         modality = modality or self.options.modality
         if modality not in (*MODALITIES, "any"):
             raise UsageError(f"unknown --type {modality!r}; use {', '.join(MODALITIES)} or any")
-        check_query(query, image, audio)  # before a model loads
+        if min_relevance is None:
+            min_relevance = self.options.min_relevance
+        if min_relevance is not None and not 0.0 <= min_relevance <= 1.0:
+            raise UsageError(f"--min-relevance must be between 0 and 1, not {min_relevance}")
+        terms = check_query(query, image, audio)  # before a model loads
         q = self.query_vector(query, image, audio)
-        return self.rank(q, k, modality)
+        return self.rank(q, k, modality, query_modality(terms, image, audio), min_relevance)
 
     def _vectors(self):
         """The index's FAISS vectors, or all of them on the GPU through torch when this process
@@ -236,20 +254,57 @@ class Searcher:
             )
         return self._gpu_vectors or self.col.vectors
 
-    def rank(self, q: np.ndarray, k: int, modality: str = "any") -> list[Hit]:
-        allowed = None
-        if modality != "any":
-            allowed = self.col.catalog.unit_ids_with_modality(modality)
-        scores, ids = self._vectors().search(q, k, allowed)
-        rows = self.col.catalog.units(ids)
+    def calibration(self, modalities) -> Calibration:
+        """The index's relevance calibration, covering `modalities`; fitted in memory when the
+        index has none that does (made by an older mmsearch, or its last run was killed before
+        fitting it)."""
+        from .storage import calibration
+
+        if self._calibration is None:
+            self._calibration = calibration.load(self.col)
+        if self._calibration is None or not set(modalities) <= set(self._calibration.cov):
+            self._calibration = calibration.fit_index(self.col, self.embed_texts)
+            self.col.notes.append(
+                f"index {self.options.name!r} has no stored relevance calibration for what it "
+                f"holds; fitted one for this search (`mmsearch index PATH --index "
+                f"{self.options.name}` stores one)"
+            )
+        return self._calibration
+
+    def rank(
+        self,
+        q: np.ndarray,
+        k: int,
+        modality: str = "any",
+        query_modality: str = TEXT,
+        min_relevance: float | None = None,
+    ) -> list[Hit]:
+        """Each modality's top k by cosine (in one modality relevance is monotone in it),
+        merged by relevance (then by how rare the hit's score is among the calibration's probe
+        scores, then by cosine)."""
+        by_modality = self.col.catalog.unit_ids_by_modality()
+        wanted = list(by_modality) if modality == "any" else [modality]
+        wanted = [m for m in wanted if m in by_modality]
+        cal = self.calibration(wanted)
+        found = []
+        for m in wanted:
+            allowed = None if len(by_modality) == 1 else by_modality[m]
+            scores, ids = self._vectors().search(q, k, allowed)
+            rel, rarity = cal.score(q, query_modality, m, scores)
+            found += zip(rel, rarity, scores, ids, strict=True)
+        found.sort(key=lambda h: (-h[0], h[1], -h[2]))
+        if min_relevance is not None:
+            found = [h for h in found if h[0] >= min_relevance]
+        rows = self.col.catalog.units(h[3] for h in found[:k])
         hits = []
-        for score, uid in zip(scores, ids, strict=True):
+        for rel, _, score, uid in found[:k]:
             row = rows.get(int(uid))
             if row is None:  # vector without catalog row: a writer is mid-commit
                 continue
             hits.append(
-                Hit(len(hits) + 1, float(score), row.path, row.modality, row.start, row.end)
-            )
+                Hit(len(hits) + 1, float(score), row.path, row.modality, row.start, row.end,
+                    float(rel))
+            )  # fmt: skip
         return hits
 
 
@@ -266,5 +321,6 @@ __all__ = [
     "check_query_file",
     "combine",
     "parse_query",
+    "query_modality",
     "search",
 ]

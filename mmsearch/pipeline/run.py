@@ -18,11 +18,18 @@ import numpy as np
 
 from ..config import DEFAULT_MODEL, IndexOptions, ModelSpec
 from ..embed import Interrupted, embed_loaded
-from ..encoders import Encoder, attach_audio, create_encoder, export_query_tower
+from ..encoders import (
+    Encoder,
+    attach_audio,
+    create_encoder,
+    export_query_tower,
+    query_text_tower,
+)
 from ..errors import IndexNotFoundError, ModelError, ModelMismatchError, UsageError
 from ..loaders import Loaded, LoadSettings, load_file
 from ..modalities import TABLE
 from ..records import AUDIO, MODALITIES, FileEntry, IndexReport, Segment, show_path
+from ..storage import calibration
 from ..storage.atomic import write_error
 from ..storage.catalog import FileRow
 from ..storage.collection import Collection, model_cache_dir
@@ -337,6 +344,23 @@ def _apply(col, encoder, p: Plan, settings, options, report, progress, reuse_ok=
         col.finish_generation(options, progress)
     else:
         col.save_vectors(options, progress)
+    calibration.refresh(col, _text_embedder(col, encoder, options))
+
+
+def _text_embedder(col: Collection, encoder: Encoder, options: IndexOptions):
+    """Embeds the relevance calibration's probe queries with the index's model: the run's own
+    text tower, else the exported query tower, else the model loaded for it."""
+
+    def embed(texts: list[str]) -> np.ndarray:
+        if encoder.text is not None:
+            return encoder.encode_text(texts)
+        tower = query_text_tower(model_cache_dir(col.root_dir, col.encoder_identity["key"]))
+        if tower is not None:
+            return tower.embed(texts)
+        spec = ModelSpec.parse(col.encoder_identity["spec"])
+        return create_encoder(spec, options.encoder).encode_text(texts)
+
+    return embed
 
 
 def _totals(col: Collection, report: IndexReport) -> IndexReport:

@@ -274,6 +274,17 @@ class Catalog:
         ).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
+    def unit_ids_by_modality(self) -> dict[str, np.ndarray]:
+        """Every unit id, grouped by its file's modality (one pass over the table)."""
+        rows = self.db.execute(
+            "SELECT f.modality, u.id FROM units u JOIN files f ON f.id = u.file_id"
+        ).fetchall()
+        if not rows:
+            return {}
+        mods = np.array([r[0] for r in rows])
+        ids = np.fromiter((r[1] for r in rows), np.int64, count=len(rows))
+        return {str(m): ids[mods == m] for m in np.unique(mods)}
+
     def counts(self) -> dict:
         files = dict(self.db.execute("SELECT modality, COUNT(*) FROM files GROUP BY modality"))
         units = dict(
