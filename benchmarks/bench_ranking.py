@@ -92,11 +92,13 @@ def build_collection(files: Path, all_scenes, n_photos: int, n_notes: int) -> di
     return scene_of
 
 
-def index_collection(files: Path, work: Path, model: Path) -> Path:
+def index_collection(files: Path, work: Path, model: Path, reuse: bool) -> Path:
     from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec
-    from mmsearch.indexer import index_paths
+    from mmsearch.pipeline.run import index_paths
 
     root_dir = work / "indexes"
+    if reuse and (root_dir / "mixed" / "manifest.json").is_file():
+        return root_dir
     shutil.rmtree(root_dir, ignore_errors=True)
     t = time.perf_counter()
     report = index_paths(
@@ -107,18 +109,21 @@ def index_collection(files: Path, work: Path, model: Path) -> Path:
             encoder=EncoderOptions(model=ModelSpec.parse(str(model)), device="cpu"),
         )
     )
-    print(f"indexed {report.files} files ({report.failed} failed) in {time.perf_counter() - t:.0f}s")
+    took = time.perf_counter() - t
+    print(
+        f"indexed {report.files} files ({report.failed} failed) in {took:.0f}s (relevance fitted)"
+    )
     return root_dir
 
 
-def units(searcher, scene_of: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every unit of the index: ids, vectors, modality names, scene numbers."""
+def units(searcher, scene_of: dict) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """Every unit of the index: {path: column}, vectors, modality names, scene numbers."""
     cat = searcher.col.catalog
     ids, vecs = cat.all_vectors(searcher.col.dim)
-    rows = cat.units(ids)
-    mods = np.array([rows[int(i)].modality for i in ids])
-    scene = np.array([scene_of[rows[int(i)].path] for i in ids])
-    return ids, vecs, mods, scene
+    rows = [cat.units(ids)[int(i)] for i in ids]
+    mods = np.array([r.modality for r in rows])
+    scene = np.array([scene_of[r.path] for r in rows])
+    return {r.path: j for j, r in enumerate(rows)}, vecs, mods, scene
 
 
 # --- the rankings compared -------------------------------------------------------------------
@@ -145,3 +150,116 @@ def oracle_recall(ranks: np.ndarray, relevant: np.ndarray, k: int = K) -> np.nda
     """A perfect merge of the per-type top-k lists: every relevant unit in either, up to k."""
     in_lists = (relevant & (ranks <= k)).sum(1)
     return np.minimum(in_lists, k) / relevant.sum(1)
+
+
+def calibrated(searcher, queries: list[str], col_of: dict) -> tuple[np.ndarray, np.ndarray, float]:
+    """`--type any -k K` through the library, per query: its hits as unit columns (`col_of`:
+    path -> column; one unit per file here), in rank order, and their relevance; and the mean
+    seconds per search."""
+    cols = np.full((len(queries), K), -1)
+    rel = np.full((len(queries), K), np.nan)
+    t = time.perf_counter()
+    for i, text in enumerate(queries):
+        for j, hit in enumerate(searcher.search(text, k=K, modality="any")):
+            cols[i, j], rel[i, j] = col_of[hit.path], hit.relevance
+    return cols, rel, (time.perf_counter() - t) / len(queries)
+
+
+def recall_of_lists(cols: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    found = np.array([relevant[i, c[c >= 0]].sum() for i, c in enumerate(cols)])
+    return found / relevant.sum(1)
+
+
+def absent_curve(levels, top_absent: np.ndarray, photo_value: np.ndarray, photo_listed):
+    """Per level: share of absent queries with nothing at or above it; share of present
+    queries whose photo (listed in their unfiltered top K) stays."""
+    return [((top_absent < p).mean(), (photo_value[photo_listed] >= p).mean()) for p in levels]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=Path("/work/lit_model"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_ranking"))
+    ap.add_argument("--photos", type=int, default=300)
+    ap.add_argument("--notes", type=int, default=300)
+    ap.add_argument("--reuse", action="store_true", help="keep the work dir's index")
+    args = ap.parse_args()
+    require_datasets()
+    import torch
+
+    from mmsearch.config import SearchOptions
+    from mmsearch.search import Searcher
+
+    torch.set_num_threads(1)
+    print(machine(), f"load average {os.getloadavg()[0]:.1f}")
+    all_scenes = scenes()
+    scene_of = build_collection(args.work / "files", all_scenes, args.photos, args.notes)
+    root = index_collection(args.work / "files", args.work, args.model.resolve(), args.reuse)
+    n_scenes = args.photos // 2 + args.notes
+    present = [all_scenes[s][1][0] for s in range(n_scenes)]
+    with Searcher(SearchOptions(name="mixed", root_dir=root, device="cpu")) as searcher:
+        col_of, vecs, mods, scene = units(searcher, scene_of)
+        qv = searcher.embed_texts(present + ABSENT)
+        cols, rel, per_query = calibrated(searcher, present + ABSENT, col_of)
+        probes = searcher.calibration(["image", "text"]).probes
+    scores = qv @ vecs.T
+    relevant = scene[None, :] == np.arange(n_scenes)[:, None]
+    ranks = per_type_ranks(scores[:n_scenes], mods)
+    oracle = oracle_recall(ranks, relevant).mean()
+    rows = {
+        "raw cosine (--type any before)": recall_at_k(scores[:n_scenes], relevant).mean(),
+        f"reciprocal rank fusion (k={RRF_K})": recall_at_k(1.0 / (RRF_K + ranks), relevant).mean(),
+        "calibrated relevance (this)": recall_of_lists(cols[:n_scenes], relevant).mean(),
+    }
+    print(
+        f"\n{args.photos} photos + {args.notes} notes ({args.notes // 2} of photographed scenes); "
+        f"{n_scenes} queries; text probes: {probes.get('text')}"
+    )
+    print(f"| --type any, recall@{K} of same-scene items | recall | / oracle |\n|---|---|---|")
+    print(f"| oracle merge of the per-type top-{K} lists | {oracle:.3f} | 1 |")
+    for name, r in rows.items():
+        print(f"| {name} | {r:.3f} | **{r / oracle:.3f}** |")
+    print(f"mean seconds per calibrated search (embedding included): {per_query:.3f}")
+
+    photo_col = np.array(
+        [np.flatnonzero((scene == s) & (mods == "image"))[0] for s in range(args.photos)]
+    )
+    n_present = args.photos
+    # calibrated: relevance of each present query's photo when it is among its hits
+    listed = (cols[:n_present] == photo_col[:, None]).any(1)
+    photo_rel = np.array([
+        rel[i][cols[i] == photo_col[i]][0] if listed[i] else -1.0 for i in range(n_present)
+    ])  # fmt: skip
+    top_absent = np.nan_to_num(rel[n_scenes:, 0], nan=-1.0)
+    levels = np.round(np.arange(0.1, 1.0, 0.1), 2)
+    ours = absent_curve(levels, top_absent, photo_rel, listed)
+    # raw cosine: today's --type any top K and one cut on the cosine
+    raw_top = np.argsort(-scores, axis=1)[:, :K]
+    raw_listed = (raw_top[:n_present] == photo_col[:, None]).any(1)
+    raw_photo = scores[np.arange(n_present), photo_col]
+    raw_absent = scores[n_scenes:].max(1)
+    cuts = np.round(np.arange(0.20, 0.80, 0.01), 2)
+    raw = absent_curve(cuts, raw_absent, raw_photo, raw_listed)
+    best = max(range(len(cuts)), key=lambda i: min(raw[i]))
+    print(
+        f"\nabsent concepts: {len(ABSENT)} absent queries, {n_present} present queries "
+        f"({listed.sum()} with their photo in the --type any top {K}; raw cosine: {raw_listed.sum()})"
+    )
+    print("| --min-relevance | absent: nothing | present: photo kept |\n|---|---|---|")
+    for p, (a, k) in zip(levels, ours, strict=True):
+        mark = "**" if p == 0.5 else ""
+        print(f"| {mark}{p:.1f}{mark} | {mark}{a:.2f}{mark} | {mark}{k:.2f}{mark} |")
+    print(
+        f"best single raw-cosine cut, chosen after the fact: {cuts[best]:.2f} -> absent "
+        f"{raw[best][0]:.2f}, present {raw[best][1]:.2f}"
+    )
+    print(
+        "raw-cosine curve: "
+        + ", ".join(
+            f"{c:.2f}: {a:.2f}/{k:.2f}" for c, (a, k) in zip(cuts[::5], raw[::5], strict=True)
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -49,6 +49,7 @@ def parse_query(query: str) -> list[Term]:
     return terms
 
 
+RELEVANCE_DIGITS = 4  # what --json shows; closer relevances are not told apart
 CANCEL_TOLERANCE = 1e-3  # a weighted sum this short, relative to the weights, is only noise
 
 
@@ -279,33 +280,47 @@ class Searcher:
         query_modality: str = TEXT,
         min_relevance: float | None = None,
     ) -> list[Hit]:
-        """Each modality's top k by cosine (in one modality relevance is monotone in it),
-        merged by relevance (then by how rare the hit's score is among the calibration's probe
-        scores, then by cosine)."""
+        """Each wanted modality's top k by cosine, merged by relevance (`merge`)."""
         by_modality = self.col.catalog.unit_ids_by_modality()
         wanted = list(by_modality) if modality == "any" else [modality]
         wanted = [m for m in wanted if m in by_modality]
-        cal = self.calibration(wanted)
-        found = []
+        found = {}
         for m in wanted:
             allowed = None if len(by_modality) == 1 else by_modality[m]
-            scores, ids = self._vectors().search(q, k, allowed)
-            rel, rarity = cal.score(q, query_modality, m, scores)
-            found += zip(rel, rarity, scores, ids, strict=True)
-        found.sort(key=lambda h: (-h[0], h[1], -h[2]))
-        if min_relevance is not None:
-            found = [h for h in found if h[0] >= min_relevance]
-        rows = self.col.catalog.units(h[3] for h in found[:k])
+            found[m] = self._vectors().search(q, k, allowed)
+        cal = self.calibration(wanted)
+        best = merge(cal, q, query_modality, found, k, min_relevance)
+        rows = self.col.catalog.units(uid for _, _, uid, _ in best)
         hits = []
-        for rel, _, score, uid in found[:k]:
-            row = rows.get(int(uid))
+        for rel, score, uid, _ in best:
+            row = rows.get(uid)
             if row is None:  # vector without catalog row: a writer is mid-commit
                 continue
-            hits.append(
-                Hit(len(hits) + 1, float(score), row.path, row.modality, row.start, row.end,
-                    float(rel))
-            )  # fmt: skip
+            hits.append(Hit(len(hits) + 1, score, row.path, row.modality, row.start, row.end, rel))
         return hits
+
+
+def merge(
+    cal: Calibration,
+    q: np.ndarray,
+    query_modality: str,
+    found: dict[str, tuple[np.ndarray, np.ndarray]],
+    k: int,
+    min_relevance: float | None = None,
+) -> list[tuple[float, float, int, str]]:
+    """The best k of each modality's (scores, ids), as (relevance, score, id, modality), by
+    relevance (to RELEVANCE_DIGITS, as shown); where it ties (it saturates at its ends), the
+    modalities take turns, each in its own order. Each modality's own top k suffices: within it relevance is monotone in the
+    cosine. Hits below `min_relevance` are dropped."""
+    rows = []
+    for m, (scores, ids) in found.items():
+        rel = np.round(cal.score(q, query_modality, m, scores), RELEVANCE_DIGITS)
+        order = np.argsort(-np.asarray(scores), kind="stable")
+        rows += [(float(rel[j]), n, float(scores[j]), int(ids[j]), m) for n, j in enumerate(order)]
+    rows.sort(key=lambda h: (-h[0], h[1], -h[2]))
+    if min_relevance is not None:
+        rows = [h for h in rows if h[0] >= min_relevance]
+    return [(r, s, i, m) for r, _, s, i, m in rows[:k]]
 
 
 def search(query: str | None = None, options: SearchOptions | None = None, **kw) -> list[Hit]:
@@ -320,6 +335,7 @@ __all__ = [
     "check_query",
     "check_query_file",
     "combine",
+    "merge",
     "parse_query",
     "query_modality",
     "search",

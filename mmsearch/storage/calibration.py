@@ -51,7 +51,6 @@ UNFITTED_Z = 3.0  # ... with relevance 0.5 this many standard deviations above t
 # many vectors: with a handful of vectors (one note) their own covariance says nothing, and the
 # statistic falls back to the plain score.
 PRIOR_VECTORS = 10
-QUANTILES = np.linspace(0.0, 1.0, 257)
 
 
 def probe_queries() -> list[str]:
@@ -70,7 +69,6 @@ class PairMap:
     scale: float  # v0: the probes' mean score variance over the item modality
     grid: np.ndarray  # statistic values, ascending
     rel: np.ndarray  # relevance at `grid`, non-decreasing, in [0, 1]
-    quantiles: np.ndarray  # the probes' statistic at QUANTILES (how rare a statistic is)
 
 
 @dataclass
@@ -93,18 +91,16 @@ class Calibration:
 
     def score(
         self, q: np.ndarray, query_modality: str, modality: str, scores: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(relevance, rarity) of `scores` of query `q` against items of `modality`. Rarity is
-        the share of probe pairs with a higher statistic (for ordering hits of equal relevance).
-        A query modality without probes of its own is read with the text map."""
+    ) -> np.ndarray:
+        """Relevance of `scores` of query `q` against items of `modality`. A query modality
+        without probes of its own (an image query on an index without photos) is read with the
+        text map."""
         m = self.maps.get((query_modality, modality)) or self.maps.get(("text", modality))
         if m is None or modality not in self.cov:
-            return np.full(len(scores), np.nan), np.full(len(scores), np.nan)
+            return np.full(len(scores), np.nan)
         q = np.asarray(q, np.float64)
         t = np.asarray(scores, np.float64) * float(q @ self.cov[modality] @ q) / m.scale
-        rel = np.interp(t, m.grid, m.rel)
-        rarity = 1.0 - np.interp(t, m.quantiles, QUANTILES)
-        return rel, rarity
+        return np.interp(t, m.grid, m.rel)
 
     # --- file -----------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -113,7 +109,6 @@ class Calibration:
             arrays[f"mean.{m}"], arrays[f"cov.{m}"] = self.mean[m], self.cov[m]
         for (a, b), pm in self.maps.items():
             arrays[f"grid.{a}.{b}"], arrays[f"rel.{a}.{b}"] = pm.grid, pm.rel
-            arrays[f"quantiles.{a}.{b}"] = pm.quantiles
         if self.shipped is not None:
             arrays["shipped"] = self.shipped[1]
         meta = {
@@ -135,9 +130,7 @@ class Calibration:
             maps = {}
             for pair, scale in meta["scales"].items():
                 a, b = pair.split(".")
-                maps[(a, b)] = PairMap(
-                    scale, z[f"grid.{pair}"], z[f"rel.{pair}"], z[f"quantiles.{pair}"]
-                )
+                maps[(a, b)] = PairMap(scale, z[f"grid.{pair}"], z[f"rel.{pair}"])
             shipped = (meta["shipped_digest"], z["shipped"]) if "shipped" in z.files else None
             return cls(
                 key=meta["key"],
@@ -151,9 +144,13 @@ class Calibration:
 
 
 # --- fitting ---------------------------------------------------------------------------------
-def fit_map(stat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(grid, relevance) for a sample of probe statistics: 1 - local false discovery rate."""
+def fit_map(stat: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, relevance) for a sample of probe statistics: 1 - local false discovery rate.
+    Without any (one note: nothing to score it against but itself), the background is that of
+    directions spread evenly in `dim` dimensions: mean 0, deviation 1/sqrt(dim)."""
     stat = np.asarray(stat, np.float64)
+    if len(stat) < 2:
+        return _gaussian_map(0.0, dim**-0.5)
     mu, sd = float(stat.mean()), max(float(stat.std()), 1e-9)
     if len(stat) < MIN_FIT:
         return _gaussian_map(mu, sd)
@@ -219,8 +216,7 @@ def _pair_map(probes: np.ndarray, items: np.ndarray, cov: np.ndarray, same: bool
         keep[np.arange(n), np.arange(n)] = False
         stat = stat[keep]
     stat = stat.ravel()
-    grid, rel = fit_map(stat)
-    return PairMap(scale, grid, rel, np.quantile(stat, QUANTILES))
+    return PairMap(scale, *fit_map(stat, items.shape[1]))
 
 
 def fit(samples: dict[str, np.ndarray], counts: dict[str, int], key: str, text_probes=None):
