@@ -176,89 +176,109 @@ def absent_curve(levels, top_absent: np.ndarray, photo_value: np.ndarray, photo_
     return [((top_absent < p).mean(), (photo_value[photo_listed] >= p).mean()) for p in levels]
 
 
+def run(args, name: str, files: Path, scene_of: dict, queries: list[str]):
+    """Index `files` as `name`; the unit table, query vectors and calibrated results."""
+    from mmsearch.config import SearchOptions
+    from mmsearch.search import Searcher
+
+    root = index_collection(files, args.work / name, args.model.resolve(), args.reuse)
+    with Searcher(SearchOptions(name="mixed", root_dir=root, device="cpu")) as searcher:
+        col_of, vecs, mods, scene = units(searcher, scene_of)
+        qv = searcher.embed_texts(queries)
+        cols, rel, per_query = calibrated(searcher, queries, col_of)
+        probes = searcher.calibration(sorted(set(mods))).probes
+    return dict(scores=qv @ vecs.T, mods=mods, scene=scene, cols=cols, rel=rel,
+                per_query=per_query, probes=probes)  # fmt: skip
+
+
+def ranking_table(r: dict, n_scenes: int) -> None:
+    scores, relevant = r["scores"][:n_scenes], r["scene"][None, :] == np.arange(n_scenes)[:, None]
+    ranks = per_type_ranks(scores, r["mods"])
+    oracle = oracle_recall(ranks, relevant).mean()
+    rows = {
+        "raw cosine (--type any before)": recall_at_k(scores, relevant).mean(),
+        f"reciprocal rank fusion (k={RRF_K})": recall_at_k(1.0 / (RRF_K + ranks), relevant).mean(),
+        "calibrated relevance (this)": recall_of_lists(r["cols"][:n_scenes], relevant).mean(),
+    }
+    print(f"| --type any, recall@{K} of same-scene items | recall | / oracle |\n|---|---|---|")
+    print(f"| oracle merge of the per-type top-{K} lists | {oracle:.3f} | 1 |")
+    for name, x in rows.items():
+        print(f"| {name} | {x:.3f} | **{x / oracle:.3f}** |")
+    print(f"mean seconds per calibrated search (query embedding included): {r['per_query']:.3f}")
+
+
+def absent_table(r: dict, n_photos: int, n_scenes: int) -> None:
+    """The present queries are the first `n_photos` (their photo is scene i's), the absent
+    ones follow the `n_scenes` present ones."""
+    scores, cols, rel = r["scores"], r["cols"], r["rel"]
+    is_image = r["mods"] == "image"
+    photo = np.array([np.flatnonzero((r["scene"] == s) & is_image)[0] for s in range(n_photos)])
+    listed = (cols[:n_photos] == photo[:, None]).any(1)
+    photo_rel = np.array(
+        [rel[i][cols[i] == photo[i]][0] if listed[i] else -1.0 for i in range(n_photos)]
+    )
+    levels = np.round(np.arange(0.1, 1.0, 0.1), 2)
+    ours = absent_curve(levels, np.nan_to_num(rel[n_scenes:, 0], nan=-1.0), photo_rel, listed)
+    # raw cosine: today's --type any top K, and one cut on the cosine
+    raw_listed = (np.argsort(-scores, axis=1)[:n_photos, :K] == photo[:, None]).any(1)
+    raw_photo = scores[np.arange(n_photos), photo]
+    cuts = np.round(np.arange(0.20, 0.80, 0.01), 2)
+    raw = absent_curve(cuts, scores[n_scenes:].max(1), raw_photo, raw_listed)
+    best = max(range(len(cuts)), key=lambda i: min(raw[i]))
+    print(
+        f"{len(ABSENT)} absent queries; {n_photos} present queries, {listed.sum()} with their "
+        f"photo in the --type any top {K} (raw cosine: {raw_listed.sum()})"
+    )
+    print("| --min-relevance | absent: nothing | present: photo kept |\n|---|---|---|")
+    for p, (a, k) in zip(levels, ours, strict=True):
+        b = "**" if p == 0.5 else ""
+        print(f"| {b}{p:.1f}{b} | {b}{a:.2f}{b} | {b}{k:.2f}{b} |")
+    print(
+        f"best single raw-cosine cut, chosen after the fact: {cuts[best]:.2f} -> absent "
+        f"{raw[best][0]:.2f}, present {raw[best][1]:.2f}; raw-cosine curve (cut: absent/present): "
+        + ", ".join(
+            f"{c:.2f}: {a:.2f}/{k:.2f}" for c, (a, k) in zip(cuts[::5], raw[::5], strict=True)
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=Path("/work/lit_model"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_ranking"))
     ap.add_argument("--photos", type=int, default=300)
     ap.add_argument("--notes", type=int, default=300)
-    ap.add_argument("--reuse", action="store_true", help="keep the work dir's index")
+    ap.add_argument("--reuse", action="store_true", help="keep the work dir's indexes")
+    ap.add_argument(
+        "--photos-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the absent-concept curve on the photos alone (text probes: the shipped list)",
+    )
     args = ap.parse_args()
     require_datasets()
     import torch
 
-    from mmsearch.config import SearchOptions
-    from mmsearch.search import Searcher
-
     torch.set_num_threads(1)
     print(machine(), f"load average {os.getloadavg()[0]:.1f}")
     all_scenes = scenes()
-    scene_of = build_collection(args.work / "files", all_scenes, args.photos, args.notes)
-    root = index_collection(args.work / "files", args.work, args.model.resolve(), args.reuse)
     n_scenes = args.photos // 2 + args.notes
     present = [all_scenes[s][1][0] for s in range(n_scenes)]
-    with Searcher(SearchOptions(name="mixed", root_dir=root, device="cpu")) as searcher:
-        col_of, vecs, mods, scene = units(searcher, scene_of)
-        qv = searcher.embed_texts(present + ABSENT)
-        cols, rel, per_query = calibrated(searcher, present + ABSENT, col_of)
-        probes = searcher.calibration(["image", "text"]).probes
-    scores = qv @ vecs.T
-    relevant = scene[None, :] == np.arange(n_scenes)[:, None]
-    ranks = per_type_ranks(scores[:n_scenes], mods)
-    oracle = oracle_recall(ranks, relevant).mean()
-    rows = {
-        "raw cosine (--type any before)": recall_at_k(scores[:n_scenes], relevant).mean(),
-        f"reciprocal rank fusion (k={RRF_K})": recall_at_k(1.0 / (RRF_K + ranks), relevant).mean(),
-        "calibrated relevance (this)": recall_of_lists(cols[:n_scenes], relevant).mean(),
-    }
+    scene_of = build_collection(args.work / "files", all_scenes, args.photos, args.notes)
+    r = run(args, "mixed", args.work / "files", scene_of, present + ABSENT)
     print(
-        f"\n{args.photos} photos + {args.notes} notes ({args.notes // 2} of photographed scenes); "
-        f"{n_scenes} queries; text probes: {probes.get('text')}"
+        f"\n## {args.photos} photos + {args.notes} notes ({args.notes // 2} of photographed "
+        f"scenes), {n_scenes} queries; relevance probes: {r['probes']}"
     )
-    print(f"| --type any, recall@{K} of same-scene items | recall | / oracle |\n|---|---|---|")
-    print(f"| oracle merge of the per-type top-{K} lists | {oracle:.3f} | 1 |")
-    for name, r in rows.items():
-        print(f"| {name} | {r:.3f} | **{r / oracle:.3f}** |")
-    print(f"mean seconds per calibrated search (embedding included): {per_query:.3f}")
-
-    photo_col = np.array(
-        [np.flatnonzero((scene == s) & (mods == "image"))[0] for s in range(args.photos)]
-    )
-    n_present = args.photos
-    # calibrated: relevance of each present query's photo when it is among its hits
-    listed = (cols[:n_present] == photo_col[:, None]).any(1)
-    photo_rel = np.array([
-        rel[i][cols[i] == photo_col[i]][0] if listed[i] else -1.0 for i in range(n_present)
-    ])  # fmt: skip
-    top_absent = np.nan_to_num(rel[n_scenes:, 0], nan=-1.0)
-    levels = np.round(np.arange(0.1, 1.0, 0.1), 2)
-    ours = absent_curve(levels, top_absent, photo_rel, listed)
-    # raw cosine: today's --type any top K and one cut on the cosine
-    raw_top = np.argsort(-scores, axis=1)[:, :K]
-    raw_listed = (raw_top[:n_present] == photo_col[:, None]).any(1)
-    raw_photo = scores[np.arange(n_present), photo_col]
-    raw_absent = scores[n_scenes:].max(1)
-    cuts = np.round(np.arange(0.20, 0.80, 0.01), 2)
-    raw = absent_curve(cuts, raw_absent, raw_photo, raw_listed)
-    best = max(range(len(cuts)), key=lambda i: min(raw[i]))
-    print(
-        f"\nabsent concepts: {len(ABSENT)} absent queries, {n_present} present queries "
-        f"({listed.sum()} with their photo in the --type any top {K}; raw cosine: {raw_listed.sum()})"
-    )
-    print("| --min-relevance | absent: nothing | present: photo kept |\n|---|---|---|")
-    for p, (a, k) in zip(levels, ours, strict=True):
-        mark = "**" if p == 0.5 else ""
-        print(f"| {mark}{p:.1f}{mark} | {mark}{a:.2f}{mark} | {mark}{k:.2f}{mark} |")
-    print(
-        f"best single raw-cosine cut, chosen after the fact: {cuts[best]:.2f} -> absent "
-        f"{raw[best][0]:.2f}, present {raw[best][1]:.2f}"
-    )
-    print(
-        "raw-cosine curve: "
-        + ", ".join(
-            f"{c:.2f}: {a:.2f}/{k:.2f}" for c, (a, k) in zip(cuts[::5], raw[::5], strict=True)
-        )
-    )
+    ranking_table(r, n_scenes)
+    print()
+    absent_table(r, args.photos, n_scenes)
+    if args.photos_only:
+        photos = {p: s for p, s in scene_of.items() if b"/photos/" in p}
+        r = run(args, "photos", args.work / "files" / "photos", photos,
+                present[: args.photos] + ABSENT)  # fmt: skip
+        print(f"\n## the {args.photos} photos alone; relevance probes: {r['probes']}")
+        absent_table(r, args.photos, args.photos)
 
 
 if __name__ == "__main__":
