@@ -41,7 +41,7 @@ FILE = "relevance.npz"
 FORMAT = 1
 METHOD = "local fdr of score x query variance (Efron; Lindsey fit, central matching)"
 REFIT_CHANGE = 0.2  # a modality's unit count grown or shrunk by more than this since the fit
-MOMENT_SAMPLE = 20_000  # vectors per modality for the mean and covariance
+MOMENT_SAMPLE = 5_000  # vectors per modality for the mean and covariance
 BACKGROUND = 2_000  # items per modality the probes are scored against
 PROBES = 400  # probe queries per query modality
 MIN_OWN_TEXT = 50  # fewer notes than this: text queries are probed with the shipped list
@@ -207,7 +207,7 @@ def _poisson_fit(X: np.ndarray, counts: np.ndarray, steps: int = 100) -> np.ndar
 
 
 def _pair_map(probes: np.ndarray, items: np.ndarray, cov: np.ndarray, same: bool) -> PairMap:
-    v = np.einsum("ij,jk,ik->i", probes, cov, probes)
+    v = ((probes @ cov) * probes).sum(1)
     scale = max(float(v.mean()), 1e-12)
     stat = (probes @ items.T) * (v / scale)[:, None]
     if same:  # the probes are the first rows of the items: never a unit against itself
@@ -225,10 +225,11 @@ def fit(samples: dict[str, np.ndarray], counts: dict[str, int], key: str, text_p
     the index holds fewer than MIN_OWN_TEXT text units."""
     mean, cov, maps, probes = {}, {}, {}, {}
     for m, x in samples.items():
-        x = np.asarray(x, np.float64)
+        x = np.asarray(x, np.float32)
         n, d = x.shape
-        mean[m] = x.mean(0)
-        own = np.cov(x, rowvar=False, bias=True).reshape(d, d)
+        mean[m] = x.mean(0, dtype=np.float64)
+        centred = x - mean[m].astype(np.float32)
+        own = (centred.T @ centred).astype(np.float64) / n
         cov[m] = (n * own + PRIOR_VECTORS * np.eye(d) / d) / (n + PRIOR_VECTORS)
     # query modality -> (probe vectors, whether they are the first rows of that modality's sample)
     queries = {m: (samples[m][:PROBES], True) for m in samples}
