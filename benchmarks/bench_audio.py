@@ -28,6 +28,7 @@ import csv
 import json
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import common
@@ -130,7 +131,7 @@ def main() -> None:
         "captions": len(captions),
         "meta": {k: v for k, v in tower.projector.meta.items() if k.startswith(("val", "method"))},
     }
-    settings = tower.loader_settings()
+    settings = asdict(tower.loader_settings())
 
     # --- throughput ----------------------------------------------------------------------------
     rng = np.random.default_rng(0)
@@ -194,7 +195,7 @@ def main() -> None:
     a_labels = [lab for _, lab, _ in test_audio]
     train_labels = [lab for _, lab, _ in train_audio]
     words = encoder.encode_text(WORDS)
-    imgs = encoder.encode_image([load_image(p, encoder.extras["prep"]) for p, _ in images])
+    imgs = encoder.encode_image([load_image(p, encoder.prep) for p, _ in images])
     i_labels = [lab for _, lab in images]
 
     def scores(proj: Projector) -> dict:

@@ -203,7 +203,7 @@ def class_measures(model_dir: Path, test, classes: list[str]) -> dict:
     enc = load_clip(ModelSpec.parse(str(model_dir)), EncoderOptions(device="cpu", precision="fp32"))
     files = [p.path for p in test.pairs]
     label = np.array([classes.index(p.caption) for p in test.pairs])
-    img = enc.image.embed(decode_images(files, enc.extras["prep"]), 64)
+    img = enc.image.embed(decode_images(files, enc.prep), 64)
     txt = enc.text.embed(list(classes), 64)
     sims = img @ txt.T  # (images, classes)
     own = sims[np.arange(len(label)), label]

@@ -92,7 +92,7 @@ def main() -> None:
     root_dir = work / "indexes"  # shared, so the query-tower export is done once (warm round)
 
     encoder = create_encoder(spec, enc_opts)
-    prep = encoder.extras["prep"]
+    prep = encoder.prep
     arrays = [load_image(p, prep) for p in src]
 
     def alone() -> float:

@@ -137,6 +137,17 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class AudioWindowing:
+    """How recordings are cut for an audio tower: its sample rate and window length, and the hop
+    between window starts (`loaders.audio.load_audio` and `iter_windows` take these as keywords:
+    `**dataclasses.asdict(w)`)."""
+
+    sample_rate: int
+    window_s: float
+    hop_s: float
+
+
+@dataclass(frozen=True)
 class ImagePrep:
     """How an image becomes the model's input; mirrors open_clip's PreprocessCfg (eval mode)."""
 

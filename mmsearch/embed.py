@@ -8,6 +8,7 @@ file the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import numpy as np
 
@@ -120,7 +121,7 @@ def _embed_recording(encoder: Encoder, path: bytes, batch_size: int):
 
     segments, parts, batch = [], [], []
     try:
-        for start, end, samples in iter_windows(path, **encoder.extras["audio_load"]):
+        for start, end, samples in iter_windows(path, **asdict(encoder.audio_windows)):
             segments.append(Segment(start, end))
             batch.append(samples)
             if len(batch) == batch_size:

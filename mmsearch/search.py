@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +144,7 @@ class Searcher:
                     f"{self.options.name!r} was built (weights {enc.identity['weights']}, index "
                     f"has {self.identity['weights']}); rebuild it with --rebuild"
                 )
-            audio = self.col.manifest.get("audio_encoder")
+            audio = self.col.manifest.audio_encoder
             if audio:
                 from .encoders import attach_audio
 
@@ -178,7 +178,7 @@ class Searcher:
 
         enc = self._full_encoder()
         try:
-            arr = load_image(path, enc.extras["prep"])
+            arr = load_image(path, enc.prep)
         except LoadError as e:
             raise UsageError(f"cannot use {path} as a query image: {e.reason}") from None
         return enc.encode_image([arr])[0]
@@ -187,14 +187,14 @@ class Searcher:
         from .errors import LoadError
         from .loaders.audio import load_audio
 
-        if not self.col.manifest.get("audio_encoder"):
+        if not self.col.manifest.audio_encoder:
             raise UsageError(
                 f"index {self.options.name!r} has no audio model yet: index some audio files "
                 "first (mmsearch index PATH), then search with --audio"
             )
         enc = self._full_encoder()
         try:
-            windows = load_audio(path, **enc.extras["audio_load"]).windows
+            windows = load_audio(path, **asdict(enc.audio_windows)).windows
         except LoadError as e:
             raise UsageError(f"cannot use {path} as a query sound: {e.reason}") from None
         return combine(list(enc.encode_audio([w for _, _, w in windows])), [1.0] * len(windows))
@@ -246,7 +246,7 @@ class Searcher:
     def _vectors(self):
         """The index's FAISS vectors, or all of them on the GPU through torch when this process
         has a GPU to search on (see torch_search.wanted)."""
-        from .storage.torch_vectors import TorchExactIndex, wanted
+        from .storage.vectors.torch_exact import TorchExactIndex, wanted
 
         if self._gpu_vectors is None:
             device = wanted(self.options.device)

@@ -4,6 +4,7 @@ back through the same path users take (ClapModel/ClapProcessor.from_pretrained, 
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +244,7 @@ def test_window_longer_than_model_input_is_cut_not_cropped_at_random(models):
 
 def test_tower_shapes_norms_and_rates(tower, models):
     assert tower.sample_rate == 16000 and tower.window_s == 2.0 and tower.hop_s == 1.5
-    assert tower.loader_settings() == {"sample_rate": 16000, "window_s": 2.0, "hop_s": 1.5}
+    assert asdict(tower.loader_settings()) == {"sample_rate": 16000, "window_s": 2.0, "hop_s": 1.5}
     assert tower.dim == models["encoder"].dim == 32
     v = tower.embed([sound(0.3), sound(2.0, seed=1), sound(5.0, seed=2), np.zeros(100, np.float32)])
     assert v.shape == (4, 32) and v.dtype == np.float32
@@ -256,7 +257,7 @@ def test_same_file_gives_bit_identical_vectors(tower, models, captions, tmp_path
     sf.write(str(p), np.concatenate([sound(3.1, 44100), sound(1.0, 44100, seed=3)]), 44100)
 
     def vectors(t):
-        a = load_audio(p, **t.loader_settings())
+        a = load_audio(p, **asdict(t.loader_settings()))
         return t.embed([w for _, _, w in a.windows])
 
     first = vectors(tower)

@@ -208,7 +208,7 @@ def test_index_type_option_is_remembered_and_checked(tiny_model, media):
 
     def choice():
         with Collection.open_reader(index_root(), "default") as col:
-            return col.manifest["vector_index"]["choice"], col.manifest["index_type"]
+            return col.manifest.vector_index.choice, col.manifest.index_type
 
     r = cli("index", media, "--model", tiny_model, "--workers", "0", "--index-type", "flat")
     assert r.exit_code == 0, r.output

@@ -69,7 +69,7 @@ def contents(name: str) -> dict:
 
 
 def test_ray_run_builds_the_same_index_as_a_local_run(tiny_model, media, monkeypatch):
-    import mmsearch.pipeline.run
+    import mmsearch.pipeline.commit
 
     make_note(media / "notes" / "long.txt", "\n".join(f"line {i} about boats" for i in range(60)))
     local = run(tiny_model, media, "local", on_ray=False)
@@ -78,7 +78,7 @@ def test_ray_run_builds_the_same_index_as_a_local_run(tiny_model, media, monkeyp
         raise AssertionError("a Ray run decoded files on the driver")
 
     with monkeypatch.context() as m:
-        m.setattr(mmsearch.pipeline.run, "_load_chunks", no_local_decoding)
+        m.setattr(mmsearch.pipeline.commit, "load_chunks", no_local_decoding)
         remote = run(tiny_model, media, "remote", on_ray=True)
     fields = ("added", "updated", "removed", "moved", "unchanged", "failed", "files", "vectors")
     assert [getattr(remote, f) for f in fields] == [getattr(local, f) for f in fields]

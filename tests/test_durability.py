@@ -118,7 +118,7 @@ def test_plain_run_after_an_interrupted_rebuild_works_on_the_old_index(
     assert report.added == 2 and "discarded an unfinished rebuild" in report.notes
     assert not list((index_root() / "default").glob("gen-*"))
     with Collection.open_reader(index_root(), "default") as col:
-        assert col.manifest.get("pending") is None
+        assert col.manifest.pending is None
 
 
 def test_rebuild_with_the_same_model_copies_intact_vectors(tiny_model, tmp_path):

@@ -257,7 +257,7 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("fast_text")
     model_dir = _tiny_model_dir(root, quick_gelu=request.param)
     enc = load_clip(ModelSpec.parse(str(model_dir)), EncoderOptions(device="cpu", precision="fp32"))
-    model, tokenizer = enc.extras["model"], enc.extras["tokenizer"]
+    model, tokenizer = enc.model, enc.tokenizer
     out = root / "fast"
     assert export_fast_text(model, tokenizer, out)
     return model, tokenizer, out

@@ -291,9 +291,7 @@ def test_outputs_curve_log_and_mmsearch_loader(runs, shapes):
     enc = load_clip(ModelSpec.parse(str(r.out)), EncoderOptions(device="cpu", precision="fp32"))
     captions = ["a red circle on the left", "a blue square on the top"]
     with torch.no_grad():
-        mine = torch.nn.functional.normalize(
-            r.model.encode_text(enc.extras["tokenizer"](captions)), dim=-1
-        )
+        mine = torch.nn.functional.normalize(r.model.encode_text(enc.tokenizer(captions)), dim=-1)
     assert np.allclose(enc.encode_text(captions), mine.numpy(), atol=1e-6)
 
     _, held = split_by_file(read_pairs(shapes), 0.25, seed=0)

@@ -273,10 +273,10 @@ def test_parallel_workers_give_the_same_vectors(tiny_model, tmp_path, home):
 
 
 def test_run_without_new_files_does_not_load_the_model(tiny_model, media, monkeypatch):
-    import mmsearch.pipeline.run as indexer
+    import mmsearch.pipeline.models as models
 
     run(tiny_model, media)
-    monkeypatch.setattr(indexer, "create_encoder", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(models, "create_encoder", lambda *a, **k: pytest.fail("model loaded"))
     opts = IndexOptions(roots=(media,), root_dir=index_root(), workers=0)
     assert index_paths(opts).unchanged == 6
     (media / "photos" / "p1.jpg").unlink()

@@ -151,7 +151,7 @@ def indexed(tiny_model, media):
 def stored(name: str = "default") -> tuple[dict, bool]:
     """The manifest's relevance entry and whether the calibration file is there."""
     with Collection.open_reader(index_root(), name) as col:
-        return col.manifest.get("relevance"), (col.data_dir / calibration.FILE).is_file()
+        return col.manifest.relevance, (col.data_dir / calibration.FILE).is_file()
 
 
 def test_every_hit_has_relevance_and_any_ranks_by_it(indexed):
@@ -204,8 +204,7 @@ def test_refitted_when_the_index_grows_by_more_than_a_fifth(indexed, tiny_model)
 def test_an_index_without_calibration_still_searches_and_the_next_run_stores_one(indexed):
     with Collection.open_writer(index_root(), "default") as col:
         (col.data_dir / calibration.FILE).unlink()
-        col.manifest.pop("relevance")
-        col.write_manifest()
+        col.write_manifest(relevance=None)
     r = cli("search", "The dog ran after a ball", "--json")
     assert r.exit_code == 0 and "no stored relevance calibration" in r.stderr
     assert all(0 <= h["relevance"] <= 1 for h in hits_of(r))

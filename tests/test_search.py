@@ -118,12 +118,12 @@ def test_search_errors(indexed, tmp_path):
 
 
 def _torch_answers(monkeypatch, device: str, options: SearchOptions, queries) -> list:
-    import mmsearch.storage.torch_vectors
+    import mmsearch.storage.vectors.torch_exact
 
-    monkeypatch.setattr(mmsearch.storage.torch_vectors, "wanted", lambda _device: device)
+    monkeypatch.setattr(mmsearch.storage.vectors.torch_exact, "wanted", lambda _device: device)
     with Searcher(options) as s:
         out = [s.search(q, k=k, modality=m) for q, k, m in queries]
-        assert isinstance(s._vectors(), mmsearch.storage.torch_vectors.TorchExactIndex)
+        assert isinstance(s._vectors(), mmsearch.storage.vectors.torch_exact.TorchExactIndex)
     return out
 
 
@@ -146,7 +146,7 @@ def test_torch_search_on_cuda_gives_the_faiss_answers(indexed, monkeypatch):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from mmsearch.storage.torch_vectors import wanted
+    from mmsearch.storage.vectors.torch_exact import wanted
 
     assert wanted("cuda") == "cuda"
     with Searcher(SearchOptions()) as s:
@@ -163,7 +163,7 @@ def test_cold_search_does_not_pick_torch():
     import sys
 
     code = (
-        "import sys; from mmsearch.storage.torch_vectors import wanted; "
+        "import sys; from mmsearch.storage.vectors.torch_exact import wanted; "
         "assert wanted('auto') is None and wanted('cpu') is None; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

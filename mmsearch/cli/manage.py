@@ -21,10 +21,10 @@ from .app import (
 )
 
 
-def _vector_index_info(vi: dict) -> dict:
+def _vector_index_info(vi) -> dict:
     """An approximate index's search settings and measured recall, from the manifest."""
     keys = ("nprobe", "nlist", "recall_at_10")
-    return {k: vi[k] for k in keys if vi.get(k) is not None}
+    return {k: getattr(vi, k) for k in keys if getattr(vi, k) is not None}
 
 
 @app.command()
@@ -37,13 +37,14 @@ def info(
 ):
     """Show an index's model, size and counts."""
     from ..storage.collection import Collection
+    from ..storage.manifest import FORMAT_VERSION
 
     with Collection.open_reader(resolve_root(index_dir), index_name) as col:
         for note in col.notes:
             say(f"mmsearch: warning: {note}", err=True)
         counts = col.catalog.counts()
         enc = col.encoder_identity or {}
-        audio = col.manifest.get("audio_encoder")
+        audio = col.manifest.audio_encoder
         data = {
             "name": index_name,
             "path": str(col.dir.resolve()),
@@ -55,13 +56,13 @@ def info(
             "vectors": counts["vectors"],
             "failures": counts["failures"],
             "modalities": counts["by_modality"],
-            "index_type": col.manifest.get("index_type", "IDMap2,FlatIP"),
-            **_vector_index_info(col.manifest.get("vector_index") or {}),
-            "created": col.manifest.get("created"),
-            "updated": col.manifest.get("updated"),
-            "format_version": col.manifest.get("format_version"),
+            "index_type": col.manifest.index_type,
+            **_vector_index_info(col.manifest.vector_index),
+            "created": col.manifest.created,
+            "updated": col.manifest.updated,
+            "format_version": FORMAT_VERSION,
             # an interrupted --rebuild or align-audio that the next one resumes
-            "unfinished_rebuild": col.manifest.get("pending"),
+            "unfinished_rebuild": col.manifest.pending,
         }
     if as_json:
         emit_json(data)
@@ -111,7 +112,7 @@ def list_(index_dir: IndexDir = None, as_json: Json = False, debug: Debug = Fals
         with Collection.open_reader(root, name) as col:
             counts = col.catalog.counts()
             # an index whose model never loaded still says which one it will use
-            model = (col.encoder_identity or {}).get("spec") or col.manifest.get("model_spec")
+            model = (col.encoder_identity or {}).get("spec") or col.manifest.model_spec
         if as_json:
             emit_json(
                 {

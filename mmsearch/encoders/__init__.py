@@ -37,13 +37,13 @@ def export_query_tower(encoder: Encoder, cache_dir: Path) -> bool:
         return True
     from .fast_text import export_fast_text
 
-    model, tokenizer = encoder.extras["model"], encoder.extras["tokenizer"]
-    if next(model.parameters()).dtype != _float32() or encoder.extras.get("device") != "cpu":
+    model, tokenizer = encoder.model, encoder.tokenizer
+    if next(model.parameters()).dtype != _float32() or encoder.device != "cpu":
         # the export copies weights as they were published: reload them in fp32 on the CPU
         fp32 = create_encoder(
             encoder.identity["spec"], EncoderOptions(device="cpu", precision="fp32")
         )
-        model, tokenizer = fp32.extras["model"], fp32.extras["tokenizer"]
+        model, tokenizer = fp32.model, fp32.tokenizer
     return export_fast_text(model, tokenizer, target)
 
 
@@ -83,11 +83,11 @@ def attach_audio(
         audio_model,
         encoder,
         cache_dir,
-        device=encoder.extras.get("device", "cpu"),
+        device=encoder.device,
         refit=refit,
         progress=progress,
         projector=projector,
     )
     encoder.audio = tower
-    encoder.extras["audio_load"] = tower.loader_settings()
+    encoder.audio_windows = tower.loader_settings()
     return encoder

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import AudioWindowing
 from ..errors import ModelError
 from ..loaders.audio import DEFAULT_HOP_S, DEFAULT_WINDOW_S
 from .base import Encoder, Tower, l2_normalize
@@ -448,9 +449,9 @@ class ClapAudioTower(Tower):
         shape = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
         self.identity["key"] = f"{clap.weights}-{projector.hash}-{shape[:8]}"
 
-    def loader_settings(self) -> dict:
-        """Keyword arguments for `loaders.audio.load_audio` that fit this tower."""
-        return {"sample_rate": self.sample_rate, "window_s": self.window_s, "hop_s": self.hop_s}
+    def loader_settings(self) -> AudioWindowing:
+        """How `loaders.audio.load_audio` cuts recordings for this tower."""
+        return AudioWindowing(self.sample_rate, self.window_s, self.hop_s)
 
     def embed_clap(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         """(n, d_clap) L2-normalised CLAP audio embeddings, before the projector."""

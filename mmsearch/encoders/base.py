@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..config import AudioWindowing, ImagePrep
 from ..errors import UnsupportedModalityError
 
 
@@ -51,7 +52,13 @@ class Encoder:
     text: Tower | None = None
     image: Tower | None = None
     audio: Tower | None = None
-    extras: dict = field(default_factory=dict)  # e.g. the image preprocessing config
+    # How input is prepared for the towers (loaders read these) ...
+    prep: ImagePrep | None = None  # image decoding for the image tower
+    audio_windows: AudioWindowing | None = None  # recording windows for the audio tower
+    # ... and the torch model behind the text/image towers (exporting the query tower, evaluation).
+    model: Any = None
+    tokenizer: Any = None
+    device: str = "cpu"
 
     def _tower(self, modality: str) -> Tower:
         tower = getattr(self, modality)

@@ -321,7 +321,10 @@ def load_clip(spec: ModelSpec, options: EncoderOptions | None = None) -> Encoder
         dim=dim,
         text=text,
         image=image,
-        extras={"model": model, "tokenizer": tokenizer, "prep": prep, "device": device},
+        model=model,
+        tokenizer=tokenizer,
+        prep=prep,
+        device=device,
     )
 
 
@@ -373,5 +376,5 @@ def materialize_model_dir(spec: ModelSpec, out: Path, overwrite: bool = False) -
         shutil.copytree(spec.local_path, out, dirs_exist_ok=True)
         return out
     enc = load_clip(spec, EncoderOptions(device="cpu", precision="fp32"))
-    model = enc.extras["model"]
+    model = enc.model
     return save_model_dir(model, _model_cfg(spec), out, dict(model.visual.preprocess_cfg))

@@ -27,7 +27,7 @@ import copy
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +113,7 @@ def window_features(
 ) -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
     """Each file's HTSAT pooled features, one row per window (the frozen trunk's output, computed
     once), and the files that failed with their reason."""
-    settings = tower.loader_settings()
+    settings = asdict(tower.loader_settings())
     rows: dict[Path, list[np.ndarray]] = {}
     failed: dict[Path, str] = {}
     batch: list[tuple[Path, np.ndarray]] = []  # windows of several short files share a batch
@@ -389,9 +389,7 @@ def evaluate_audio(
     spec = model_spec if isinstance(model_spec, ModelSpec) else ModelSpec.parse(str(model_spec))
     progress("load_model", model=str(spec))
     text_encoder = load_clip(spec, EncoderOptions(device=device, precision="fp32"))
-    tower = load_audio_tower(
-        audio_model, text_encoder, cache_dir, device=text_encoder.extras.get("device", "cpu")
-    )
+    tower = load_audio_tower(audio_model, text_encoder, cache_dir, device=text_encoder.device)
     feats, failed = window_features(tower, audio.files(), progress)
     usable = PairSet([p for p in audio.pairs if p.path in feats], [], audio.source)
     if not usable.pairs:

@@ -179,7 +179,7 @@ def evaluate(
         raise UsageError("no image pairs to evaluate")
     progress("load_model", model=str(spec))
     encoder = load_clip(spec, EncoderOptions(device=device, precision=precision))
-    prep = encoder.extras["prep"]
+    prep = encoder.prep
     files = images.files()
     index_of, image_emb, failed = {}, [], []
     for s in range(0, len(files), 512):  # decode and embed in slices to bound memory

@@ -20,7 +20,7 @@ import soundfile as sf
 import soxr
 
 from ..errors import LoadError
-from . import DEFAULT_DECODE_BUDGET_S, decode_budget, open_for_decoding
+from .files import DEFAULT_DECODE_BUDGET_S, decode_budget, open_for_decoding
 
 # What libsndfile 1.2 decodes (wav/aiff/flac/ogg-vorbis/ogg-opus/mp3 and friends). m4a/aac needs
 # ffmpeg, which libsndfile does not use, so it is not listed.

@@ -33,7 +33,7 @@ def load_image(path, prep: ImagePrep) -> np.ndarray:
     LoadError with a reason. A path that is not a regular file (a FIFO, a device) is refused
     without blocking."""
     if isinstance(path, (str, bytes, os.PathLike)):
-        from . import open_for_decoding
+        from .files import open_for_decoding
 
         with open_for_decoding(path) as f:
             return load_image(f, prep)

@@ -2,7 +2,7 @@
 Ray Data actors (one encoder per actor, one actor per GPU where the cluster has GPUs).
 
 The driver (the machine running `mmsearch index --ray ...`) walks the roots, plans against the
-catalog and commits exactly as a local run does (`indexer._commit_chunk`, chunk by chunk, crash
+catalog and commits exactly as a local run does (`pipeline.commit.commit_chunk`, chunk by chunk, crash
 safe); only "hash, decode and embed these files" moves to the cluster. Workers must see the files
 at the same paths as the driver (a shared or replicated filesystem), and load the model from the
 same spec: a hub tag or a path they can read. A worker whose model differs from the index's (other

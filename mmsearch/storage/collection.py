@@ -14,7 +14,6 @@ Crash safety:
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import secrets
@@ -31,24 +30,20 @@ from ..errors import (
     UsageError,
 )
 from . import calibration
-from .atomic import open_lock, replace_text
+from .atomic import open_lock
 from .catalog import Catalog
+from .manifest import FORMAT_VERSION, Manifest
 from .vectors import (
     EXACT_BELOW,
-    FLAT,
     RETRAIN_GROWTH,
     TARGET_RECALL,
-    TRAIN_POINTS_PER_LIST,
     VectorIndex,
-    build_ivf,
     choose_type,
+    from_catalog,
     is_ivf,
     ivf_encoding,
-    ivf_lists,
-    tuning_sample,
 )
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CATALOG = "catalog.sqlite"
 VECTORS = "vectors.faiss"
@@ -98,7 +93,7 @@ class Collection:
         self.writer = writer
         self._lock_fd: int | None = None
         self._vectors: VectorIndex | None = None
-        self.manifest: dict = {}
+        self.manifest = Manifest()
         self.catalog: Catalog | None = None
         # A rebuild in progress: the new generation's directory, and the old catalog it may
         # salvage vectors from (same encoder identity only).
@@ -140,8 +135,9 @@ class Collection:
         return col
 
     def _open(self, repair: bool) -> None:
-        self.manifest = self._read_manifest()
-        recovering = not self.manifest
+        found_manifest = self._read_manifest()
+        recovering = found_manifest is None
+        self.manifest = found_manifest or Manifest()
         if recovering:
             found = self._find_catalog()
             if found is None:
@@ -150,14 +146,14 @@ class Collection:
                 self.catalog = Catalog(self.dir / CATALOG)  # a new index
                 return
             if found != self.dir:
-                self.manifest["data"] = found.name
+                self.manifest.data = found.name
         catalog_path = self.data_dir / CATALOG
-        if not catalog_path.is_file() and not self.writer and not self.manifest.get("encoder"):
+        if not catalog_path.is_file() and not self.writer and not self.manifest.encoder:
             raise IndexNotFoundError(
                 f"index {self.name!r} is empty: index some files first (mmsearch index PATH "
                 f"--index {self.name})"
             )
-        if not catalog_path.is_file() and self.manifest.get("encoder"):
+        if not catalog_path.is_file() and self.manifest.encoder:
             if not repair:
                 raise IndexFormatError(
                     f"index {self.name!r}: {catalog_path} is missing (it holds the paths and "
@@ -219,12 +215,12 @@ class Collection:
                 f"not record which model made its vectors; {_rebuild_hint(self.name)}"
             )
         data = self.data_dir
-        self.manifest = {"name": self.name, "encoder": identity}
+        self.manifest = Manifest(name=self.name, encoder=identity)
         if data != self.dir:
-            self.manifest["data"] = data.name
+            self.manifest.data = data.name
         audio = self.catalog.get_meta(META_AUDIO)
         if audio:
-            self.manifest["audio_encoder"] = audio
+            self.manifest.audio_encoder = audio
         self.notes.append(f"manifest.json was missing or damaged; rebuilt it from {CATALOG}")
         if self.writer:
             self.write_manifest()
@@ -232,11 +228,11 @@ class Collection:
     def _check_generation(self) -> None:
         """A catalog behind the generation the manifest last saw lost commits (its WAL was
         deleted, or an older copy was put back): say so; the next index run adds them again."""
-        saw = self.manifest.get("vectors_generation")
+        saw = self.manifest.vectors_generation
         have = self.catalog.generation()
         if saw is None or have >= saw:
             return
-        held = self.manifest.get("files")
+        held = self.manifest.files
         count = self.catalog.db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
         lost = f" ({count} of {held} files remain)" if held is not None else ""
         self.notes.append(
@@ -284,59 +280,44 @@ class Collection:
     def data_dir(self) -> Path:
         """Where the live generation's files are: the index directory, or the subdirectory the
         last rebuild wrote."""
-        return self.dir / self.manifest.get("data", ".")
+        return self.dir / self.manifest.data
 
     @property
     def target_dir(self) -> Path:
         """Where this writer puts data files: the generation being built, else the live one."""
         return self.building or self.data_dir
 
-    def _read_manifest(self) -> dict:
-        """The manifest, or {} when there is none or it is damaged (then the catalog is asked)."""
-        path = self.dir / MANIFEST
-        try:
-            manifest = json.loads(path.read_text())
-        except FileNotFoundError:
-            return {}
-        except PermissionError as e:
-            raise IndexFormatError(f"cannot read {path}: {e.strerror}") from None
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(manifest, dict):
-            return {}
-        version = manifest.get("format_version")
+    def _read_manifest(self) -> Manifest | None:
+        """The manifest, or None when there is none or it is damaged (then the catalog is asked)."""
+        d = Manifest.read(self.dir / MANIFEST)
+        if d is None:
+            return None
+        version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise IndexFormatError(
                 f"index {self.name!r} has format version {version}; this mmsearch reads "
                 f"version {FORMAT_VERSION}. {_rebuild_hint(self.name).capitalize()}"
             )
-        data = manifest.get("data", ".")
+        data = d.get("data", ".")
         if data != "." and not (isinstance(data, str) and _NAME.match(data)):
-            return {}  # a data directory outside the index is never followed
-        return manifest
+            return None  # a data directory outside the index is never followed
+        return Manifest.from_json(d)
 
     def write_manifest(self, **updates) -> None:
-        self.manifest.update(updates)
-        self.manifest["format_version"] = FORMAT_VERSION
-        self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.manifest.setdefault("created", self.manifest["updated"])
-        replace_text(self.dir / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=True))
-
-    @property
-    def exists(self) -> bool:
-        return bool(self.manifest)
+        self.manifest.update(**updates)
+        self.manifest.write(self.dir / MANIFEST)
 
     @property
     def encoder_identity(self) -> dict | None:
         if self.building is not None:
             return self._new["encoder"]
-        return self.manifest.get("encoder")
+        return self.manifest.encoder
 
     @property
     def audio_identity(self) -> dict | None:
         if self.building is not None:
             return self._new.get("audio")
-        return self.manifest.get("audio_encoder")
+        return self.manifest.audio_encoder
 
     @property
     def projector_path(self) -> Path:
@@ -374,7 +355,7 @@ class Collection:
         """Start (or resume) a rebuild beside the live generation. The catalog being written is
         the new one; the live one stays open as `salvage` when its vectors are from the same
         model (so intact vectors are copied, not embedded again)."""
-        pending = self.manifest.get("pending")
+        pending = self.manifest.pending
         resumed = None
         if pending and (self.dir / pending / CATALOG).is_file():
             try:
@@ -402,7 +383,7 @@ class Collection:
         else:
             self.notes.append("resumed an unfinished rebuild")
         self._live = self.catalog
-        live_identity = self.manifest.get("encoder") or {}
+        live_identity = self.manifest.encoder or {}
         if self.catalog is not None and live_identity.get("key") == identity.get("key"):
             self.salvage = self.catalog
         self.catalog = resumed
@@ -412,7 +393,7 @@ class Collection:
 
     def discard_pending(self) -> None:
         """Drop an unfinished rebuild's directory (a plain run works on the live generation)."""
-        pending = self.manifest.get("pending")
+        pending = self.manifest.pending
         if not pending:
             return
         shutil.rmtree(self.dir / pending, ignore_errors=True)
@@ -427,13 +408,13 @@ class Collection:
         self.vectors  # noqa: B018 - loaded (from the new catalog) if this run had not yet
         self.save_vectors(options, progress)
         self.catalog.set_meta(META_STATE, "live")
-        choice = (self.manifest.get("vector_index") or {}).get("choice", "auto")
+        choice = self.manifest.vector_index.choice
         choice = getattr(options, "index_type", None) or choice
         old_dir = self.data_dir
         identity = self.catalog.get_meta(META_ENCODER)
         audio = self.catalog.get_meta(META_AUDIO)
         self.building = None
-        self.manifest.pop("audio_encoder", None)
+        self.manifest.audio_encoder = None
         self.write_manifest(
             data=new.name, pending=None, encoder=identity, name=self.name,
             **({"audio_encoder": audio} if audio else {}), **self._vector_fields(choice),
@@ -469,10 +450,10 @@ class Collection:
         """vectors.faiss if it reflects the catalog, else the same kind of index rebuilt from the
         catalog in memory (a run was killed before saving, or the file is damaged)."""
         path = self.target_dir / VECTORS
-        index_type = self.manifest.get("index_type", FLAT)
-        info = self.manifest.get("vector_index") or {}
+        index_type = self.manifest.index_type
+        info = self.manifest.vector_index
         generation = self.catalog.generation()
-        stamped = self.manifest.get("vectors_generation") == generation and self.building is None
+        stamped = self.manifest.vectors_generation == generation and self.building is None
         if path.is_file() and stamped:
             try:
                 # Readers map the file instead of reading it (a cold search opens it in
@@ -480,60 +461,22 @@ class Collection:
                 vi = VectorIndex.load(path, self.dim, mmap=not self.writer, index_type=index_type)
                 # An older copy of the file put back passes the stamp: count its vectors too.
                 if vi.index_type == index_type and vi.ntotal == self.catalog.unit_count():
-                    vi.trained_on, vi.recall = info.get("trained_on"), info.get("recall_at_10")
+                    vi.trained_on, vi.recall = info.trained_on, info.recall_at_10
                     return vi
                 self.notes.append(f"{path} does not match the catalog; rebuilt it from the catalog")
             except (RuntimeError, ValueError):
                 self.notes.append(f"{path} is damaged; rebuilt it from the catalog")
-        return self._rebuild_vectors(index_type, True, info.get("trained_on"))
+        return self._rebuild_vectors(index_type, True, info.trained_on)
 
     def _rebuild_vectors(
         self, index_type: str, reuse_training: bool = False, trained_on=None, progress=None
     ) -> VectorIndex:
-        """An index of `index_type` over every vector in the catalog, read in batches (at tens of
-        millions of vectors the catalog's vectors are never all in memory besides the index).
-
-        An IVF index is trained on a sample of the catalog, or with `reuse_training` keeps the
-        training of the vectors.faiss on disk when that one is of the same type (after a crash or
-        damage: the file's lists are out of date, not its centroids), and its
-        nprobe is tuned on held-out catalog vectors against an exact scan made in the same pass."""
-        db = self.catalog.db
-        db.execute("BEGIN")  # one snapshot for the sample and the full pass
-        try:
-            ids = self.catalog.unit_ids()
-            n = len(ids)
-            if is_ivf(index_type) and ivf_lists(n) == 0:
-                index_type = FLAT  # too few vectors to train lists on
-            if not is_ivf(index_type):
-                vi = VectorIndex(self.dim)
-                for batch_ids, vecs in self.catalog.vector_batches(self.dim):
-                    vi.add(batch_ids, vecs)
-                return vi
-            trained = self._trained_like(index_type) if reuse_training else None
-            nlist = int(index_type[3:].partition(",")[0])
-            if trained is None and TRAIN_POINTS_PER_LIST * nlist > n:
-                index_type = f"IVF{ivf_lists(n)},{ivf_encoding(index_type)}"
-                nlist = ivf_lists(n)
-            query_rows, train_rows = tuning_sample(n, nlist)
-            query_ids = ids[query_rows]
-            train = (
-                None if trained is not None else self.catalog.vectors_of(ids[train_rows], self.dim)
-            )
-            vi = build_ivf(
-                index_type,
-                self.dim,
-                self.catalog.vector_batches(self.dim),
-                (query_ids, self.catalog.vectors_of(query_ids, self.dim)),
-                train=train,
-                trained=trained,
-                n=n,
-                progress=progress,
-            )
-            if trained is not None:
-                vi.trained_on = trained_on or n
-            return vi
-        finally:
-            db.execute("COMMIT")
+        """An index of `index_type` over every vector in the catalog (`vectors.from_catalog`);
+        with `reuse_training`, an IVF index keeps the training of the vectors.faiss on disk when
+        that one is of the same type (after a crash or damage its lists are out of date, not its
+        centroids)."""
+        trained = self._trained_like(index_type) if reuse_training else None
+        return from_catalog(self.catalog, self.dim, index_type, trained, trained_on, progress)
 
     def _trained_like(self, index_type: str) -> VectorIndex | None:
         """The vectors.faiss on disk if it is a trained index of that type (its lists are out of
@@ -556,7 +499,7 @@ class Collection:
         (what a failed run does: no minutes of training on the way out)."""
         if self._vectors is None:
             return
-        choice = (self.manifest.get("vector_index") or {}).get("choice", "auto")
+        choice = self.manifest.vector_index.choice
         if options is not None:
             choice = getattr(options, "index_type", None) or choice
             self._restructure(options, choice, progress)

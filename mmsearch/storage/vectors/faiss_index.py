@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 FLAT = "IDMap2,FlatIP"
 EXACT_BELOW = 300_000  # auto: exact search below this many vectors
@@ -188,7 +187,7 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """Atomic: readers see the old file or the new one, never half of one."""
-        from .atomic import replace_file
+        from ..atomic import replace_file
 
         faiss = _faiss()
 
@@ -361,72 +360,3 @@ def _probe_steps(nlist: int) -> list[int]:
         steps |= {p, p + p // 2}
         p *= 2
     return sorted(s for s in steps if s <= nlist)
-
-
-def tuning_sample(n: int, nlist: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Positions, among n vectors, of the held-out tuning queries and of the training sample:
-    disjoint random draws (a fixed seed: rebuilding the same catalog gives the same index)."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_queries = min(TUNING_QUERIES, max(1, n // 10))
-    n_train = min(n - n_queries, TRAIN_POINTS_PER_LIST * nlist)
-    return np.sort(order[:n_queries]), np.sort(order[n - n_train :])
-
-
-class ExactNeighbours:
-    """Exact top-k ids of a few queries over vectors that arrive in batches (a flat scan
-    without holding the whole collection): ground truth for tuning nprobe."""
-
-    def __init__(self, queries: np.ndarray, k: int):
-        faiss = _faiss()
-        self.queries = np.ascontiguousarray(queries, np.float32)
-        self.k = k
-        self.heap = faiss.ResultHeap(len(self.queries), k, keep_max=True)
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        faiss = _faiss()
-        if not len(ids) or not len(self.queries):
-            return
-        k = min(self.k, len(ids))
-        scores, rows = faiss.knn(self.queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-        ids = np.asarray(ids, np.int64)
-        self.heap.add_result(scores, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1))
-
-    def result(self) -> np.ndarray:
-        self.heap.finalize()
-        return self.heap.I
-
-
-def build_ivf(
-    index_type: str,
-    dim: int,
-    batches: Iterable[tuple[np.ndarray, np.ndarray]],
-    queries: tuple[np.ndarray, np.ndarray],
-    train: np.ndarray | None = None,
-    trained: VectorIndex | None = None,
-    n: int = 0,
-    progress=None,
-) -> VectorIndex:
-    """An IVF index over vectors that arrive in (ids, vectors) batches, nprobe tuned on `queries`
-    (stored vectors: (ids, vectors)) against an exact scan made in the same pass.
-
-    Trains on `train` (a sample of the n vectors), or reuses the training of `trained`, an index of
-    the same type whose vectors are dropped."""
-    if trained is not None:
-        vi = trained
-        vi.reset()
-    else:
-        vi = VectorIndex.create(index_type, dim)
-        vi.train(train, n)
-    query_ids, query_vecs = queries
-    nq = len(query_ids)
-    truth = ExactNeighbours(np.concatenate([query_vecs, shifted(query_vecs)]), RECALL_K + 1)
-    done = 0
-    for ids, vecs in batches:
-        vi.add(ids, vecs)
-        truth.add(ids, vecs)
-        done += len(ids)
-        if progress is not None:
-            progress("vectors", done, n)
-    found = truth.result()
-    vi.tune(query_ids, query_vecs, found[:nq], found[nq:])
-    return vi
