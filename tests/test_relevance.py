@@ -215,3 +215,13 @@ def test_an_index_without_calibration_still_searches_and_the_next_run_stores_one
     assert cli("index", indexed, "--workers", "0").exit_code == 0  # nothing new to embed
     assert stored()[1]
     assert "calibration" not in cli("search", "The dog ran after a ball").stderr
+
+
+def test_a_damaged_calibration_file_is_refitted_not_fatal(indexed):
+    with Collection.open_reader(index_root(), "default") as col:
+        path = col.data_dir / calibration.FILE
+    path.write_bytes(path.read_bytes()[:100])
+    r = cli("search", "beach", "--json")
+    assert r.exit_code == 0 and "no stored relevance calibration" in r.stderr
+    assert cli("index", indexed, "--workers", "0").exit_code == 0
+    assert calibration.Calibration.from_bytes(path.read_bytes()).counts == {"image": 5, "text": 1}

@@ -4,7 +4,7 @@ or a recording and for any query, fitted per index without labels and stored bes
 Raw cosines are not comparable across modalities (text-text sits far above text-image: the
 modality gap) nor across queries. For each pair (query modality, item modality) the index keeps:
 
-- the mean and covariance of the item modality's vectors, so that for any query q the variance of
+- the covariance of the item modality's vectors, so that for any query q the variance of
   its scores over that modality, v(q) = q' C q, is known without scanning;
 - a map from the statistic t = score x v(q) / v0 to relevance. A query about something the
   collection does not hold scores all its items alike (small v), so even its best hit is
@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -41,7 +42,7 @@ FILE = "relevance.npz"
 FORMAT = 1
 METHOD = "local fdr of score x query variance (Efron; Lindsey fit, central matching)"
 REFIT_CHANGE = 0.2  # a modality's unit count grown or shrunk by more than this since the fit
-MOMENT_SAMPLE = 5_000  # vectors per modality for the mean and covariance
+MOMENT_SAMPLE = 5_000  # vectors per modality for the covariance
 BACKGROUND = 2_000  # items per modality the probes are scored against
 PROBES = 400  # probe queries per query modality
 MIN_OWN_TEXT = 50  # fewer notes than this: text queries are probed with the shipped list
@@ -75,7 +76,6 @@ class PairMap:
 class Calibration:
     key: str  # the models the vectors come from (encoder key, audio projector key)
     counts: dict[str, int]  # units per modality when fitted
-    mean: dict[str, np.ndarray]
     cov: dict[str, np.ndarray]
     maps: dict[tuple[str, str], PairMap]
     probes: dict[str, str] = field(default_factory=dict)  # query modality -> "index" | "shipped"
@@ -105,8 +105,8 @@ class Calibration:
     # --- file -----------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         arrays = {}
-        for m in self.mean:
-            arrays[f"mean.{m}"], arrays[f"cov.{m}"] = self.mean[m], self.cov[m]
+        for m in self.cov:
+            arrays[f"cov.{m}"] = self.cov[m]
         for (a, b), pm in self.maps.items():
             arrays[f"grid.{a}.{b}"], arrays[f"rel.{a}.{b}"] = pm.grid, pm.rel
         if self.shipped is not None:
@@ -135,7 +135,6 @@ class Calibration:
             return cls(
                 key=meta["key"],
                 counts={m: int(n) for m, n in meta["counts"].items()},
-                mean={m: z[f"mean.{m}"] for m in mods},
                 cov={m: z[f"cov.{m}"] for m in mods},
                 maps=maps,
                 probes=meta["probes"],
@@ -223,14 +222,15 @@ def fit(samples: dict[str, np.ndarray], counts: dict[str, int], key: str, text_p
     """A calibration from `samples` (modality -> that modality's vectors, a random sample in
     random order) and `text_probes`: (digest, vectors) of the shipped probe queries, used when
     the index holds fewer than MIN_OWN_TEXT text units."""
-    mean, cov, maps, probes = {}, {}, {}, {}
+    cov, maps, probes = {}, {}, {}
     for m, x in samples.items():
         x = np.asarray(x, np.float32)
         n, d = x.shape
-        mean[m] = x.mean(0, dtype=np.float64)
-        centred = x - mean[m].astype(np.float32)
+        centred = x - x.mean(0, dtype=np.float64).astype(np.float32)
         own = (centred.T @ centred).astype(np.float64) / n
-        cov[m] = (n * own + PRIOR_VECTORS * np.eye(d) / d) / (n + PRIOR_VECTORS)
+        cov[m] = ((n * own + PRIOR_VECTORS * np.eye(d) / d) / (n + PRIOR_VECTORS)).astype(
+            np.float32
+        )
     # query modality -> (probe vectors, whether they are the first rows of that modality's sample)
     queries = {m: (samples[m][:PROBES], True) for m in samples}
     if len(samples.get("text", ())) < MIN_OWN_TEXT and text_probes is not None:
@@ -243,7 +243,7 @@ def fit(samples: dict[str, np.ndarray], counts: dict[str, int], key: str, text_p
                 cov[b], same=own and a == b,
             )  # fmt: skip
     shipped = text_probes if probes.get("text") == "shipped" else None
-    return Calibration(key, dict(counts), mean, cov, maps, probes, shipped)
+    return Calibration(key, dict(counts), cov, maps, probes, shipped)
 
 
 # --- with an index ----------------------------------------------------------------------------
@@ -262,8 +262,8 @@ def load(col) -> Calibration | None:
     path = col.data_dir / FILE
     try:
         cal = Calibration.from_bytes(path.read_bytes())
-    except (OSError, ValueError, KeyError):
-        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # damaged: searched with one fitted in memory, replaced by the next run
     return cal if col.encoder_identity and cal.key == models_key(col) else None
 
 
