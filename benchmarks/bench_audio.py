@@ -88,14 +88,14 @@ def main() -> None:
     import torch
 
     from mmsearch.config import EncoderOptions, ModelSpec
-    from mmsearch.encoders.audio import (
+    from mmsearch.encoders.base import l2_normalize
+    from mmsearch.encoders.clap import (
         FitSettings,
         Projector,
         fit_projector_from_embeddings,
         load_audio_tower,
         read_captions,
     )
-    from mmsearch.encoders.base import l2_normalize
     from mmsearch.encoders.clip import load_clip
     from mmsearch.loaders.audio import load_audio
     from mmsearch.loaders.image import load_image

@@ -48,7 +48,7 @@ def main() -> None:
         import open_clip
 
         from mmsearch.encoders.clip import save_model_dir
-        from mmsearch.encoders.fast_text import export_fast_text
+        from mmsearch.encoders.query_text import export_fast_text
 
         model = open_clip.create_model(args.model).eval()
         tokenizer = open_clip.get_tokenizer(args.model)
@@ -66,7 +66,7 @@ def main() -> None:
         "import numpy": "import numpy",
         "fast: import + load + embed": (
             "from pathlib import Path\n"
-            "from mmsearch.encoders.fast_text import FastTextTower\n"
+            "from mmsearch.encoders.query_text import FastTextTower\n"
             f"FastTextTower.load(Path({str(fast_dir)!r})).embed([{QUERY!r}])"
         ),
         "import torch, open_clip": "import torch, open_clip",

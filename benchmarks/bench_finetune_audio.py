@@ -96,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(threads)
 
     from mmsearch.config import EncoderOptions, ModelSpec
-    from mmsearch.encoders.audio import (
+    from mmsearch.encoders.clap import (
         PROJECTOR_FILENAME,
         load_audio_tower,
         read_captions,

@@ -66,7 +66,8 @@ def main() -> None:
     from mmsearch.encoders import create_encoder
     from mmsearch.encoders.clip import pick_dtype
     from mmsearch.loaders.image import load_image
-    from mmsearch.pipeline.run import default_workers, index_paths
+    from mmsearch.pipeline.commit import default_workers
+    from mmsearch.pipeline.run import index_paths
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from common import DATASETS, machine, random_model_dir, require_datasets
+from common import machine, padded_index, require_datasets
 
 
 def timed(cmd: list[str], env: dict) -> float:
@@ -39,31 +38,12 @@ def main() -> None:
     args = ap.parse_args()
     require_datasets()
 
-    from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec
-    from mmsearch.pipeline.run import index_paths
-    from mmsearch.records import FileEntry, Segment
     from mmsearch.storage.collection import Collection
 
     work = Path(tempfile.mkdtemp(prefix="mmcold-"))
-    photos = work / "photos"
-    photos.mkdir()
-    for p in sorted((DATASETS / "flickr8k_val1k" / "images").glob("*.jpg"))[:20]:
-        os.symlink(p, photos / p.name)
-    root = work / "indexes"
-    spec = ModelSpec.parse(str(random_model_dir("ViT-B-32")))
-    index_paths(IndexOptions(roots=(photos,), root_dir=root, encoder=EncoderOptions(model=spec)))
-
-    rng = np.random.default_rng(0)
-    with Collection.open_writer(root, "default") as col:
-        dim = col.dim
-        with col.catalog.transaction():
-            for i in range(args.items - 20):
-                entry = FileEntry(f"/synthetic/{i:06}.jpg".encode(), "image", 1000, i)
-                fid = col.catalog.add_file(entry, f"h{i}")
-                v = rng.standard_normal((1, dim)).astype(np.float32)
-                col.catalog.replace_units(fid, [Segment()], v / np.linalg.norm(v))
-        col.save_vectors()
-        n = col.vectors.ntotal
+    root = padded_index(work, args.items)
+    with Collection.open_reader(root, "default") as col:
+        n, dim = col.vectors.ntotal, col.dim
 
     env = {**os.environ, "MMSEARCH_HOME": str(root)}
     # An installed package has its bytecode cached; this sandbox sets PYTHONDONTWRITEBYTECODE,

@@ -53,6 +53,39 @@ def random_model_dir(arch: str = "ViT-B-32", seed: int = 0) -> Path:
     return out
 
 
+def padded_index(work: Path, items: int, photos: int = 20) -> Path:
+    """An index root under `work` whose 'default' index holds `photos` real photos embedded by a
+    random-weight ViT-B-32 (through index_paths, so the text tower is exported too), padded to
+    `items` vectors with synthetic catalog rows: a search's cost depends on the number of
+    vectors, not on where they came from. Returns the index root."""
+    import os
+
+    import numpy as np
+
+    from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec
+    from mmsearch.pipeline.run import index_paths
+    from mmsearch.records import FileEntry, Segment
+    from mmsearch.storage.collection import Collection
+
+    folder = work / "photos"
+    folder.mkdir(parents=True)
+    for p in sorted((DATASETS / "flickr8k_val1k" / "images").glob("*.jpg"))[:photos]:
+        os.symlink(p, folder / p.name)
+    root = work / "indexes"
+    spec = ModelSpec.parse(str(random_model_dir("ViT-B-32")))
+    index_paths(IndexOptions(roots=(folder,), root_dir=root, encoder=EncoderOptions(model=spec)))
+    rng = np.random.default_rng(0)
+    with Collection.open_writer(root, "default") as col:
+        with col.catalog.transaction():
+            for i in range(items - photos):
+                entry = FileEntry(f"/synthetic/{i:06}.jpg".encode(), "image", 1000, i)
+                fid = col.catalog.add_file(entry, f"h{i}")
+                v = rng.standard_normal((1, col.dim)).astype(np.float32)
+                col.catalog.replace_units(fid, [Segment()], v / np.linalg.norm(v))
+        col.save_vectors()
+    return root
+
+
 def require_datasets() -> None:
     if not DATASETS.is_dir():
         raise SystemExit(f"datasets not found at {DATASETS} (see ../shared/datasets/README.md)")
@@ -81,7 +114,7 @@ def random_clap_dir(
         RobertaTokenizer,
     )
 
-    from mmsearch.encoders.audio import read_captions
+    from mmsearch.encoders.clap import read_captions
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -14,12 +14,14 @@ import importlib
 
 from .config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions
 from .errors import MMSearchError
+from .filters import FileFilter
 from .records import Hit, IndexReport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EncoderOptions",
+    "FileFilter",
     "Hit",
     "IndexOptions",
     "IndexReport",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .filters import FileFilter
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_TAGS = {"ViT-B-32": "laion2b_s34b_b79k"}
@@ -222,3 +223,7 @@ class SearchOptions:
     modality: str = "any"  # image | text | audio | any
     device: str = "auto"
     min_relevance: float | None = None  # hits below this calibrated relevance are dropped
+    filters: FileFilter = field(default_factory=FileFilter)  # which files may be returned
+    group: bool = False  # one row per file (its best segment), the others counted
+    exclude_self: bool = False  # image/audio queries: not the query file or its exact copies
+    snippets: bool = True  # note hits carry their lines

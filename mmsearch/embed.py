@@ -1,4 +1,5 @@
-"""Loaded files -> vectors: each file's (segments, vectors), or the reason it could not be embedded.
+"""Loaded files -> vectors: each file's `Embedded` (segments, vectors), or the reason it could not
+be embedded.
 
 One function per modality (named in `modalities.TABLE`), dispatched by `embed_loaded`. Used by
 the local indexing run (`indexer`) and by the Ray actors (`distributed`) alike, so both embed a
@@ -7,8 +8,9 @@ file the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,13 +18,22 @@ from .encoders import Encoder
 from .errors import LoadError
 from .loaders import Loaded
 from .loaders.text import chunk_note
-from .modalities import TABLE, Modality
+from .modalities import AUDIO, TABLE, Modality
 from .records import Segment
 
 Tick = Callable[[int], None]
 # Embeds loaded files of one modality: (encoder, items, batch_size, tick, out) fills out[i] with
-# items[i]'s (segments, vectors) or failure reason as it goes, calling tick(n) as files are done.
+# items[i]'s Embedded or failure reason as it goes, calling tick(n) as files are done.
 EmbedFn = Callable[[Encoder, list[Loaded], int, Tick, list], None]
+
+
+class Embedded(NamedTuple):
+    """A file's units: where each lies in the file, their vectors, and what the user should
+    know about a file embedded only in part (None when it is whole)."""
+
+    segments: list[Segment]
+    vectors: np.ndarray | None
+    warning: str | None = None
 
 
 class Interrupted(Exception):
@@ -33,7 +44,7 @@ class Interrupted(Exception):
 
 
 def embed_loaded(encoder: Encoder, items: list[Loaded], batch_size: int, tick: Tick) -> list:
-    """(segments, vectors) per item, or a reason string for an item that could not be embedded.
+    """An Embedded per item, or a reason string for an item that could not be embedded.
     Calls `tick(n)` as files are done, once per file. On Ctrl-C raises `Interrupted` with the
     results so far (None for an item not embedded yet)."""
     out: list = [None] * len(items)
@@ -74,7 +85,7 @@ def embed_images(
         batch = items[start : start + batch_size]
         vecs = encoder.image.embed([x.payload for x in batch], batch_size)
         for j in range(len(batch)):
-            out[start + j] = ([Segment()], vecs[j : j + 1])
+            out[start + j] = Embedded([Segment()], vecs[j : j + 1])
         tick(len(batch))
 
 
@@ -94,7 +105,7 @@ def embed_notes(
         if len(chunks) == 1:  # a one-chunk note is the whole file
             c = chunks[0]
             chunks = [Segment(c.start, c.end, c.text)]
-        out[i] = (chunks, None)
+        out[i] = Embedded(chunks, None)
         texts += [c.text for c in chunks]
         owners += [i] * len(chunks)
     if texts:
@@ -102,7 +113,7 @@ def embed_notes(
         owners_arr = np.array(owners)
         for i in set(owners):
             segs = [Segment(s.start, s.end) for s in out[i][0]]
-            out[i] = (segs, vecs[owners_arr == i])
+            out[i] = Embedded(segs, vecs[owners_arr == i])
     tick(len(items))
 
 
@@ -111,26 +122,77 @@ def embed_recordings(
 ) -> None:
     """Recordings one at a time, decoded window by window while they are embedded."""
     for i, x in enumerate(items):
-        out[i] = _embed_recording(encoder, x.entry.path, batch_size)
+        try:
+            out[i] = _embed_sound(encoder, x.entry.path, batch_size) or "no audio samples"
+        except LoadError as e:  # also when damage shows up halfway: the whole file fails
+            out[i] = e.reason
         tick(1)
 
 
-def _embed_recording(encoder: Encoder, path: bytes, batch_size: int):
-    """Decode and embed a recording window by window; (segments, vectors) or a failure reason."""
+def embed_videos(
+    encoder: Encoder, items: list[Loaded], batch_size: int, tick: Tick, out: list
+) -> None:
+    """Videos one at a time: the frame kept for each shot through the image tower, the
+    soundtrack (when the encoder has an audio tower) through the audio tower in the windows of
+    a recording, as "audio" units. A damaged soundtrack leaves the frames; a video that stops
+    decoding halfway keeps the shots before the damage and says so in the warning."""
+    for i, x in enumerate(items):
+        try:
+            out[i] = _embed_video(encoder, x.entry.path, batch_size)
+        except LoadError as e:
+            out[i] = e.reason
+        tick(1)
+
+
+def _embed_video(encoder: Encoder, path: bytes, batch_size: int):
+    from .loaders.ffmpeg import NoAudioStream
+    from .loaders.video import VideoInfo, iter_shots
+
+    info = VideoInfo()
+    shots = iter_shots(path, encoder.prep, info=info)
+    frames = _batched(((Segment(s.start, s.end), s.frame) for s in shots), batch_size)
+    parts = [(segs, encoder.image.embed(pictures, batch_size)) for segs, pictures in frames]
+    sound, deaf = None, None  # the soundtrack's units, or why it could not be embedded
+    if encoder.audio is not None:
+        try:
+            sound = _embed_sound(encoder, path, batch_size, soundtrack=True)
+        except NoAudioStream:
+            pass  # a silent video
+        except LoadError as e:
+            deaf = e.reason
+    if sound is not None:
+        parts.append((sound.segments, sound.vectors))
+    if not parts:  # no video stream, and no sound that could be embedded
+        if deaf or encoder.audio is not None:
+            return deaf or "no video or audio stream"
+        return "no video stream (sound only, and no audio model)"
+    warnings = info.notes + ([f"soundtrack not indexed: {deaf}"] if deaf else [])
+    segments = [seg for segs, _ in parts for seg in segs]
+    return Embedded(segments, np.concatenate([v for _, v in parts]), "; ".join(warnings) or None)
+
+
+def _embed_sound(encoder: Encoder, path: bytes, batch_size: int, soundtrack: bool = False):
+    """A recording's (or with `soundtrack`, a video's sound's) windows embedded as they are
+    decoded: Embedded, or None when there are none. Raises LoadError."""
     from .loaders.audio import iter_windows
 
-    segments, parts, batch = [], [], []
-    try:
-        for start, end, samples in iter_windows(path, **asdict(encoder.audio_windows)):
-            segments.append(Segment(start, end))
-            batch.append(samples)
-            if len(batch) == batch_size:
-                parts.append(encoder.audio.embed(batch, batch_size))
-                batch = []
-    except LoadError as e:  # also when damage shows up halfway: the whole file fails
-        return e.reason
-    if batch:
-        parts.append(encoder.audio.embed(batch, batch_size))
-    if not segments:
-        return "no audio samples"
-    return segments, np.concatenate(parts)
+    windows = iter_windows(path, **asdict(encoder.audio_windows), soundtrack=soundtrack)
+    own = AUDIO if soundtrack else None  # a video's sound: audio units of a video file
+    pieces = _batched(((Segment(a, b, modality=own), w) for a, b, w in windows), batch_size)
+    parts = [(segs, encoder.audio.embed(samples, batch_size)) for segs, samples in pieces]
+    if not parts:
+        return None
+    return Embedded([s for segs, _ in parts for s in segs], np.concatenate([v for _, v in parts]))
+
+
+def _batched(pairs: Iterable[tuple], size: int) -> Iterator[tuple[list, list]]:
+    """(firsts, seconds) of `pairs` in lists of up to `size`, as they come."""
+    firsts, seconds = [], []
+    for a, b in pairs:
+        firsts.append(a)
+        seconds.append(b)
+        if len(firsts) == size:
+            yield firsts, seconds
+            firsts, seconds = [], []
+    if firsts:
+        yield firsts, seconds

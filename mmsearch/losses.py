@@ -1,7 +1,7 @@
 """Symmetric InfoNCE (CLIP's contrastive loss) as a pure function of embeddings.
 
-One loss for every contrastive fit: image/text fine-tuning (`finetune.train`), audio fine-tuning
-(`finetune.audio`) and the audio projector's refinement (`encoders.audio`).
+One loss for every contrastive fit: image/text fine-tuning (`finetune.optim`), audio fine-tuning
+(`finetune.audio`) and the audio projector's refinement (`encoders.clap.projector`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Literal
 IMAGE = "image"
 TEXT = "text"
 AUDIO = "audio"
+VIDEO = "video"
 
 
 @dataclass(frozen=True)
@@ -26,25 +27,54 @@ class Modality:
     # The function in mmsearch.embed that embeds a list of loaded files of this modality (named,
     # not imported: embed.py imports the encoders, which this leaf module must not).
     embed: str
+    # `mmsearch duplicates`: the cosine two files' vectors need to be copies of each other (None:
+    # this modality is not compared), and whether their perceptual hashes, recorded at index
+    # time (mmsearch.phash), must agree too. Calibrated in benchmarks/bench_duplicates.py.
+    duplicate_cosine: float | None = None
+    duplicate_hash: bool = False
+    # Another tower used when the encoder has one (a video's soundtrack: "audio"); its units
+    # are stored with that tower's modality (hits of the soundtrack are "audio" hits).
+    also: str | None = None
+
+    def uses(self, tower: str) -> bool:
+        return tower in (self.tower, self.also)
 
 
-# libsndfile's formats; .m4a is listed so that without a decoder it is recorded as a failure
-# with its reason rather than silently ignored.
+# What Pillow reads; .heic/.heif through pillow-heif, .avif through Pillow's own plugin.
+_IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
+# libsndfile's formats, and what PyAV reads when libsndfile cannot (.m4a, .aac).
 _AUDIO_EXTENSIONS = frozenset(
-    {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aiff", ".aif", ".aifc",
-     ".au", ".caf", ".w64"}
+    {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aiff", ".aif",
+     ".aifc", ".au", ".caf", ".w64"}
 )  # fmt: skip
+# What PyAV demuxes as video (a file of them with sound only is indexed by its sound).
+_VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp"})
 
 TABLE: tuple[Modality, ...] = (
     Modality(
         IMAGE,
-        frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}),
+        _IMAGE_EXTENSIONS,
         tower="image",
         span="none",
         embed="embed_images",
-    ),
+        duplicate_cosine=0.5,
+        duplicate_hash=True,
+    ),  # fmt: skip
     Modality(TEXT, frozenset({".txt", ".md"}), tower="text", span="lines", embed="embed_notes"),
-    Modality(AUDIO, _AUDIO_EXTENSIONS, tower="audio", span="seconds", embed="embed_recordings"),
+    Modality(
+        AUDIO,
+        _AUDIO_EXTENSIONS,
+        tower="audio",
+        span="seconds",
+        embed="embed_recordings",
+        duplicate_cosine=0.95,
+    ),  # fmt: skip
+    # Frames kept by scene change through the image tower, the soundtrack through the audio one.
+    Modality(
+        VIDEO, _VIDEO_EXTENSIONS, tower="image", span="seconds", embed="embed_videos", also=AUDIO
+    ),
 )
 
 MODALITIES: tuple[str, ...] = tuple(m.name for m in TABLE)

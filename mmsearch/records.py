@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 # The modality names, defined with the rest of each modality in `modalities`; kept importable
 # from here, where they always were.
-from .modalities import AUDIO, IMAGE, MODALITIES, TEXT  # noqa: F401
+from .modalities import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO  # noqa: F401
 
 
 def show_path(path: bytes) -> str:
@@ -38,12 +38,29 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class FileMeta:
+    """What a file says about itself beyond its stat, read when it is loaded: for a photo, when
+    it was taken (EXIF DateTimeOriginal), its size in pixels and its perceptual hash (`phash`).
+    None where unknown; a file's mtime stands in for `taken`."""
+
+    taken: float | None = None  # POSIX seconds
+    phash: int | None = None  # signed 64-bit, see mmsearch.phash
+    width: int | None = None
+    height: int | None = None
+
+    def values(self) -> tuple:
+        return (self.taken, self.phash, self.width, self.height)
+
+
+@dataclass(frozen=True)
 class Segment:
     """One embedded unit of a file: the whole file, or a line range / time range of it."""
 
     start: float | None = None
     end: float | None = None
     text: str | None = None  # the text of a note chunk (what gets embedded)
+    # The unit's own modality when it is not the file's (a video's soundtrack: "audio").
+    modality: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,8 @@ class Hit:
     # Calibrated: the estimated probability that the hit is related to the query, comparable
     # across modalities and queries (mmsearch.storage.calibration); `score` is the raw cosine.
     relevance: float | None = None
+    snippet: tuple[str, ...] | None = None  # a note hit's lines, from `start` on
+    more: int | None = None  # grouped by file: the file's other hits folded into this one
 
     def to_dict(self) -> dict:
         d = {
@@ -69,6 +88,10 @@ class Hit:
         if self.start is not None:
             d["start"] = _number(self.start)
             d["end"] = _number(self.end)
+        if self.snippet is not None:
+            d["snippet"] = list(self.snippet)
+        if self.more is not None:
+            d["more"] = self.more
         return d
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .config import EncoderOptions, ModelSpec, SearchOptions
 from .errors import ModelMismatchError, UsageError
+from .modalities import span_of
 from .records import AUDIO, IMAGE, MODALITIES, TEXT, Hit
+from .results import group_by_file, note_lines, renumber
 from .storage.calibration import Calibration
 from .storage.collection import Collection, model_cache_dir
 
@@ -49,7 +52,6 @@ def parse_query(query: str) -> list[Term]:
     return terms
 
 
-RELEVANCE_DIGITS = 4  # what --json shows; closer relevances are not told apart
 CANCEL_TOLERANCE = 1e-3  # a weighted sum this short, relative to the weights, is only noise
 
 
@@ -109,17 +111,43 @@ def check_query(
 class Searcher:
     """Answers queries against one index; keeps the index and towers loaded between queries."""
 
-    def __init__(self, options: SearchOptions):
+    def __init__(self, options: SearchOptions, towers_from: Searcher | None = None):
+        """With `towers_from`, a Searcher of this index opened earlier (the index has changed
+        since): its loaded towers are used when the model and audio model are the same."""
         self.options = options
         self.col = Collection.open_reader(options.root_dir, options.name)
         identity = self.col.encoder_identity
         if identity is None:
+            self.col.close()
             raise UsageError(f"index {options.name!r} is empty: index some files first")
         self.identity = identity
         self._text = None
         self._full = None
         self._gpu_vectors = None
         self._calibration = None
+        self._embedded: dict[str, np.ndarray] = {}  # query text -> vector
+        self._allowed: dict[str, np.ndarray | None] = {}  # --type -> ids the filters let through
+        if towers_from is not None and self._same_model(towers_from):
+            self._text, self._full = towers_from._text, towers_from._full
+
+    def _same_model(self, other: Searcher) -> bool:
+        same = other.identity["key"] == self.identity["key"]
+        return same and other.col.manifest.audio_encoder == self.col.manifest.audio_encoder
+
+    def clone(self) -> Searcher:
+        """This Searcher for another thread: the same towers and loaded vectors, its own catalog
+        connection (a SQLite connection belongs to the thread that opened it). Call `warm`
+        first, in this Searcher's thread, or each clone loads the vectors again."""
+        other = copy.copy(self)
+        other.col = self.col.clone()
+        other._embedded, other._allowed = {}, {}  # per clone: filters read its own catalog
+        if other._gpu_vectors:
+            other._gpu_vectors = other._gpu_vectors.for_catalog(other.col.catalog)
+        return other
+
+    def warm(self) -> None:
+        """Load the index's vectors now, not at the first query."""
+        self._vectors()
 
     def close(self) -> None:
         self.col.close()
@@ -199,6 +227,13 @@ class Searcher:
             raise UsageError(f"cannot use {path} as a query sound: {e.reason}") from None
         return combine(list(enc.encode_audio([w for _, _, w in windows])), [1.0] * len(windows))
 
+    def prepare_texts(self, texts: list[str]) -> None:
+        """Embed the texts not embedded yet, in one batch (a batch of queries embeds all its
+        terms at once); query_vector then finds them. Kept for the Searcher's life."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._embedded]
+        if todo:
+            self._embedded.update(zip(todo, self.embed_texts(todo), strict=True))
+
     # --- search -------------------------------------------------------------------------------
     def query_vector(
         self, query: str | None, image: Path | None = None, audio: Path | None = None
@@ -207,9 +242,8 @@ class Searcher:
         vectors, weights = [], []
         if terms:
             # Each distinct text is embedded once, so a repeated term gets the very same vector.
-            texts = list(dict.fromkeys(t.text for t in terms))
-            embedded = dict(zip(texts, self.embed_texts(texts), strict=True))
-            vectors += [embedded[t.text] for t in terms]
+            self.prepare_texts([t.text for t in terms])
+            vectors += [self._embedded[t.text] for t in terms]
             weights += [t.weight for t in terms]
         for path, embed in ((image, self.embed_image), (audio, self.embed_audio)):
             if path is not None:
@@ -241,7 +275,24 @@ class Searcher:
             raise UsageError(f"--min-relevance must be between 0 and 1, not {min_relevance}")
         terms = check_query(query, image, audio)  # before a model loads
         q = self.query_vector(query, image, audio)
-        return self.rank(q, k, modality, query_modality(terms, image, audio), min_relevance)
+        q = self.query_vector(query, image, audio)
+        exclude = None
+        if self.options.exclude_self and (image is not None or audio is not None):
+            exclude = self._copies_of([p for p in (image, audio) if p is not None])
+        return self.rank(
+            q, k, modality, exclude, query_modality(terms, image, audio), min_relevance
+        )
+
+    def _copies_of(self, paths: list[Path]) -> np.ndarray:
+        """Unit ids of the query files and of their byte-identical copies in the index."""
+        from .loaders import file_hash
+        from .pipeline.walk import absolute
+
+        found = [np.zeros(0, np.int64)]
+        for path in paths:
+            where = absolute(path)
+            found.append(self.col.catalog.unit_ids_of_content(where, file_hash(where)))
+        return np.unique(np.concatenate(found))
 
     def _vectors(self):
         """The index's FAISS vectors, or all of them on the GPU through torch when this process
@@ -272,55 +323,82 @@ class Searcher:
             )
         return self._calibration
 
+    def allowed(self, modality: str = "any") -> np.ndarray | None:
+        """The unit ids a search of `modality` may return (its type and the options' filters),
+        or None for all. Applied inside the vector search, before the top k: a filter never
+        loses results to -k. Read once per Searcher (a batch of queries shares it)."""
+        if modality not in self._allowed:
+            flt = self.options.filters
+            self._allowed[modality] = (
+                None
+                if modality == "any" and not flt
+                else self.col.catalog.unit_ids_matching(
+                    None if modality == "any" else modality, flt
+                )
+            )
+        return self._allowed[modality]
+
+    def _searched(self, modality: str) -> dict[str, np.ndarray | None]:
+        """For each modality the index holds that a search of `modality` asks for: the ids it
+        may return (None: every vector, when it is the only modality and nothing is filtered)."""
+        key = f"kinds:{modality}"
+        if key not in self._allowed:
+            kinds = {m: self.allowed(m) for m in (MODALITIES if modality == "any" else [modality])}
+            kinds = {m: ids for m, ids in kinds.items() if len(ids)}
+            if len(kinds) == 1 and not self.options.filters:
+                (m, ids), total = next(iter(kinds.items())), self.col.catalog.unit_count()
+                kinds = {m: None if len(ids) == total else ids}
+            self._allowed[key] = kinds
+        return self._allowed[key]
+
     def rank(
         self,
         q: np.ndarray,
         k: int,
         modality: str = "any",
+        exclude: np.ndarray | None = None,
         query_modality: str = TEXT,
         min_relevance: float | None = None,
     ) -> list[Hit]:
-        """Each wanted modality's top k by cosine, merged by relevance (`merge`)."""
-        by_modality = self.col.catalog.unit_ids_by_modality()
-        wanted = list(by_modality) if modality == "any" else [modality]
-        wanted = [m for m in wanted if m in by_modality]
-        found = {}
-        for m in wanted:
-            allowed = None if len(by_modality) == 1 else by_modality[m]
-            found[m] = self._vectors().search(q, k, allowed)
-        cal = self.calibration(wanted)
-        best = merge(cal, q, query_modality, found, k, min_relevance)
-        rows = self.col.catalog.units(uid for _, _, uid, _ in best)
-        hits = []
-        for rel, score, uid, _ in best:
-            row = rows.get(uid)
-            if row is None:  # vector without catalog row: a writer is mid-commit
-                continue
-            hits.append(Hit(len(hits) + 1, score, row.path, row.modality, row.start, row.end, rel))
+        """The top k hits for query vector q: each modality's best files (of `modality`, passing
+        the filters, not units `exclude`) merged by relevance (`merge`), those below
+        `min_relevance` dropped; with options.group, k files (each at its best segment)."""
+        kinds = self._searched(modality)
+        cal = self.calibration(kinds)
+        skip = set() if exclude is None else set(exclude.tolist())
+        want = k + len(skip)
+        while True:
+            found, deeper = {}, False
+            for m, allowed in kinds.items():
+                scores, ids = self._vectors().search(q, want, allowed)
+                keep = np.array([i not in skip for i in ids.tolist()], bool)
+                found[m] = (scores[keep], ids[keep])
+                deeper = deeper or len(ids) == want
+            n = sum(len(s) for s, _ in found.values())
+            best = cal.merge(q, query_modality, found, n, min_relevance)
+            rows = self.col.catalog.units([i for _, _, i, _ in best])
+            # a vector without catalog row (a writer mid-commit) is left out
+            hits = [
+                Hit(0, score, r.path, r.modality, r.start, r.end, relevance=rel)
+                for rel, score, uid, _ in best
+                if (r := rows.get(uid)) is not None
+            ]
+            if self.options.group:
+                hits = group_by_file(hits, k)
+            # grouping folds a file's segments into one row: look deeper until k files
+            if len(hits) >= k or not deeper:
+                break
+            want *= 4
+        hits = renumber(hits[:k])
+        if self.options.snippets:
+            stat = {r.path: (r.size, r.mtime_ns) for r in rows.values()}
+            hits = [
+                replace(h, snippet=note_lines(h.path, h.start, h.end, *stat[h.path]))
+                if span_of(h.modality) == "lines" and h.start is not None
+                else h
+                for h in hits
+            ]
         return hits
-
-
-def merge(
-    cal: Calibration,
-    q: np.ndarray,
-    query_modality: str,
-    found: dict[str, tuple[np.ndarray, np.ndarray]],
-    k: int,
-    min_relevance: float | None = None,
-) -> list[tuple[float, float, int, str]]:
-    """The best k of each modality's (scores, ids), as (relevance, score, id, modality), by
-    relevance (to RELEVANCE_DIGITS, as shown); where it ties (it saturates at its ends), the
-    modalities take turns, each in its own order. Each modality's own top k suffices: within it relevance is monotone in the
-    cosine. Hits below `min_relevance` are dropped."""
-    rows = []
-    for m, (scores, ids) in found.items():
-        rel = np.round(cal.score(q, query_modality, m, scores), RELEVANCE_DIGITS)
-        order = np.argsort(-np.asarray(scores), kind="stable")
-        rows += [(float(rel[j]), n, float(scores[j]), int(ids[j]), m) for n, j in enumerate(order)]
-    rows.sort(key=lambda h: (-h[0], h[1], -h[2]))
-    if min_relevance is not None:
-        rows = [h for h in rows if h[0] >= min_relevance]
-    return [(r, s, i, m) for r, _, s, i, m in rows[:k]]
 
 
 def search(query: str | None = None, options: SearchOptions | None = None, **kw) -> list[Hit]:
@@ -335,7 +413,6 @@ __all__ = [
     "check_query",
     "check_query_file",
     "combine",
-    "merge",
     "parse_query",
     "query_modality",
     "search",

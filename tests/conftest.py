@@ -85,6 +85,24 @@ def make_image(path: Path, color=(255, 0, 0), size=(48, 40), pattern: int | None
     return path
 
 
+def smooth_picture(seed: int, size=(160, 120)) -> Image.Image:
+    """A photo-like picture: seeded noise upsampled (structure at several scales) plus grain, so
+    that a resized or recompressed copy still looks like it, as with real photos."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    grain = rng.integers(-20, 20, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(np.asarray(img, int) + grain, 0, 255).astype(np.uint8))
+
+
+def make_photo(path: Path, seed: int, size=(160, 120), quality: int = 90, exif=None) -> Path:
+    """`smooth_picture(seed)` saved as a JPEG (`exif`: a PIL Image.Exif to embed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"exif": exif} if exif is not None else {}
+    smooth_picture(seed, size).save(path, "JPEG", quality=quality, **extra)
+    return path
+
+
 def make_note(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

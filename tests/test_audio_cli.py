@@ -43,10 +43,10 @@ def tone(path: Path, freq: float, seconds: float, rate: int = 16000, channels: i
 
 def few_captions(mp) -> None:
     """The projector fit is the same code on fewer captions: keeps the suite fast on 2 cores."""
-    from mmsearch.encoders import audio as audio_enc
+    from mmsearch.encoders.clap import projector as clap_projector
 
-    subset = audio_enc.read_captions()[::12]
-    mp.setattr(audio_enc, "read_captions", lambda: list(subset))
+    subset = clap_projector.read_captions()[::12]
+    mp.setattr(clap_projector, "read_captions", lambda: list(subset))
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import pytest
 import soundfile as sf
 
 from mmsearch.config import EncoderOptions, ModelSpec
-from mmsearch.encoders import audio as audio_enc
-from mmsearch.encoders.audio import (
+from mmsearch.encoders.clap import (
     PROJECTOR_FILENAME,
     FitSettings,
     LogMel,
@@ -27,6 +26,7 @@ from mmsearch.encoders.audio import (
     retrieval_scores,
     save_projector,
 )
+from mmsearch.encoders.clap import projector as clap_projector
 from mmsearch.errors import ModelError
 from mmsearch.loaders.audio import load_audio
 
@@ -322,7 +322,7 @@ def test_second_load_reuses_the_cache(tower, models, captions, monkeypatch):
     def no_fit(*a, **k):
         raise AssertionError("refit although a cached projector exists")
 
-    monkeypatch.setattr(audio_enc, "fit_projector", no_fit)
+    monkeypatch.setattr(clap_projector, "fit_projector", no_fit)
     again = load_audio_tower(
         str(models["clap"]), models["encoder"], tower.cache_dir, captions=captions, settings=FAST
     )
@@ -390,7 +390,7 @@ def test_projector_in_a_fine_tuned_model_dir_is_used(
     mine = Projector(p.weight * 2, p.bias, dict(p.meta, method="finetuned"))
     save_projector(mine, tuned / PROJECTOR_FILENAME)
     enc = load_clip(ModelSpec.parse(str(tuned)), EncoderOptions(device="cpu", precision="fp32"))
-    monkeypatch.setattr(audio_enc, "fit_projector", lambda *a, **k: pytest.fail("fitted"))
+    monkeypatch.setattr(clap_projector, "fit_projector", lambda *a, **k: pytest.fail("fitted"))
     t = load_audio_tower(
         str(models["clap"]), enc, tmp_path / "cache", captions=captions, settings=FAST
     )

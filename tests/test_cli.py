@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,11 @@ def test_search_table_output(indexed):
     r = cli("search", "beach", "-k", "2")
     assert r.exit_code == 0
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 2 and lines[0].split()[0] == "1"
+    rows = [line for line in lines if not re.match(r"^ +\d+: ", line)]
+    assert len(rows) == 2 and rows[0].split()[0] == "1" and rows[1].split()[0] == "2"
+    # the note's hit shows its lines under its row, numbered from the first of its range
+    assert "# Trip" in r.stdout and "We went to the beach." in r.stdout
+    assert len(lines) == 2 + 3
 
 
 def test_info_failures_list(indexed, tiny_model):
@@ -137,7 +142,7 @@ def test_error_bad_query_image(indexed, tmp_path):
 
 def test_error_empty_query_and_bad_type(indexed):
     assert "nothing to search" in one_line_error(cli("search"))
-    assert "--type" in one_line_error(cli("search", "x", "--type", "video"))
+    assert "--type" in one_line_error(cli("search", "x", "--type", "hologram"))
     assert "-k" in one_line_error(cli("search", "x", "-k", "0"))
 
 
@@ -261,7 +266,7 @@ def no_model(monkeypatch):
     "args, words",
     [
         (["search", "x", "--device", "tpu"], ["--device", "'tpu' is not a device"]),
-        (["search", "x", "--type", "video"], ["--type", "'video' is not one of"]),
+        (["search", "x", "--type", "hologram"], ["--type", "'hologram' is not one of"]),
         (["search", "x", "-k", "0"], ["-k"]),
         (["search", "x", "--no-such-option"], ["No such option: --no-such-option"]),
         (["index"], ["Missing argument"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import shlex
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import typer
 from conftest import make_image, make_note
 from typer.testing import CliRunner
+from videos import make_video
 
 from mmsearch.cli import app
 
@@ -76,6 +78,7 @@ def test_readme_cli_examples_run(user_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_image(tmp_path / "query.jpg", pattern=1)
     make_image(tmp_path / "ref.jpg", pattern=2)
+    make_video(user_files / "Videos" / "party.mp4", [(3, 70)], fps=2, size=(32, 32))  # not indexed
     quick = code_blocks("## Quick start")[0].splitlines()[0]
     lines = [part.strip() for part in quick.split("&&") if part.strip().startswith("mmsearch")]
     lines += code_blocks("## Using it")[0].splitlines()
@@ -87,13 +90,17 @@ def test_readme_cli_examples_run(user_files, tmp_path, monkeypatch):
         assert words[0] == "mmsearch", line
         if words[1] == "finetune" or "--audio" in words or "models/mine" in words:
             continue  # needs training pairs, a CLAP download or a fine-tuned model
+        if words[1] == "serve":
+            continue  # runs until stopped: tests/test_serve.py starts and stops it
         commands = [[w] for w in words[1:] if w != "|"] if "|" in words else [words[1:]]
         for args in commands:
             r = runner.invoke(app, args)
-            expected = 1 if args[-2:] == ["--type", "audio"] else 0  # the index has no audio
+            # the index holds no sound and no video
+            expected = 1 if args[-2:] in (["--type", "audio"], ["--type", "video"]) else 0
             assert r.exit_code == expected, (line, r.output)
             ran.append(args[0])
-    assert ran.count("search") >= 5 and {"index", "info", "failures", "list"} <= set(ran)
+    assert ran.count("search") >= 6 and {"index", "info", "failures", "list", "clip"} <= set(ran)
+    assert (tmp_path / "fireworks.mp4").is_file()
 
 
 def test_readme_exit_codes_match_the_cli():
@@ -142,3 +149,38 @@ def test_readme_relevance_examples_run(user_files):
             assert "no results with relevance >=" in r.stderr
         ran += 1
     assert ran == 3
+
+
+def test_readme_filter_batch_result_and_duplicate_examples_run(user_files, tmp_path, monkeypatch):
+    """Every command of the Filters, Batch queries, Reading results and Duplicates sections,
+    with what each finds in the fixture's home folder (three photos and a note, modified today)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "queries.txt").write_text("a dog\nsunset - people\n")
+    pictures = user_files / "Pictures"
+    (pictures / "copy.jpg").write_bytes((pictures / "photo0.jpg").read_bytes())
+    assert runner.invoke(app, ["index", str(pictures)]).exit_code == 0
+    outcomes = []
+    for section in ("### Filters", "### Batch queries", "### Reading results", "### Duplicates"):
+        for line in code_blocks(section)[0].splitlines():
+            stdin = None
+            if " | mmsearch " in line:  # printf '...' | mmsearch ...
+                feed, line = line.split(" | ", 1)
+                stdin = shlex.split(feed)[1].encode().decode("unicode_escape")
+            words = _shell_words(line.split(" > ")[0], user_files)
+            assert words[0] == "mmsearch", line
+            r = runner.invoke(app, words[1:], input=stdin)
+            assert r.exit_code in (0, 1), (line, r.output)
+            outcomes.append((words[1], r.exit_code, r.stdout))
+    codes = [code for _, code, _ in outcomes]
+    # nothing taken in January 2023; under ~/Pictures or a note; no photo of 1 MiB
+    assert codes[:3] == [1, 0, 1]
+    hits = [json.loads(row) for row in outcomes[3][2].splitlines()]  # --queries FILE --json
+    assert {h["query"] for h in hits} == {"a dog", "sunset - people"}
+    assert outcomes[4][2].count("# ") == 2 and codes[3:5] == [0, 0]
+    assert codes[5:7] == [0, 0] and "photo1.jpg" not in outcomes[6][2]  # --exclude-self
+    # the copy of photo0 is found; there is no audio to compare
+    assert codes[7:] == [0, 0, 1] and "copy.jpg" in outcomes[7][2]
+    (group,) = [json.loads(row) for row in outcomes[8][2].splitlines()]
+    assert sorted(group["paths"]) == sorted(
+        [str(pictures / "copy.jpg"), str(pictures / "photo0.jpg")]
+    )

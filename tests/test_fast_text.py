@@ -16,9 +16,10 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from mmsearch.config import EncoderOptions, ModelSpec  # noqa: E402
-from mmsearch.encoders import fast_text  # noqa: E402
+from mmsearch.encoders import query_text  # noqa: E402
 from mmsearch.encoders.clip import load_clip, save_model_dir  # noqa: E402
-from mmsearch.encoders.fast_text import FastTextTower, export_fast_text  # noqa: E402
+from mmsearch.encoders.query_text import FastTextTower, export_fast_text, numpy_ops  # noqa: E402
+from mmsearch.encoders.query_text import tokenizer as clip_bpe  # noqa: E402
 from mmsearch.errors import ModelError  # noqa: E402
 
 VISION = {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8}
@@ -271,8 +272,8 @@ def _reference(model, tokenizer, texts) -> np.ndarray:
 def test_export_layout(exported):
     _, _, out = exported
     config = json.loads((out / "config.json").read_text())
-    assert config["format"] == fast_text.FORMAT
-    assert config["format_version"] == fast_text.FORMAT_VERSION
+    assert config["format"] == query_text.FORMAT
+    assert config["format_version"] == query_text.FORMAT_VERSION
     for name in config["weights"]:
         assert (out / f"{name}.npy").is_file()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp dir left behind"
@@ -336,7 +337,7 @@ def test_plain_text_cleaning_matches_ftfy(clean):
     from open_clip.tokenizer import get_clean_fn
 
     ref_clean = get_clean_fn(clean)
-    tok = fast_text.ClipBpeTokenizer(
+    tok = query_text.ClipBpeTokenizer(
         np.zeros(1, np.int64), np.zeros(1, np.int64), {}, 77, clean, 49406, 49407
     )
     rng = random.Random(1)
@@ -344,7 +345,7 @@ def test_plain_text_cleaning_matches_ftfy(clean):
     texts = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 60))) for _ in range(2000)]
     texts += ["<b>x</b>", "a\r\nb", "ESC [31m", "Don't STOP", "__init__", "a_b-c.d"]
     for text in texts:
-        assert fast_text._PLAIN.fullmatch(text)
+        assert clip_bpe._PLAIN.fullmatch(text)
         assert tok.clean_text(text) == ref_clean(text), repr(text)
 
 
@@ -385,7 +386,7 @@ def test_unsupported_architecture_returns_false(tmp_path, make):
     model = make().eval()
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     out = tmp_path / "fast"
-    assert fast_text.unsupported_reason(model, tokenizer)
+    assert query_text.unsupported_reason(model, tokenizer)
     assert export_fast_text(model, tokenizer, out) is False
     assert list(tmp_path.iterdir()) == []
 
@@ -411,8 +412,8 @@ def test_failed_verification_returns_false_and_removes_stale_export(
     model, tokenizer, _ = exported
     out = tmp_path / "fast"
     assert export_fast_text(model, tokenizer, out)
-    monkeypatch.setitem(fast_text._ACTS, "gelu", lambda x: x)
-    monkeypatch.setitem(fast_text._ACTS, "quick_gelu", lambda x: x)
+    monkeypatch.setitem(numpy_ops.ACTIVATIONS, "gelu", lambda x: x)
+    monkeypatch.setitem(numpy_ops.ACTIVATIONS, "quick_gelu", lambda x: x)
     assert export_fast_text(model, tokenizer, out) is False
     assert list(tmp_path.iterdir()) == []
 
@@ -447,7 +448,7 @@ def test_query_path_imports_no_torch(exported):
         f"""
         import sys
         from pathlib import Path
-        from mmsearch.encoders.fast_text import FastTextTower
+        from mmsearch.encoders.query_text import FastTextTower
         tower = FastTextTower.load(Path({str(out)!r}))
         v = tower.embed(["a photo of a dog on the beach"])
         assert v.shape == (1, tower.dim), v.shape
@@ -467,11 +468,11 @@ def test_small_batches_restore_blas_threads(exported):
     _, _, out = exported
     tower = FastTextTower.load(out)
     tower.embed(["a query"])
-    api = fast_text._blas_api[0]
+    api = numpy_ops._blas_api[0]
     if api is None:
         pytest.skip("numpy is not linked to a findable OpenBLAS")
     get, set_ = api
     before = get()
-    with fast_text._one_blas_thread():
+    with numpy_ops.one_blas_thread():
         assert get() == 1
     assert get() == before

@@ -258,12 +258,12 @@ import sys
 import matplotlib
 backend = matplotlib.rcParams._get_backend_or_none()
 from pathlib import Path
-from mmsearch.finetune.train import _plot_curve
+from mmsearch.finetune.checkpoint import TrainState, plot_curve
 hist = [{{"epoch": e, "train_loss": None if e == 0 else 1.0 / e,
           "recall": {{d: {{f"R@{{k}}": 0.1 * e for k in (1, 5, 10)}}
                       for d in ("text_to_image", "image_to_text")}}}} for e in range(3)]
-st = {{"history": hist, "step_losses": [1.0, 0.8, 0.6, 0.5], "best_epoch": 2}}
-path = _plot_curve(st, Path({str(tmp_path / "curve.png")!r}))
+st = TrainState(history=hist, step_losses=[1.0, 0.8, 0.6, 0.5], best_epoch=2)
+path = plot_curve(st, Path({str(tmp_path / "curve.png")!r}))
 assert "matplotlib.pyplot" not in sys.modules
 assert matplotlib.rcParams._get_backend_or_none() == backend, backend
 """
@@ -649,11 +649,11 @@ def test_numeric_tests_pin_precision_against_native_bf16_cpus(native_bf16):
     import torch
 
     from mmsearch.encoders.clip import pick_dtype
-    from mmsearch.finetune.train import _amp_dtype
+    from mmsearch.finetune.optim import autocast_dtype
 
-    assert _amp_dtype("cpu", "auto") == torch.bfloat16
+    assert autocast_dtype("cpu", "auto") == torch.bfloat16
     assert pick_dtype("cpu", "auto") == torch.bfloat16
-    assert _amp_dtype("cpu", config(Path("base"), Path("out"), "full").precision) is None
+    assert autocast_dtype("cpu", config(Path("base"), Path("out"), "full").precision) is None
 
 
 def test_grad_accumulation_matches_one_big_batch(shapes, base, tmp_path, native_bf16):

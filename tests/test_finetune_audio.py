@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 
 from mmsearch.cli import app
 from mmsearch.config import EncoderOptions, ModelSpec
-from mmsearch.encoders import audio as audio_enc
-from mmsearch.encoders.audio import (
+from mmsearch.encoders.clap import (
     PROJECTOR_FILENAME,
     FitSettings,
     load_audio_tower,
     load_projector,
 )
+from mmsearch.encoders.clap import projector as clap_projector
 from mmsearch.finetune.audio import train_audio_projector
 from mmsearch.finetune.pairs import Pair, PairSet, split_by_file
 from mmsearch.records import AUDIO
@@ -37,8 +37,8 @@ tone = make_tone
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    few = audio_enc.read_captions()[::12]
-    monkeypatch.setattr(audio_enc, "read_captions", lambda: few)
+    few = clap_projector.read_captions()[::12]
+    monkeypatch.setattr(clap_projector, "read_captions", lambda: few)
     clip_dir = make_tiny_clip(tmp_path / "clip")
     clap_dir = make_tiny_clap(tmp_path / "clap")
     media = tmp_path / "media"

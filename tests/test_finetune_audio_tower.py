@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from mmsearch.cli import app
 from mmsearch.config import EncoderOptions, ModelSpec
-from mmsearch.encoders.audio import (
+from mmsearch.encoders.clap import (
     AUDIO_MODEL_DIRNAME,
     PROJECTOR_FILENAME,
     FitSettings,
@@ -208,7 +208,7 @@ def test_head_training_is_seeded_and_reproducible():
     """The training loop alone, on made-up pooled features: same seed, same weights and loss."""
     import torch
 
-    from mmsearch.encoders.audio import Projector
+    from mmsearch.encoders.clap import Projector
     from mmsearch.finetune.audio import HeadSettings, _Set, _train_head
     from mmsearch.finetune.pairs import Pair, PairSet
     from mmsearch.records import AUDIO

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from mmsearch.cli import app
-from mmsearch.encoders.audio import load_projector
+from mmsearch.encoders.clap import load_projector
 
 runner = CliRunner()
 COLORS = {

@@ -17,9 +17,6 @@ LONG_MODULES: dict[str, str] = {
     "mmsearch.storage.collection": "one class: the manifest, the lock, generations and the stamping "
     "of vectors.faiss share one invariant (what the manifest names is complete); kept together so "
     "that invariant is read in one place",
-    "mmsearch.finetune.train": "being split into finetune/ modules (issue 9)",
-    "mmsearch.encoders.audio": "being split into encoders/clap/ (issue 9)",
-    "mmsearch.encoders.fast_text": "being split into encoders/query_text/ (issue 9)",
 }
 
 

@@ -145,7 +145,7 @@ def test_index_run_records_a_planted_fifo_and_binary_note_and_goes_on(
 def _slow_decoder(seconds: float):
     def decode(f, settings):
         time.sleep(seconds)  # stands for a decoder stuck on a pathological file
-        return "0" * 32, np.zeros((32, 32, 3), np.uint8), None
+        return "0" * 32, np.zeros((32, 32, 3), np.uint8), None, None
 
     return decode
 

@@ -48,7 +48,7 @@ def _old_audio_info_nce(audio, text, scale, file_ids, text_ids):
 
 
 def _old_refine_loss(z, y, temperature):
-    # mmsearch/encoders/audio.py: _refine's loss
+    # mmsearch/encoders/clap/projector.py: _refine's loss
     labels = torch.arange(len(z))
     logits = z @ y.T / temperature
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

@@ -19,7 +19,7 @@ def test_every_entry_names_an_embed_function_and_an_encoder_tower():
         assert list(inspect.signature(fn).parameters) == [
             "encoder", "items", "batch_size", "tick", "out"
         ]  # fmt: skip
-        assert m.tower in towers, m.name
+        assert m.tower in towers and m.also in (None, *towers), m.name
         assert m.span in ("none", "lines", "seconds")
 
 
@@ -33,12 +33,14 @@ def test_extensions_belong_to_one_modality_and_drive_the_loaders():
     assert BY_EXTENSION == seen
     assert loaders.modality_of(b"/x/Photo.JPG") == "image"
     assert loaders.modality_of("notes/a.md") == "text"
-    assert loaders.modality_of("song.m4a") == "audio"  # listed so it fails with a reason
+    assert loaders.modality_of("song.m4a") == "audio"  # through PyAV
+    assert loaders.modality_of("IMG_0001.HEIC") == "image"
+    assert loaders.modality_of("clip.webm") == "video"
     assert loaders.modality_of("clip.xyz") is None
 
 
 def test_names_are_the_ones_stored_and_shown():
-    assert MODALITIES == ("image", "text", "audio") == items.MODALITIES
-    assert (items.IMAGE, items.TEXT, items.AUDIO) == MODALITIES
-    assert [span_of(m) for m in MODALITIES] == ["none", "lines", "seconds"]
+    assert MODALITIES == ("image", "text", "audio", "video") == items.MODALITIES
+    assert (items.IMAGE, items.TEXT, items.AUDIO, items.VIDEO) == MODALITIES
+    assert [span_of(m) for m in MODALITIES] == ["none", "lines", "seconds", "seconds"]
     assert span_of("from-a-newer-version") == "lines"

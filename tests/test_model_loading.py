@@ -164,7 +164,7 @@ def test_offline_index_is_one_line(no_hub, media):
 
 
 def test_unreachable_hub_for_the_audio_model(no_hub):
-    from mmsearch.encoders.audio import load_clap
+    from mmsearch.encoders.clap import load_clap
 
     start = time.monotonic()
     with pytest.raises(ModelError) as e:
@@ -264,7 +264,7 @@ def test_hub_repo_with_only_pickle_weights_is_refused(no_hub, tmp_path, tiny_mod
 
 
 def test_pickle_audio_model_directory_is_refused(tmp_path):
-    from mmsearch.encoders.audio import load_clap
+    from mmsearch.encoders.clap import load_clap
 
     marker = tmp_path / "PWNED"
     d = tmp_path / "clap"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from mmsearch.cli import app
 from mmsearch.config import SearchOptions, index_root
-from mmsearch.search import Searcher, merge
+from mmsearch.search import Searcher
 from mmsearch.storage import calibration
 from mmsearch.storage.collection import Collection
 
@@ -77,14 +77,14 @@ def test_any_ranking_is_not_dominated_by_the_high_cosine_modality(world):
     found = top_k(world, q)
     raw = sorted((s, m) for m, (scores, _) in found.items() for s in scores)[-10:]
     assert {m for _, m in raw} == {"text"}  # the planted gap: by cosine, notes take every place
-    hits = merge(world["cal"], q, "text", found, 10)
+    hits = world["cal"].merge(q, "text", found, 10)
     assert [m for _, _, _, m in hits] == ["image"] * 10
     assert all(world["image_topic"][i] == 8 for _, _, i, _ in hits)
 
 
 def test_each_modality_still_surfaces_its_best(world):
     q = world["query"](3)  # photos and notes of this topic
-    hits = merge(world["cal"], q, "text", top_k(world, q), 10)
+    hits = world["cal"].merge(q, "text", top_k(world, q), 10)
     kinds = [m for _, _, _, m in hits]
     assert kinds.count("image") >= 3 and kinds.count("text") >= 3
     topic = {"image": world["image_topic"], "text": world["text_topic"]}
@@ -94,10 +94,10 @@ def test_each_modality_still_surfaces_its_best(world):
 
 def test_min_relevance_drops_absent_concepts_and_keeps_present_ones(world):
     absent = world["query"](TOPICS + 5)  # a topic no photo or note is about
-    assert merge(world["cal"], absent, "text", top_k(world, absent), 10, 0.5) == []
+    assert world["cal"].merge(absent, "text", top_k(world, absent), 10, 0.5) == []
     for topic in (3, 8):
         q = world["query"](topic)
-        kept = merge(world["cal"], q, "text", top_k(world, q), 10, 0.5)
+        kept = world["cal"].merge(q, "text", top_k(world, q), 10, 0.5)
         assert len(kept) == 10 and all(r >= 0.5 for r, *_ in kept)
 
 

@@ -112,7 +112,7 @@ def test_search_errors(indexed, tmp_path):
         with pytest.raises(UsageError, match="not found"):
             s.search(image=tmp_path / "nope.jpg")
         with pytest.raises(UsageError, match="--type"):
-            s.search("x", modality="video")
+            s.search("x", modality="hologram")
     with pytest.raises(IndexNotFoundError, match="no index named 'other'"):
         Searcher(SearchOptions(name="other"))
 
@@ -155,6 +155,54 @@ def test_torch_search_on_cuda_gives_the_faiss_answers(indexed, monkeypatch):
     for want, have in zip(expected, got, strict=True):
         assert names(have) == names(want)
         assert [h.score for h in have] == pytest.approx([h.score for h in want], abs=1e-5)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])  # faiss, and the exact torch path
+def test_a_clone_answers_in_another_thread(indexed, monkeypatch, device):
+    """A server's request threads search through clones (SQLite connections belong to the
+    thread that opened them): the same hits as the Searcher they were cloned from."""
+    import threading
+
+    import mmsearch.storage.vectors.torch_exact
+
+    monkeypatch.setattr(mmsearch.storage.vectors.torch_exact, "wanted", lambda _device: device)
+    with Searcher(SearchOptions()) as s:
+        s.warm()
+        expected = [s.search(q, k=k, modality=m) for q, k, m in QUERIES]
+        got = []
+
+        def other_thread():
+            with s.clone() as c:
+                got.extend(c.search(q, k=k, modality=m) for q, k, m in QUERIES)
+                assert c.col.catalog is not s.col.catalog and c.col.vectors is s.col.vectors
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        assert got == expected
+        assert [s.search(q, k=k, modality=m) for q, k, m in QUERIES] == expected  # still open
+
+
+def test_a_reopened_searcher_keeps_the_towers_of_the_same_model(indexed, other_model):
+    """A server reopens an index that an index run changed: the towers it loaded are kept
+    while the model is the same, and dropped when a rebuild changed the model."""
+    with Searcher(SearchOptions()) as s:
+        dog = s.search("a dog")
+        with Searcher(SearchOptions(), towers_from=s) as again:
+            assert again._text is s._text and again._text is not None
+            assert again.search("a dog") == dog
+        index_paths(
+            IndexOptions(
+                roots=(indexed,),
+                root_dir=index_root(),
+                encoder=EncoderOptions(model=ModelSpec.parse(str(other_model)), precision="fp32"),
+                workers=0,
+                rebuild=True,
+            )
+        )
+        with Searcher(SearchOptions(), towers_from=s) as again:
+            assert again._text is None and again._full is None
+            assert [h.score for h in again.search("a dog")] != [h.score for h in dog]
 
 
 def test_cold_search_does_not_pick_torch():

@@ -286,7 +286,7 @@ def test_end_to_end_indexing_above_a_lowered_threshold(tiny_model, tmp_path):
     m = manifest()
     assert m["index_type"].startswith("IVF") and m["vector_index"]["recall_at_10"] >= 0.95
     with Searcher(SearchOptions(root_dir=index_root())) as s:
-        ids, vecs = s.col.catalog.all_vectors(s.col.dim)
+        ids, vecs = map(np.concatenate, zip(*s.col.catalog.vector_batches(s.col.dim), strict=True))
         assert not s.col.vectors.exact
         queries = [s.query_vector("red square"), vecs[7], vecs[123]]
         for q in queries:

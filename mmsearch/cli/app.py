@@ -45,7 +45,7 @@ EXIT_CODES = """Exit status:
 
 \b
   0    success (search: at least one hit)
-  1    search found nothing
+  1    search found nothing; duplicates found no group
   2    error: a bad option or query, no such index, an unreadable file, ...
   130  interrupted (Ctrl-C); an index run keeps what it committed
 

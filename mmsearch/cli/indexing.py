@@ -17,6 +17,7 @@ from ..config import (
     RaySettings,
 )
 from ..errors import UsageError
+from ..modalities import MODALITIES
 from .app import (
     Debug,
     Device,
@@ -97,8 +98,8 @@ def index(
         str | None,
         typer.Option(
             "--types",
-            help="Comma-separated types this run indexes: image, text, audio (default: all). "
-            "Indexed files of other types are left as they are.",
+            help=f"Comma-separated types this run indexes: {', '.join(MODALITIES)} (default: "
+            "all). Indexed files of other types are left as they are.",
             show_default=False,
         ),
     ] = None,

@@ -35,7 +35,7 @@ def export_query_tower(encoder: Encoder, cache_dir: Path) -> bool:
     target = Path(cache_dir) / "text"
     if (target / "config.json").is_file():
         return True
-    from .fast_text import export_fast_text
+    from .query_text import export_fast_text
 
     model, tokenizer = encoder.model, encoder.tokenizer
     if next(model.parameters()).dtype != _float32() or encoder.device != "cpu":
@@ -58,7 +58,7 @@ def query_text_tower(cache_dir: Path) -> Tower | None:
     target = Path(cache_dir) / "text"
     if not (target / "config.json").is_file():
         return None
-    from .fast_text import FastTextTower
+    from .query_text import FastTextTower
 
     return FastTextTower.load(target)
 
@@ -73,11 +73,11 @@ def attach_audio(
 ) -> Encoder:
     """Give `encoder` an audio tower: CLAP's audio encoder projected into its space.
 
-    The projector is `projector` if given (a file or an `audio.Projector`), else the one fitted
+    The projector is `projector` if given (a file or a `clap.Projector`), else the one fitted
     for this (CLIP, CLAP) pair and cached in `cache_dir` (fitted on first use, or again with
     `refit`).
     """
-    from .audio import load_audio_tower
+    from .clap import load_audio_tower
 
     tower = load_audio_tower(
         audio_model,

@@ -18,7 +18,7 @@ from .pairs import Pair, PairSet, Skipped, read_pairs
 
 _EXPORTS = {
     "DEFAULT_LORA_TARGETS": "methods", "DEFAULT_LR": "methods", "METHODS": "methods",
-    "FinetuneConfig": "train", "FinetuneResult": "train", "finetune": "train",
+    "FinetuneConfig": "config", "FinetuneResult": "config", "finetune": "train",
 }  # fmt: skip
 __all__ = [
     "DEFAULT_LORA_TARGETS", "DEFAULT_LR", "KS", "METHODS", "FinetuneConfig", "FinetuneResult",

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import EncoderOptions, ModelSpec
-from ..encoders.audio import (
+from ..encoders.clap import (
     AUDIO_MODEL_DIRNAME,
     PROJECTOR_FILENAME,
     ClapAudioTower,

@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 from ..config import DEFAULT_MAX_NOTE_BYTES
 from ..errors import LoadError
 from ..modalities import BY_EXTENSION, IMAGE, TEXT
-from ..records import FileEntry
+from ..records import FileEntry, FileMeta
 from .files import (
     DEFAULT_DECODE_BUDGET_S,
     DecodeTimeout,
@@ -59,27 +59,33 @@ class Loaded:
     # Something the user should know about a file that was loaded (e.g. a note cut at
     # max_note_bytes): the file is indexed; for the indexer to report beside the failures.
     warning: str | None = None
+    meta: FileMeta | None = None  # what the file says about itself (photos), for the catalog
 
 
-def _load_image(f: BinaryIO, settings: LoadSettings) -> tuple[str, Any, str | None]:
-    from .image import decode_image, open_image
+# What a decoder gives: (hash of the whole file, payload, warning, meta).
+Decoded = tuple[str, Any, str | None, FileMeta | None]
+
+
+def _load_image(f: BinaryIO, settings: LoadSettings) -> Decoded:
+    from .image import decode_photo, open_image
 
     with open_image(f) as img:  # the header only: a non-image is refused before reading more
         digest = hash_open_file(f)
-        return digest, decode_image(img, settings.image_prep), None
+        payload, meta = decode_photo(img, settings.image_prep)
+        return digest, payload, None, meta
 
 
-def _load_note(f: BinaryIO, settings: LoadSettings) -> tuple[str, Any, str | None]:
+def _load_note(f: BinaryIO, settings: LoadSettings) -> Decoded:
     from .text import read_note
 
     note = read_note(f, settings.max_note_bytes)
-    return note.hash, note.text, note.warning
+    return note.hash, note.text, note.warning, None
 
 
-# How each modality is decoded in load_file: (open file, settings) -> (hash, payload, warning).
-# The hash is of the whole file, as content_hash would give. Audio is only hashed here: a
+# How each modality is decoded in load_file: (open file, settings) -> (hash, payload, warning,
+# meta). The hash is of the whole file, as content_hash would give. Audio is only hashed here: a
 # recording is decoded while it is embedded, a window at a time, never held whole.
-DECODERS: dict[str, Callable[[BinaryIO, LoadSettings], tuple[str, Any, str | None]]] = {
+DECODERS: dict[str, Callable[[BinaryIO, LoadSettings], Decoded]] = {
     IMAGE: _load_image,
     TEXT: _load_note,
 }
@@ -100,8 +106,8 @@ def load_file(entry: FileEntry, settings: LoadSettings) -> Loaded:
             if decode is None:
                 return Loaded(entry, hash_open_file(f))
             with decode_budget(settings.decode_budget_s):
-                digest, payload, warning = decode(f, settings)
-        return Loaded(entry, digest, payload, warning=warning)
+                digest, payload, warning, meta = decode(f, settings)
+        return Loaded(entry, digest, payload, warning=warning, meta=meta)
     except LoadError as e:
         return Loaded(entry, None, error=e.reason)
     except NotRegularFileError as e:

@@ -1,4 +1,5 @@
-"""Audio decoding: any file libsndfile reads -> mono float32 windows at the audio tower's rate.
+"""Audio decoding: any file libsndfile reads (else PyAV: m4a, aac, a video's soundtrack) -> mono
+float32 windows at the audio tower's rate.
 
 Deterministic by construction: the file is read in fixed-size blocks, downmixed to mono (channel
 mean), resampled with a streaming soxr resampler, and cut into fixed windows. A file no longer than
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,27 +22,16 @@ import soundfile as sf
 import soxr
 
 from ..errors import LoadError
+from ..modalities import AUDIO, BY_NAME
+from .ffmpeg import DEMUXERS, AudioReader, open_media
 from .files import DEFAULT_DECODE_BUDGET_S, decode_budget, open_for_decoding
 
-# What libsndfile 1.2 decodes (wav/aiff/flac/ogg-vorbis/ogg-opus/mp3 and friends). m4a/aac needs
-# ffmpeg, which libsndfile does not use, so it is not listed.
-AUDIO_EXTENSIONS = frozenset(
-    {
-        ".wav",
-        ".wave",
-        ".flac",
-        ".ogg",
-        ".oga",
-        ".opus",
-        ".mp3",
-        ".aiff",
-        ".aif",
-        ".aifc",
-        ".au",
-        ".caf",
-        ".w64",
-    }
-)
+AUDIO_TABLE = BY_NAME[AUDIO]
+PYAV_ONLY = frozenset({".m4a", ".aac"})  # libsndfile reads none of these
+
+# What libsndfile 1.2 decodes (wav/aiff/flac/ogg-vorbis/ogg-opus/mp3 and friends), and what
+# PyAV decodes when libsndfile cannot (m4a/aac; a damaged ogg or mp3 libsndfile refuses).
+AUDIO_EXTENSIONS = AUDIO_TABLE.extensions
 
 DEFAULT_SAMPLE_RATE = 48_000  # CLAP's rate
 DEFAULT_WINDOW_S = 10.0  # CLAP's input length
@@ -106,10 +97,14 @@ def iter_windows(
     max_seconds: float | None = None,
     info: _StreamInfo | None = None,
     time_budget_s: float | None = DEFAULT_DECODE_BUDGET_S,
+    soundtrack: bool = False,
 ) -> Iterator[tuple[float, float, np.ndarray]]:
     """Yield (start_s, end_s, samples) windows while decoding, holding at most a window and a
     block in memory. A LoadError can come after some windows were yielded (a file that turns out
     damaged halfway): treat it as a failure of the whole file.
+
+    libsndfile decodes what it can; PyAV decodes the rest (m4a, aac, and with `soundtrack` the
+    first audio stream of a video; ffmpeg.NoAudioStream when there is none).
 
     A path that is not a regular file is refused without blocking. Opening the file and reading
     each block may take at most `time_budget_s` (in a process's main thread; see
@@ -118,20 +113,40 @@ def iter_windows(
     if window_s <= 0 or hop_s <= 0 or hop_s > window_s:
         raise ValueError(f"need 0 < hop_s <= window_s, got window_s={window_s}, hop_s={hop_s}")
     info = info if info is not None else _StreamInfo()
-    win = int(round(window_s * sample_rate))
-    hop = int(round(hop_s * sample_rate))
+    cut = (sample_rate, int(round(window_s * sample_rate)), int(round(hop_s * sample_rate)))
+    ext = os.path.splitext(os.fsdecode(path))[1].lower()
+    refused = None
+    if not soundtrack and ext not in PYAV_ONLY:
+        try:
+            f = _open_sndfile(path, time_budget_s)
+        except LoadError as e:
+            if ext not in DEMUXERS:
+                raise
+            refused = e  # PyAV may read it (a file libsndfile finds damaged, say)
+        else:
+            yield from _windows(f, info, *cut, max_seconds, time_budget_s)
+            return
+    with ExitStack() as stack:
+        try:
+            container = stack.enter_context(open_media(path, time_budget_s))
+            reader = AudioReader(container)
+        except LoadError as e:
+            raise (refused or e) from None
+        yield from _windows(reader, info, *cut, max_seconds, time_budget_s)
 
-    # Opened here, not by libsndfile: a path that became a FIFO or a device must not block, and
-    # libsndfile's own open calls unreadable junk "File does not exist".
+
+def _open_sndfile(path, time_budget_s):
+    """The file opened by libsndfile. Opened here first: a path that became a FIFO or a device
+    must not block, and libsndfile's own open calls unreadable junk "File does not exist"."""
     with open_for_decoding(path) as raw:
         if os.fstat(raw.fileno()).st_size == 0:
             raise LoadError("empty file (0 bytes)")
         try:
             with decode_budget(time_budget_s):
-                f = sf.SoundFile(raw.fileno(), closefd=False)
+                # libsndfile reads through its own descriptor, a duplicate of this one
+                return sf.SoundFile(os.dup(raw.fileno()), closefd=True)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as e:
             raise LoadError(f"not a readable audio file: {_sf_reason(e)}") from e
-        yield from _windows(f, info, sample_rate, win, hop, max_seconds, time_budget_s)
 
 
 def _windows(f, info, sample_rate, win, hop, max_seconds, time_budget_s):
@@ -139,7 +154,7 @@ def _windows(f, info, sample_rate, win, hop, max_seconds, time_budget_s):
         rate, channels = int(f.samplerate), int(f.channels)
         if rate <= 0 or channels <= 0:
             raise LoadError(f"bad audio header: {rate} Hz, {channels} channel(s)")
-        if f.frames == 0:
+        if f.frames == 0:  # None: the header does not say (PyAV)
             raise LoadError("no audio samples (zero-length)")
         limit = None if max_seconds is None else int(math.ceil(max_seconds * rate))
         if channels > 1:
@@ -166,11 +181,11 @@ def _windows(f, info, sample_rate, win, hop, max_seconds, time_budget_s):
                 ) from e
             if block is None or len(block) == 0:
                 done = True
-                if limit is not None and decoded >= limit and f.frames > decoded:
+                if limit is not None and decoded >= limit and (f.frames or limit + 1) > decoded:
                     info.truncated = True
-                    total = f.frames / rate
+                    total = f" of {f.frames / rate:.0f} s" if f.frames else ""
                     info.notes.append(
-                        f"only the first {decoded / rate:g} s of {total:.0f} s were decoded "
+                        f"only the first {decoded / rate:g} s{total} were decoded "
                         f"(max_seconds={max_seconds:g})"
                     )
                 mono = np.zeros(0, dtype=np.float32)

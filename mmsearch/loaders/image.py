@@ -16,6 +16,8 @@ from PIL import Image, ImageOps
 
 from ..config import ImagePrep
 from ..errors import LoadError
+from ..phash import phash
+from ..records import FileMeta
 
 # Refuse images whose header claims more pixels than this before decoding any of them.
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 178_956_970
@@ -66,7 +68,7 @@ def open_image(fp: BinaryIO) -> Iterator[Image.Image]:
     is not an image, or claims too many pixels, before any pixel data is read. Leaving the
     block closes the image, and with it `fp` (PIL closes the file it read from)."""
     with _reasons():
-        img = Image.open(fp)
+        img = _open(fp)
     try:
         w, h = img.size
         if w * h > MAX_PIXELS:
@@ -78,9 +80,73 @@ def open_image(fp: BinaryIO) -> Iterator[Image.Image]:
         img.close()
 
 
+def _open(fp: BinaryIO) -> Image.Image:
+    """Image.open, and HEIF (the photos of iPhones) through pillow-heif, taught to Pillow the
+    first time a file needs it: importing it costs more than decoding most photos."""
+    try:
+        return Image.open(fp)
+    except Image.UnidentifiedImageError:
+        if "HEIF" in Image.OPEN:
+            raise
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+        fp.seek(0)
+        return Image.open(fp)
+
+
 def decode_image(img: Image.Image, prep: ImagePrep) -> np.ndarray:
     """Decode an image from `open_image`: first frame, EXIF orientation, RGB, resized and
     cropped for the model as uint8 (H, W, 3)."""
+    return resize_crop(_oriented_rgb(img, prep), prep)
+
+
+def decode_photo(img: Image.Image, prep: ImagePrep) -> tuple[np.ndarray, FileMeta]:
+    """`decode_image`, and what is recorded about the photo besides its vector: when it was
+    taken (EXIF DateTimeOriginal), its size in pixels as shown (orientation applied) and the
+    perceptual hash of the oriented picture."""
+    width, height = img.size  # before draft mode shrinks it
+    exif = _exif(img)
+    if exif.get(_ORIENTATION) in (5, 6, 7, 8):  # turned a quarter: shown the other way round
+        width, height = height, width
+    rgb = _oriented_rgb(img, prep)
+    meta = FileMeta(taken=taken_time(exif), phash=phash(rgb), width=width, height=height)
+    return resize_crop(rgb, prep), meta
+
+
+_ORIENTATION, _EXIF_IFD, _DATE_TAKEN, _OFFSET_TAKEN = 0x0112, 0x8769, 0x9003, 0x9011
+
+
+def _exif(img: Image.Image):
+    try:
+        return img.getexif()
+    except Exception:  # noqa: BLE001 - damaged EXIF: the photo itself may be fine
+        return {}
+
+
+def taken_time(exif) -> float | None:
+    """When the photo was taken, from EXIF DateTimeOriginal ("2023:07:14 18:22:05"), as POSIX
+    seconds: in the time zone of OffsetTimeOriginal where the camera wrote one, else in this
+    machine's local time zone (as dates given to `search --after` are). None when absent or
+    not a real date (cameras write "0000:00:00 00:00:00")."""
+    from datetime import datetime
+
+    try:
+        sub = exif.get_ifd(_EXIF_IFD)
+        text = str(sub.get(_DATE_TAKEN) or "").strip().rstrip("\x00")
+        if not text:
+            return None
+        when = datetime.strptime(text[:19], "%Y:%m:%d %H:%M:%S")
+        offset = str(sub.get(_OFFSET_TAKEN) or "").strip().rstrip("\x00")
+        if offset:
+            when = datetime.strptime(f"{text[:19]} {offset}", "%Y:%m:%d %H:%M:%S %z")
+        return when.timestamp()
+    except (AttributeError, ValueError, TypeError, OverflowError, OSError, KeyError):
+        return None
+
+
+def _oriented_rgb(img: Image.Image, prep: ImagePrep) -> Image.Image:
+    """First frame, EXIF orientation applied, RGB (JPEGs decoded at reduced scale, see below)."""
     with _reasons():
         if prep.draft and img.format == "JPEG":
             # DCT-domain downscaling; keep >= 2x the target so the bicubic pass that
@@ -89,8 +155,7 @@ def decode_image(img: Image.Image, prep: ImagePrep) -> np.ndarray:
         img.seek(0)  # first frame of animations
         img.load()
         img = ImageOps.exif_transpose(img) or img
-        rgb = to_rgb(img)
-    return resize_crop(rgb, prep)
+        return to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -156,3 +221,22 @@ def _center_crop_or_pad(a: np.ndarray, th: int, tw: int, fill: int) -> np.ndarra
     top = int(round((h - th) / 2.0))
     left = int(round((w - tw) / 2.0))
     return np.ascontiguousarray(a[top : top + th, left : left + tw])
+
+
+def load_thumbnail(path, side: int) -> Image.Image:
+    """`path` (a path or a binary file object) for display: first frame, EXIF orientation, RGB,
+    scaled to fit in `side` x `side` (never up). JPEGs are decoded at a reduced size. Raises
+    LoadError with a reason, as load_image does."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        from .files import open_for_decoding
+
+        with open_for_decoding(path) as f:
+            return load_thumbnail(f, side)
+    with open_image(path) as img, _reasons():
+        if img.format == "JPEG":
+            img.draft("RGB", (side, side))  # decoded at the smallest scale still >= side
+        img.seek(0)
+        img.load()
+        rgb = to_rgb(ImageOps.exif_transpose(img) or img)
+        rgb.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        return rgb

@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from ..config import IndexOptions
-from ..embed import Interrupted, embed_loaded
+from ..embed import Embedded, Interrupted, embed_loaded
 from ..encoders import Encoder
 from ..loaders import Loaded, LoadSettings, load_file
-from ..records import FileEntry, Segment, show_path
+from ..records import FileEntry, show_path
 from ..storage.catalog import FileRow
 from ..storage.collection import model_cache_dir
-from .plan import Plan
+from .plan import Plan, same_stat
 
 Progress = Callable[..., None]
 
@@ -138,7 +138,7 @@ def commit_chunk(
             if src is not None:
                 salvaged[i] = src
     # 2. Embed the rest; identical files within the chunk are embedded once.
-    fresh: dict[str, tuple[list[Segment], np.ndarray]] = {}
+    fresh: dict[str, Embedded] = {}
     failed: dict[int, str] = {}
     to_embed = [i for i in range(len(ok)) if i not in reuse and i not in salvaged]
     first_of_hash = {}
@@ -173,10 +173,13 @@ def commit_chunk(
     added_ids, removed_ids = [], []
     with catalog.transaction():
         for x in loaded:
-            if x.error is not None:
-                fail_file(
-                    catalog, x.entry, x.error, old_rows.get(x.entry.path), removed_ids, report
-                )
+            old = old_rows.get(x.entry.path)
+            if x.error is None:
+                continue
+            if old is not None and old.needs_meta and same_stat(old, x.entry):
+                report.unchanged += 1  # only its meta was to be read: it keeps its vectors
+                continue
+            fail_file(catalog, x.entry, x.error, old, removed_ids, report)
         for i, x in enumerate(ok):
             e, old = x.entry, old_rows.get(x.entry.path)
             if i not in reuse and x.hash in not_done:
@@ -186,31 +189,38 @@ def commit_chunk(
                 fail_file(catalog, e, reason, old, removed_ids, report)
                 continue
             catalog.clear_failure(e.path)
-            if x.warning:  # indexed, but not all of it (a note over --max-note-bytes)
-                catalog.record_failure(e, x.warning)
-                report.partial.append((show_path(e.path), x.warning))
+            # indexed, but not all of it (a note over --max-note-bytes, a video damaged halfway)
+            warning = x.warning or (fresh[x.hash].warning if x.hash in fresh else None)
+            if warning:
+                catalog.record_failure(e, warning)
+                report.partial.append((show_path(e.path), warning))
             src = reuse.get(i)
             if src is not None and old is not None and src.id == old.id:
-                catalog.update_file(old.id, e, x.hash)  # touched, same content: nothing to embed
+                # touched, same content: nothing to embed (x.meta fills in what an index
+                # written by an older mmsearch lacks)
+                catalog.update_file(old.id, e, x.hash, x.meta)
                 report.unchanged += 1
                 continue
             if src is not None and src.path in p.vanished and old is None:
                 # a move: the old row takes the new path and keeps its vectors and ids
-                catalog.update_file(src.id, e, x.hash)
+                catalog.update_file(src.id, e, x.hash, x.meta)
                 del p.vanished[src.path]
                 report.moved += 1
                 continue
+            meta = x.meta
             if src is not None or i in salvaged:
-                units = catalog.units_of(src.id) if src else col.salvage.units_of(salvaged[i].id)
+                source, source_id = (catalog, src.id) if src else (col.salvage, salvaged[i].id)
+                units = source.units_of(source_id)
                 segments = [s for s, _ in units]
                 vecs = np.stack([v for _, v in units]) if units else np.zeros((0, encoder.dim))
+                meta = meta or source.file_meta(source_id)  # same bytes, same meta
             else:
-                segments, vecs = fresh[x.hash]
+                segments, vecs = fresh[x.hash].segments, fresh[x.hash].vectors
             if old is None:
-                file_id = catalog.add_file(e, x.hash)
+                file_id = catalog.add_file(e, x.hash, meta)
                 report.added += 1
             else:
-                catalog.update_file(old.id, e, x.hash)
+                catalog.update_file(old.id, e, x.hash, meta)
                 file_id = old.id
                 report.updated += 1
             gone, new = catalog.replace_units(file_id, segments, vecs)

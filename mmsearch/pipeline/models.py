@@ -53,7 +53,7 @@ def attach_index_audio(
     """Load the audio tower for this index: --audio-model if given, else the audio model and
     projector of a fine-tuned --model directory if it has them, else the index's own. With
     `realign`, the projector is fitted afresh (and recorded by the caller, `record=False`)."""
-    from ..encoders.audio import (
+    from ..encoders.clap import (
         AUDIO_MODEL_DIRNAME,
         PROJECTOR_FILENAME,
         model_dir_audio_model,

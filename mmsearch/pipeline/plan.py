@@ -58,9 +58,9 @@ def plan(
             continue
         present.add(e.path)
         row = known.get(e.path)
-        if row and _same(row, e):
+        if row and same_stat(row, e) and not row.needs_meta:
             unchanged += 1
-        elif row is None and (old := salvage.get(e.path)) is not None and _same(old, e):
+        elif row is None and (old := salvage.get(e.path)) is not None and same_stat(old, e):
             carry.append(old)
         elif row or failing.get(e.path) != (e.size, e.mtime_ns):
             todo.append((e, row))  # new or changed (a file that failed is retried once changed)
@@ -69,5 +69,5 @@ def plan(
     return Plan(todo, unchanged, vanished, gone_failures, carry)
 
 
-def _same(row: FileRow, e: FileEntry) -> bool:
+def same_stat(row: FileRow, e: FileEntry) -> bool:
     return row.size == e.size and row.mtime_ns == e.mtime_ns and row.modality == e.modality

@@ -18,10 +18,10 @@ import os
 import numpy as np
 
 from ..config import RaySettings
-from ..embed import embed_loaded
+from ..embed import Embedded, embed_loaded
 from ..errors import ModelMismatchError, UsageError
 from ..loaders import Loaded, LoadSettings, file_hash, load_file
-from ..records import FileEntry, Segment
+from ..records import FileEntry, FileMeta, Segment
 
 
 def _ray():
@@ -111,23 +111,29 @@ class EmbedActor:
         ok = [x for x in loaded if x.error is None and x.payload is not _REUSED]
         embedded = embed_loaded(self.encoder, ok, self.batch_size, _no_tick)
         results = dict(zip((id(x) for x in ok), embedded, strict=True))
-        out = {k: [] for k in ("hash", "error", "reason", "segments", "vectors", "dim")}
+        out = {
+            k: []
+            for k in ("hash", "error", "reason", "segments", "vectors", "dim", "warning", "meta")
+        }
         for x in loaded:
             result = results.get(id(x))
-            segments, vectors, reason = "", b"", ""
+            segments, vectors, reason, warning = "", b"", "", ""
             if x.payload is _REUSED:
                 reason = _REUSED
             elif isinstance(result, str):
                 reason = result
             elif result is not None:
-                segments = json.dumps([[s.start, s.end] for s in result[0]])
-                vectors = np.ascontiguousarray(result[1], np.float32).tobytes()
+                segments = json.dumps([[s.start, s.end, s.modality] for s in result.segments])
+                vectors = np.ascontiguousarray(result.vectors, np.float32).tobytes()
+                warning = result.warning or ""
             out["hash"].append(x.hash or "")
             out["error"].append(x.error or "")
             out["reason"].append(reason)
             out["segments"].append(segments)
             out["vectors"].append(vectors)
             out["dim"].append(self.encoder.dim)
+            out["warning"].append(warning)
+            out["meta"].append(json.dumps(x.meta.values()) if x.meta is not None else "")
         n = len(loaded)
         return {
             "path": list(batch["path"]), "modality": list(batch["modality"]),
@@ -165,7 +171,7 @@ def ray_chunks(todo, vanished, encoder, settings: LoadSettings, options,
                ray_settings: RaySettings, cache_dir):  # fmt: skip
     """(loaded files, path -> embedding result) per committed chunk, computed on the cluster.
 
-    Results are what `embed.embed_loaded` returns per file: (segments, vectors) or a reason string;
+    Results are what `embed.embed_loaded` returns per file: Embedded or a reason string;
     files whose content the index already holds (see `known_hashes`) have none.
     """
     ray = connect(ray_settings)
@@ -224,7 +230,9 @@ def ray_chunks(todo, vanished, encoder, settings: LoadSettings, options,
                 int(batch["mtime_ns"][i]),
             )  # fmt: skip
             error = str(batch["error"][i]) or None
-            loaded.append(Loaded(entry, str(batch["hash"][i]) or None, None, error))
+            meta = str(batch["meta"][i])
+            meta = FileMeta(*json.loads(meta)) if meta else None
+            loaded.append(Loaded(entry, str(batch["hash"][i]) or None, None, error, meta=meta))
             if error is None and str(batch["reason"][i]) != _REUSED:
                 results[entry.path] = _result(batch, i)
         yield loaded, results
@@ -234,9 +242,10 @@ def _result(batch, i: int):
     reason = str(batch["reason"][i])
     if reason:
         return reason
-    segments = [Segment(s, e) for s, e in json.loads(str(batch["segments"][i]))]
+    segments = [Segment(s, e, modality=m) for s, e, m in json.loads(str(batch["segments"][i]))]
     vectors = np.frombuffer(bytes(batch["vectors"][i]), np.float32)
-    return segments, vectors.reshape(len(segments), int(batch["dim"][i])).copy()
+    vectors = vectors.reshape(len(segments), int(batch["dim"][i])).copy()
+    return Embedded(segments, vectors, str(batch["warning"][i]) or None)
 
 
 def check_available() -> None:

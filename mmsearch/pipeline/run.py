@@ -14,7 +14,7 @@ from ..config import IndexOptions
 from ..encoders import Encoder
 from ..errors import IndexNotFoundError, ModelError
 from ..loaders import LoadSettings
-from ..modalities import TABLE
+from ..modalities import BY_NAME, TABLE
 from ..records import AUDIO, FileEntry, IndexReport
 from ..storage import calibration
 from ..storage.catalog import FileRow
@@ -47,7 +47,7 @@ def index_paths(options: IndexOptions, progress: Progress | None = None) -> Inde
         eager = options.encoder.model is not None or options.rebuild or not col.encoder_identity
         encoder = encoder_for(col, options) if eager else None
         report = _run(col, encoder, roots, options, types, progress)
-        report.notes = list(col.notes)
+        report.notes = list(col.notes) + report.notes
     finally:
         col.close()
     report.seconds = time.perf_counter() - started
@@ -63,18 +63,21 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, types, progress
         encoder = encoder_for(col, options)
     if encoder is None:  # nothing to embed: only removals
         encoder = Encoder(identity=col.encoder_identity, dim=col.dim)
-    if encoder.audio is None and any(e.modality == AUDIO for e, _ in p.todo):
+    if encoder.audio is None and any(BY_NAME[e.modality].uses(AUDIO) for e, _ in p.todo):
         try:
             attach_index_audio(col, encoder, options, progress)
         except (ModelError, OSError) as e:
             # A missing audio model fails the recordings, not the run; they are retried on
-            # every run until it loads.
+            # every run until it loads. Videos keep their frames, without their sound.
             reason = (
                 f"audio model could not be loaded ({e}); pass --audio-model with a CLAP model "
                 "that loads (a hub id or a local directory) and run mmsearch index again"
             )
-            _fail_model(col, [x for x in p.todo if x[0].modality == AUDIO], reason, report)
-            p.todo = [x for x in p.todo if x[0].modality != AUDIO]
+            needs = [x for x in p.todo if BY_NAME[x[0].modality].tower == AUDIO]
+            _fail_model(col, needs, reason, report)
+            p.todo = [x for x in p.todo if BY_NAME[x[0].modality].tower != AUDIO]
+            if any(BY_NAME[e.modality].uses(AUDIO) for e, _ in p.todo):
+                report.notes.append(f"videos are indexed without their sound: {reason}")
     settings = LoadSettings(
         image_prep=encoder.prep,
         modalities=frozenset(m.name for m in TABLE if getattr(encoder, m.tower) is not None),
@@ -159,7 +162,8 @@ def _totals(col: Collection, report: IndexReport) -> IndexReport:
 
 
 def align_audio(options: IndexOptions, progress: Progress | None = None) -> IndexReport:
-    """Fit the audio projector afresh for this index's models and re-embed its audio files.
+    """Fit the audio projector afresh for this index's models and re-embed its recordings and
+    videos (whose sound is embedded with it).
 
     Written as a new generation (the other files' vectors are copied over): killed, the index
     answers with the old projector as before, and running it again resumes."""
@@ -173,7 +177,7 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
         attach_index_audio(col, encoder, options, progress, realign=True, record=False)
         col.begin_generation(encoder.identity, audio=encoder.audio.identity)
         if col.audio_identity is None:
-            from ..encoders.audio import save_projector
+            from ..encoders.clap import save_projector
 
             projector = encoder.audio.projector
             col.set_audio(encoder.audio.identity, lambda path: save_projector(projector, path))
@@ -181,22 +185,23 @@ def align_audio(options: IndexOptions, progress: Progress | None = None) -> Inde
         done = col.catalog.files_under([b"/"])
         rows = [r for r in live.files_under([b"/"]).values() if r.path not in done]
         todo, gone = [], 0
+        sounding = {m.name for m in TABLE if m.uses(AUDIO)}  # recordings, and videos' sound
         for row in rows:
-            if row.modality != AUDIO:
+            if row.modality not in sounding:
                 continue
             try:
                 st = os.stat(row.path)
             except OSError:
                 gone += 1
                 continue
-            todo.append((FileEntry(row.path, AUDIO, st.st_size, st.st_mtime_ns), None))
+            todo.append((FileEntry(row.path, row.modality, st.st_size, st.st_mtime_ns), None))
         if not done:  # a fresh generation: the failures stay recorded
             with col.catalog.transaction():
                 col.catalog.copy_failures(live.all_failures())
-        p = Plan(todo, 0, {}, [], carry=[r for r in rows if r.modality != AUDIO])
+        p = Plan(todo, 0, {}, [], carry=[r for r in rows if r.modality not in sounding])
         report = IndexReport(removed=gone)
-        settings = LoadSettings(modalities=frozenset({AUDIO}))
-        # every recording is embedded afresh: no reuse of the vectors being replaced
+        settings = LoadSettings(image_prep=encoder.prep, modalities=frozenset(sounding))
+        # every recording (and video) is embedded afresh: no reuse of the vectors being replaced
         _apply(col, encoder, p, settings, options, report, progress, reuse_ok=False)
         report.updated, report.unchanged = report.added, 0
         report.added = 0

@@ -20,26 +20,28 @@ from ..errors import IndexWriteError
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def write_error(path: Path, e: OSError) -> IndexWriteError:
-    """One line for a failed write: what, where, and what to do."""
+def write_error(path: Path, e: OSError, index: bool = True) -> IndexWriteError:
+    """One line for a failed write: what, where, and what to do. `index`: the file is part of
+    an index (what becomes of the index is said too)."""
     short_write = e.errno is None and "written" in str(e)  # numpy's tofile on a full disk
     if e.errno in (errno.ENOSPC, errno.EDQUOT) or short_write:
+        kept = "; the index is kept as of its last commit" if index else ""
         return IndexWriteError(
-            f"disk full while writing {path}; the index is kept as of its last commit. "
-            "Free some space and run the command again"
+            f"disk full while writing {path}{kept}. Free some space and run the command again"
         )
     if e.errno == errno.EROFS:
-        return IndexWriteError(
-            f"cannot write {path}: read-only file system (an index there can be searched, "
-            "not changed)"
-        )
+        why = " (an index there can be searched, not changed)" if index else ""
+        return IndexWriteError(f"cannot write {path}: read-only file system{why}")
     if e.errno in (errno.EACCES, errno.EPERM):
         return IndexWriteError(f"cannot write {path}: {e.strerror} (check its permissions)")
     return IndexWriteError(f"cannot write {path}: {e.strerror or e}")
 
 
-def replace_file(path: Path, write: Callable[[BinaryIO], None], mode: int = 0o644) -> None:
-    """Write `path` atomically through `write(file)`; fsync'd before the rename."""
+def replace_file(
+    path: Path, write: Callable[[BinaryIO], None], mode: int = 0o644, index: bool = True
+) -> None:
+    """Write `path` atomically through `write(file)`; fsync'd before the rename. `index`: the
+    file is part of an index (see write_error)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -51,7 +53,7 @@ def replace_file(path: Path, write: Callable[[BinaryIO], None], mode: int = 0o64
         os.replace(tmp, path)
     except OSError as e:
         _discard(tmp)
-        raise write_error(path, e) from None
+        raise write_error(path, e, index) from None
     except BaseException:
         _discard(tmp)
         raise

@@ -52,6 +52,7 @@ UNFITTED_Z = 3.0  # ... with relevance 0.5 this many standard deviations above t
 # many vectors: with a handful of vectors (one note) their own covariance says nothing, and the
 # statistic falls back to the plain score.
 PRIOR_VECTORS = 10
+RELEVANCE_DIGITS = 4  # what --json shows; closer relevances are not told apart
 
 
 def probe_queries() -> list[str]:
@@ -101,6 +102,31 @@ class Calibration:
         q = np.asarray(q, np.float64)
         t = np.asarray(scores, np.float64) * float(q @ self.cov[modality] @ q) / m.scale
         return np.interp(t, m.grid, m.rel)
+
+    def merge(
+        self,
+        q: np.ndarray,
+        query_modality: str,
+        found: dict[str, tuple[np.ndarray, np.ndarray]],
+        k: int,
+        min_relevance: float | None = None,
+    ) -> list[tuple[float, float, int, str]]:
+        """The best k of each modality's hits (modality -> (scores, ids)), as (relevance,
+        score, id, modality), by relevance (to RELEVANCE_DIGITS, as shown); where it ties (it
+        saturates at its ends), the modalities take turns, each in its own order. A modality's
+        own top k suffices: within it relevance is monotone in the cosine. Hits below
+        `min_relevance` are dropped."""
+        rows = []
+        for m, (scores, ids) in found.items():
+            rel = np.round(self.score(q, query_modality, m, scores), RELEVANCE_DIGITS)
+            order = np.argsort(-np.asarray(scores), kind="stable")
+            rows += [
+                (float(rel[j]), n, float(scores[j]), int(ids[j]), m) for n, j in enumerate(order)
+            ]
+        rows.sort(key=lambda h: (-h[0], h[1], -h[2]))
+        if min_relevance is not None:
+            rows = [h for h in rows if h[0] >= min_relevance]
+        return [(r, s, i, m) for r, _, s, i, m in rows[:k]]
 
     # --- file -----------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

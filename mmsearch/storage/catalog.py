@@ -15,36 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IndexFormatError, IndexWriteError
-from ..records import FileEntry, Segment
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS files (
-    id INTEGER PRIMARY KEY,
-    path BLOB NOT NULL UNIQUE,
-    modality TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS files_hash ON files(hash);
-CREATE TABLE IF NOT EXISTS units (
-    id INTEGER PRIMARY KEY,
-    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
-    start REAL,
-    end REAL,
-    vector BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS units_file ON units(file_id);
-CREATE TABLE IF NOT EXISTS failures (
-    path BLOB PRIMARY KEY,
-    modality TEXT,
-    size INTEGER,
-    mtime_ns INTEGER,
-    reason TEXT NOT NULL,
-    time REAL NOT NULL
-);
-"""
+from ..filters import FileFilter
+from ..modalities import TABLE
+from ..records import FileEntry, FileMeta, Segment
+from .readonly import open_readonly
+from .schema import META_COLUMNS, SCHEMA, columns_sql, migrate
 
 
 @dataclass(frozen=True)
@@ -55,6 +30,8 @@ class FileRow:
     size: int
     mtime_ns: int
     hash: str
+    # a photo indexed by an mmsearch that did not record FileMeta: read again (not embedded)
+    needs_meta: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +41,8 @@ class UnitRow:
     modality: str
     start: float | None
     end: float | None
+    size: int | None = None  # the file's, as indexed
+    mtime_ns: int | None = None
 
 
 def _prefix_clause(roots: list[bytes]) -> tuple[str, list]:
@@ -76,56 +55,25 @@ def _prefix_clause(roots: list[bytes]) -> tuple[str, list]:
     return " OR ".join(parts) or "0", args
 
 
-def _open_readonly(path: Path) -> sqlite3.Connection:
-    """A connection that never writes the database. Where the directory is writable it sees the
-    latest commit, WAL included (SQLite keeps its -shm/-wal files there). On a read-only mount,
-    or for a user who may not write the directory, SQLite cannot create those files and a plain
-    read-only open fails: if no WAL holds commits the main file is the whole catalog, and it is
-    opened as immutable (sqlite.org/wal.html, "Read-Only Databases")."""
-    import os
-    from urllib.parse import quote
-
-    from ..errors import IndexFormatError
-
-    try:  # an unreadable file: PermissionError naming it, not SQLite's "unable to open"
-        open(path, "rb").close()
-    except FileNotFoundError:
-        pass  # SQLite says so below, as before
-    uri = "file:" + quote(os.fsencode(Path(path).absolute()))
-    try:
-        return _probe(sqlite3.connect(uri + "?mode=ro", uri=True, isolation_level=None))
-    except sqlite3.OperationalError:
-        wal = Path(str(path) + "-wal")
-        if wal.exists() and wal.stat().st_size > 0:
-            raise IndexFormatError(
-                f"{path} has commits in {wal.name} that cannot be read without write access to "
-                f"{path.parent} (SQLite needs to create {path.name}-shm there); open the index "
-                "once where it is writable (any mmsearch index run), or copy it"
-            ) from None
-    return _probe(sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None))
-
-
-def _probe(db: sqlite3.Connection) -> sqlite3.Connection:
-    """SQLite opens lazily: read the schema now, so a failure shows up here."""
-    try:
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
 class Catalog:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = Path(path)
         if readonly:
-            self.db = _open_readonly(self.path)
+            self.db = open_readonly(self.path)
         else:
             self.db = sqlite3.connect(str(self.path), isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            migrate(self.db)
         self.db.execute("PRAGMA foreign_keys=ON")
+        # What reads a later column says where an older catalog (opened read-only) lacks it.
+        self.meta_sql = columns_sql(self.db, "files", "f", [c for c, _ in META_COLUMNS])
+        self._own_modality = columns_sql(self.db, "units", "u", ["modality"])["modality"]
+
+    @property
+    def _unit_modality(self) -> str:
+        return f"COALESCE({self._own_modality}, f.modality)"
 
     def close(self) -> None:
         self.db.close()
@@ -195,10 +143,14 @@ class Catalog:
     # --- reading --------------------------------------------------------------------------
     def files_under(self, roots: list[bytes]) -> dict[bytes, FileRow]:
         where, args = _prefix_clause(roots)
+        hashed = ",".join(f"'{m.name}'" for m in TABLE if m.duplicate_hash)
         rows = self.db.execute(
-            f"SELECT id, path, modality, size, mtime_ns, hash FROM files WHERE {where}", args
+            f"SELECT id, path, modality, size, mtime_ns, hash, "
+            f"({self.meta_sql['phash']} IS NULL AND modality IN ({hashed})) "
+            f"FROM files f WHERE {where}",
+            args,
         )
-        return {r[1]: FileRow(*r) for r in rows}
+        return {r[1]: FileRow(*r[:6], bool(r[6])) for r in rows}
 
     def failures_under(self, roots: list[bytes]) -> dict[bytes, tuple[int, int]]:
         where, args = _prefix_clause(roots)
@@ -215,18 +167,16 @@ class Catalog:
 
     def units_of(self, file_id: int) -> list[tuple[Segment, np.ndarray]]:
         rows = self.db.execute(
-            "SELECT start, end, vector FROM units WHERE file_id = ? ORDER BY id", (file_id,)
+            f"SELECT start, end, vector, {self._own_modality} FROM units u WHERE file_id = ? "
+            "ORDER BY id",
+            (file_id,),
         )
-        return [(Segment(s, e), np.frombuffer(v, dtype=np.float32)) for s, e, v in rows]
+        return [
+            (Segment(s, e, modality=m), np.frombuffer(v, dtype=np.float32)) for s, e, v, m in rows
+        ]
 
     def unit_ids_of(self, file_id: int) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM units WHERE file_id = ?", (file_id,))]
-
-    def all_vectors(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.db.execute("SELECT id, vector FROM units ORDER BY id").fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, dim)
-        return ids, vecs
 
     def unit_ids(self) -> np.ndarray:
         return np.fromiter(
@@ -261,29 +211,103 @@ class Catalog:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(
-            "SELECT u.id, f.path, f.modality, u.start, u.end FROM units u "
+            f"SELECT u.id, f.path, {self._unit_modality}, u.start, u.end, f.size, f.mtime_ns FROM units u "
             f"JOIN files f ON f.id = u.file_id WHERE u.id IN ({marks})",
             ids,
         )
         return {r[0]: UnitRow(*r) for r in rows}
 
-    def unit_ids_with_modality(self, modality: str) -> np.ndarray:
-        rows = self.db.execute(
-            "SELECT u.id FROM units u JOIN files f ON f.id = u.file_id WHERE f.modality = ?",
-            (modality,),
-        ).fetchall()
-        return np.array([r[0] for r in rows], dtype=np.int64)
+    def unit_ids_matching(
+        self, modality: str | None = None, flt: FileFilter | None = None
+    ) -> np.ndarray:
+        """Ids of the units of files of `modality` (None: any) that pass the filter `flt`."""
+        where, args = flt.where(self.taken_sql) if flt else ("1", [])
+        if modality is not None:
+            where, args = f"({where}) AND {self._unit_modality} = ?", [*args, modality]
+        return self._unit_ids(where, args)
 
-    def unit_ids_by_modality(self) -> dict[str, np.ndarray]:
-        """Every unit id, grouped by its file's modality (one pass over the table)."""
+    def unit_ids_with_modality(self, modality: str) -> np.ndarray:
+        return self.unit_ids_matching(modality)
+
+    def unit_ids_of_content(self, path: bytes, digest: str) -> np.ndarray:
+        """Ids of the units of the file at `path` and of every file with content hash `digest`
+        (its byte-identical copies)."""
+        return self._unit_ids("f.path = ? OR f.hash = ?", [path, digest])
+
+    def _unit_ids(self, where: str, args: list) -> np.ndarray:
+        sql = f"SELECT u.id FROM units u JOIN files f ON f.id = u.file_id WHERE {where}"
+        return np.fromiter((r[0] for r in self.db.execute(sql, args)), np.int64)
+
+    def file_vectors(self, dim: int, modality: str | None = None) -> tuple[list[tuple], np.ndarray]:
+        """Per file of `modality` (None: all), in id order: (path, modality, size, width,
+        height, phash), and the normalised mean of its units' vectors (one snapshot)."""
+        where, args = ("f.modality = ?", [modality]) if modality else ("1", [])
+        m = self.meta_sql
+        self.db.execute("BEGIN")
+        try:
+            files = self.db.execute(
+                f"SELECT f.id, f.path, f.modality, f.size, {m['width']}, {m['height']}, "
+                f"{m['phash']} FROM files f WHERE {where} ORDER BY f.id", args
+            ).fetchall()  # fmt: skip
+            ids = np.fromiter((r[0] for r in files), np.int64, len(files))
+            out = np.zeros((len(files), dim), np.float32)
+            cursor = self.db.execute(
+                "SELECT u.file_id, u.vector FROM units u JOIN files f ON f.id = u.file_id "
+                f"WHERE {where} ORDER BY u.file_id", args
+            )  # fmt: skip
+            while rows := cursor.fetchmany(65536):
+                owner = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+                vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(-1, dim)
+                starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+                out[np.searchsorted(ids, owner[starts])] += np.add.reduceat(vecs, starts)
+        finally:
+            self.db.execute("COMMIT")
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return [r[1:] for r in files], out
+
+    @property
+    def taken_sql(self) -> str:
+        """SQL for when a file was taken: its EXIF date where one was read, else its mtime."""
+        return f"COALESCE({self.meta_sql['taken']}, f.mtime_ns / 1e9)"
+
+    # --- by content hash: how a server names a file to clients, never by its path -------------
+    def hashes_of(self, paths: list[bytes]) -> dict[bytes, str]:
+        """The content hash of each of `paths` the catalog holds."""
+        out: dict[bytes, str] = {}
+        for start in range(0, len(paths), 500):  # SQLite's bound-parameter limit
+            part = paths[start : start + 500]
+            marks = ",".join("?" * len(part))
+            out.update(
+                self.db.execute(f"SELECT path, hash FROM files WHERE path IN ({marks})", part)
+            )
+        return out
+
+    def files_with_hash(self, digest: str) -> list[tuple[bytes, str]]:
+        """(path, modality) of every file with that content (copies share it), oldest first."""
         rows = self.db.execute(
-            "SELECT f.modality, u.id FROM units u JOIN files f ON f.id = u.file_id"
-        ).fetchall()
-        if not rows:
-            return {}
-        mods = np.array([r[0] for r in rows])
-        ids = np.fromiter((r[1] for r in rows), np.int64, count=len(rows))
-        return {str(m): ids[mods == m] for m in np.unique(mods)}
+            "SELECT path, modality FROM files WHERE hash = ? ORDER BY id", (digest,)
+        )
+        return [(bytes(path), modality) for path, modality in rows]
+
+    def vectors_with_hash(self, digest: str, start: float | None = None) -> list[np.ndarray]:
+        """The vectors of the (first) file with that content, or of its unit starting at
+        `start` (a note's first line, a recording's second)."""
+        query = (
+            "SELECT vector FROM units WHERE file_id = (SELECT MIN(id) FROM files WHERE hash = ?)"
+        )
+        args: list = [digest]
+        if start is not None:  # as a hit gives it: rounded to 3 decimals
+            query += " AND abs(start - ?) < 0.0005"
+            args.append(start)
+        rows = self.db.execute(query + " ORDER BY id", args)
+        return [np.frombuffer(v, np.float32) for (v,) in rows]
+
+    def modality_with_hash(self, digest: str) -> str | None:
+        """The modality of the (first) file with that content."""
+        row = self.db.execute(
+            "SELECT modality FROM files WHERE hash = ? ORDER BY id LIMIT 1", (digest,)
+        ).fetchone()
+        return row and row[0]
 
     def counts(self) -> dict:
         files = dict(self.db.execute("SELECT modality, COUNT(*) FROM files GROUP BY modality"))
@@ -305,18 +329,34 @@ class Catalog:
         return list(self.db.execute("SELECT path, reason, modality FROM failures ORDER BY path"))
 
     # --- writing (inside transaction()) -------------------------------------------------
-    def add_file(self, entry: FileEntry, digest: str) -> int:
+    def add_file(self, entry: FileEntry, digest: str, meta: FileMeta | None = None) -> int:
+        m = meta or FileMeta()
         cur = self.db.execute(
-            "INSERT INTO files(path, modality, size, mtime_ns, hash) VALUES (?,?,?,?,?)",
-            (entry.path, entry.modality, entry.size, entry.mtime_ns, digest),
+            "INSERT INTO files(path, modality, size, mtime_ns, hash, taken, phash, width, height) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (entry.path, entry.modality, entry.size, entry.mtime_ns, digest, *m.values()),
         )
         return cur.lastrowid
 
-    def update_file(self, file_id: int, entry: FileEntry, digest: str) -> None:
+    def update_file(
+        self, file_id: int, entry: FileEntry, digest: str, meta: FileMeta | None = None
+    ) -> None:
+        """A file's new stat and hash; its FileMeta too when given (else it is kept: the
+        content did not change)."""
         self.db.execute(
             "UPDATE files SET path=?, modality=?, size=?, mtime_ns=?, hash=? WHERE id=?",
             (entry.path, entry.modality, entry.size, entry.mtime_ns, digest, file_id),
         )
+        if meta is not None:
+            self.db.execute(
+                "UPDATE files SET taken=?, phash=?, width=?, height=? WHERE id=?",
+                (*meta.values(), file_id),
+            )
+
+    def file_meta(self, file_id: int) -> FileMeta:
+        cols = ", ".join(self.meta_sql.values())
+        row = self.db.execute(f"SELECT {cols} FROM files f WHERE f.id = ?", (file_id,)).fetchone()
+        return FileMeta(*row) if row else FileMeta()
 
     def delete_file(self, file_id: int) -> list[int]:
         ids = self.unit_ids_of(file_id)
@@ -334,8 +374,8 @@ class Catalog:
         new = []
         for seg, vec in zip(segments, vectors, strict=True):
             cur = self.db.execute(
-                "INSERT INTO units(file_id, start, end, vector) VALUES (?,?,?,?)",
-                (file_id, seg.start, seg.end, vec.tobytes()),
+                "INSERT INTO units(file_id, start, end, vector, modality) VALUES (?,?,?,?,?)",
+                (file_id, seg.start, seg.end, vec.tobytes(), seg.modality),
             )
             new.append(cur.lastrowid)
         return old, new
@@ -355,7 +395,7 @@ class Catalog:
         salvaging what is intact); returns the new unit ids and their vectors."""
         units = source.units_of(row.id)
         entry = FileEntry(row.path, row.modality, row.size, row.mtime_ns)
-        file_id = self.add_file(entry, row.hash)
+        file_id = self.add_file(entry, row.hash, source.file_meta(row.id))
         vecs = np.stack([v for _, v in units]) if units else np.zeros((0, 0), np.float32)
         _, new = self.replace_units(file_id, [s for s, _ in units], vecs)
         return new, vecs

@@ -13,6 +13,7 @@ Crash safety:
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
 import re
@@ -260,6 +261,17 @@ class Collection:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+
+    def clone(self) -> Collection:
+        """This open index for another thread: the same manifest and loaded vectors, its own
+        read-only connection to the catalog (a SQLite connection belongs to the thread that
+        opened it). For readers only."""
+        if self.writer:
+            raise ValueError("only a reader's Collection can be cloned")
+        other = copy.copy(self)
+        other.catalog = Catalog(self.data_dir / CATALOG, readonly=True)
+        other.notes = []
+        return other
 
     def close(self) -> None:
         for cat in {id(c): c for c in (self.catalog, self.salvage, self._live) if c}.values():

@@ -10,6 +10,8 @@ catalog's float32 vectors, so reported scores match the CPU path.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 
@@ -30,6 +32,13 @@ class TorchExactIndex:
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self.ids_on_device = torch.from_numpy(self.ids).to(self.device)
         self.vectors = torch.cat(parts) if parts else torch.zeros(0, dim, device=self.device)
+
+    def for_catalog(self, catalog) -> TorchExactIndex:
+        """The same vectors, re-scored through another connection to the same catalog (one
+        per thread)."""
+        other = copy.copy(self)
+        other.catalog = catalog
+        return other
 
     @property
     def ntotal(self) -> int:

@@ -1,0 +1,168 @@
+"""The open_clip text tower in numpy: loads an export written by `query_text.export` (weights
+memory-mapped from .npy files, one file per weight kind, stacked over layers) and embeds texts.
+
+Only stdlib and numpy are imported: a search process embeds its query without torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import ModelError
+from ..base import Tower
+from .numpy_ops import ACTIVATIONS, SMALL_BATCH_TOKENS, layer_norm, one_blas_thread
+from .tokenizer import ClipBpeTokenizer
+
+FORMAT = "mmsearch-fast-text"
+FORMAT_VERSION = 1
+
+# Weight files. Per-layer weights are stacked over layers, so a 12-layer tower is ~17 files
+# (np.load costs ~0.1 ms per file). Matrices are stored (in, out) so the forward reads x @ w.
+BLOCK_KEYS = (
+    "ln_1_w",
+    "ln_1_b",
+    "qkv_w",
+    "qkv_b",
+    "out_w",
+    "out_b",
+    "ln_2_w",
+    "ln_2_b",
+    "fc_w",
+    "fc_b",
+    "proj_w",
+    "proj_b",
+)
+OPTIONAL_BLOCK_KEYS = ("ls_1", "ls_2")
+
+
+class FastTextTower(Tower):
+    """The open_clip text tower in numpy; load with `FastTextTower.load(dir)`."""
+
+    def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer: ClipBpeTokenizer):
+        self.config = config
+        self.w = weights
+        self.tokenizer = tokenizer
+        self.context_length = int(config["context_length"])
+        self.dim = int(config["dim"])
+        self.width = int(config["width"])
+        self.heads = int(config["heads"])
+        self.layers = int(config["layers"])
+        self.eps = float(config["ln_eps"])
+        self.act = ACTIVATIONS[config["act"]]
+
+    @classmethod
+    def load(cls, out_dir: Path) -> FastTextTower:
+        """Open an export written by `export_fast_text` (memory-mapped; imports no torch)."""
+        out_dir = Path(out_dir)
+        try:
+            config = json.loads((out_dir / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"no fast text tower in {out_dir}: {e}") from e
+        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+            raise ModelError(
+                f"{out_dir} holds fast-text format {config.get('format')!r} "
+                f"v{config.get('format_version')}, expected {FORMAT!r} v{FORMAT_VERSION}"
+            )
+        try:
+            weights = {
+                name: np.asarray(np.load(out_dir / f"{name}.npy", mmap_mode="r"))
+                for name in config["weights"]
+            }
+            tok = config["tokenizer"]
+            pair_keys = np.load(out_dir / "bpe_pair_keys.npy")
+            pair_ranks = np.load(out_dir / "bpe_pair_ranks.npy")
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"fast text tower in {out_dir} is incomplete: {e}") from e
+        tokenizer = ClipBpeTokenizer(
+            pair_keys,
+            pair_ranks,
+            tok["specials"],
+            int(config["context_length"]),
+            tok["clean"],
+            int(tok["sot_id"]),
+            int(tok["eot_id"]),
+        )
+        return cls(config, weights, tokenizer)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the text occupies, without start/end tokens."""
+        return len(self.tokenizer.encode(text))
+
+    def embed_batch(self, batch: Sequence[str]) -> np.ndarray:
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        rows = self.tokenizer.token_rows(list(batch))
+        # Causal attention plus pooling at the EOT position make every position after the pooled
+        # one irrelevant, so the batch is cut to its longest row instead of the full context.
+        length = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), length), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        # open_clip pools at argmax(token id) (first maximum), which is EOT unless the text holds a
+        # literal special token; numpy's argmax also returns the first maximum.
+        limit = one_blas_thread() if ids.size <= SMALL_BATCH_TOKENS else contextlib.nullcontext()
+        with limit:
+            return self._forward(ids, ids.argmax(axis=1))
+
+    def _forward(self, ids: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        w, eps, act = self.w, self.eps, self.act
+        n, length = ids.shape
+        width, heads = self.width, self.heads
+        hd = width // heads
+        rows = np.arange(n)
+        x = w["token_embedding"][ids] + w["positional_embedding"][:length]
+        x = x.reshape(n * length, width).astype(np.float32, copy=False)
+        mask = np.triu(np.full((length, length), -np.inf, dtype=np.float32), 1)
+        scale = np.float32(1 / math.sqrt(hd))
+
+        def split_heads(t: np.ndarray) -> np.ndarray:  # (n*L, W) -> (n, H, L, hd)
+            return t.reshape(n, -1, heads, hd).transpose(0, 2, 1, 3)
+
+        for i in range(self.layers):
+            h = layer_norm(x, w["ln_1_w"][i], w["ln_1_b"][i], eps)
+            qkv_w, qkv_b = w["qkv_w"][i], w["qkv_b"][i]
+            kv = h @ qkv_w[:, width:]
+            kv += qkv_b[width:]
+            k, v = split_heads(kv[:, :width]), split_heads(kv[:, width:])
+            if i < self.layers - 1:
+                q, m = split_heads(h @ qkv_w[:, :width] + qkv_b[:width]), mask
+            else:
+                # Only the pooled token reaches the output, so the last layer runs its query,
+                # residual stream and MLP for that row alone (attending to all keys before it).
+                h = h.reshape(n, length, width)[rows, pool]
+                q = (h @ qkv_w[:, :width] + qkv_b[:width]).reshape(n, heads, 1, hd)
+                m = mask[pool][:, None, None, :]
+                x = x.reshape(n, length, width)[rows, pool]
+            s = (q * scale) @ k.transpose(0, 1, 3, 2)
+            s += m
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
+            a = (s @ v).transpose(0, 2, 1, 3).reshape(x.shape)
+            a = a @ w["out_w"][i]
+            a += w["out_b"][i]
+            if "ls_1" in w:
+                a *= w["ls_1"][i]
+            x = x + a
+            h = layer_norm(x, w["ln_2_w"][i], w["ln_2_b"][i], eps)
+            h = h @ w["fc_w"][i]
+            h += w["fc_b"][i]
+            h = act(h)
+            h = h @ w["proj_w"][i]
+            h += w["proj_b"][i]
+            if "ls_2" in w:
+                h *= w["ls_2"][i]
+            x = x + h
+        # x is now the pooled rows; ln_final is per token, so normalising after pooling is exact.
+        x = layer_norm(x, w["ln_final_w"], w["ln_final_b"], eps)
+        if "text_projection" in w:
+            x = x @ w["text_projection"]
+            if "text_projection_b" in w:
+                x = x + w["text_projection_b"]
+        return np.ascontiguousarray(x, dtype=np.float32)
