@@ -307,20 +307,12 @@ class Searcher:
         return self._gpu_vectors or self.col.vectors
 
     def calibration(self, modalities) -> Calibration:
-        """The index's relevance calibration, covering `modalities`; fitted in memory when the
-        index has none that does (made by an older mmsearch, or its last run was killed before
-        fitting it)."""
+        """The index's relevance calibration, covering `modalities` (calibration.covering)."""
         from .storage import calibration
 
-        if self._calibration is None:
-            self._calibration = calibration.load(self.col)
-        if self._calibration is None or not set(modalities) <= set(self._calibration.cov):
-            self._calibration = calibration.fit_index(self.col, self.embed_texts)
-            self.col.notes.append(
-                f"index {self.options.name!r} has no stored relevance calibration for what it "
-                f"holds; fitted one for this search (`mmsearch index PATH --index "
-                f"{self.options.name}` stores one)"
-            )
+        self._calibration = calibration.covering(
+            self.col, modalities, self._calibration, self.embed_texts
+        )
         return self._calibration
 
     def allowed(self, modality: str = "any") -> np.ndarray | None:

@@ -36,6 +36,7 @@ from importlib import resources
 
 import numpy as np
 
+from ..errors import ModelError
 from .atomic import replace_file
 
 FILE = "relevance.npz"
@@ -95,9 +96,10 @@ class Calibration:
     ) -> np.ndarray:
         """Relevance of `scores` of query `q` against items of `modality`. A query modality
         without probes of its own (an image query on an index without photos) is read with the
-        text map."""
-        m = self.maps.get((query_modality, modality)) or self.maps.get(("text", modality))
-        if m is None or modality not in self.cov:
+        text map, or without that with any map of that item modality."""
+        pairs = [(query_modality, modality), ("text", modality), *sorted(self.maps)]
+        m = next((self.maps[p] for p in pairs if p in self.maps and p[1] == modality), None)
+        if m is None:
             return np.full(len(scores), np.nan)
         q = np.asarray(q, np.float64)
         t = np.asarray(scores, np.float64) * float(q @ self.cov[modality] @ q) / m.scale
@@ -295,7 +297,8 @@ def load(col) -> Calibration | None:
 
 def fit_index(col, embed_texts, previous: Calibration | None = None, seed: int = 0):
     """Fit a calibration to the index's vectors. `embed_texts(list) -> (n, d)` embeds the
-    shipped probe queries when they are needed (reused from `previous` when it has them)."""
+    shipped probe queries when they are needed (reused from `previous` when it has them); when
+    it gives None, text queries are read with the maps of the other query modalities."""
     rng = np.random.default_rng(seed)
     cat, dim = col.catalog, col.dim
     counts = unit_counts(cat)
@@ -310,9 +313,31 @@ def fit_index(col, embed_texts, previous: Calibration | None = None, seed: int =
         digest = probes_digest(texts)
         if previous is not None and previous.shipped is not None and previous.shipped[0] == digest:
             text_probes = previous.shipped
-        elif embed_texts is not None:
-            text_probes = (digest, np.asarray(embed_texts(texts), np.float32))
+        elif embed_texts is not None and (vectors := embed_texts(texts)) is not None:
+            text_probes = (digest, np.asarray(vectors, np.float32))
     return fit(samples, counts, models_key(col), text_probes)
+
+
+def covering(col, modalities, cal: Calibration | None, embed_texts) -> Calibration:
+    """`cal`, or else the index's stored calibration, when it covers `modalities`; otherwise one
+    fitted in memory, with a note on `col` (an index made by an older mmsearch, or whose last
+    run was killed before fitting one). A model that cannot embed the probe queries leaves
+    text queries to the other maps."""
+
+    def probes(texts: list[str]) -> np.ndarray | None:
+        try:
+            return embed_texts(texts)
+        except ModelError:
+            return None
+
+    cal = cal or load(col)
+    if cal is not None and set(modalities) <= set(cal.cov):
+        return cal
+    col.notes.append(
+        f"index {col.name!r} has no stored relevance calibration for what it holds; fitted one "
+        f"for this search (`mmsearch index PATH --index {col.name}` stores one)"
+    )
+    return fit_index(col, probes)
 
 
 def refresh(col, embed_texts) -> bool:

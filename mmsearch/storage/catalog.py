@@ -304,10 +304,8 @@ class Catalog:
 
     def modality_with_hash(self, digest: str) -> str | None:
         """The modality of the (first) file with that content."""
-        row = self.db.execute(
-            "SELECT modality FROM files WHERE hash = ? ORDER BY id LIMIT 1", (digest,)
-        ).fetchone()
-        return row and row[0]
+        q = "SELECT modality FROM files WHERE hash = ? ORDER BY id LIMIT 1"
+        return next((m for (m,) in self.db.execute(q, (digest,))), None)
 
     def counts(self) -> dict:
         files = dict(self.db.execute("SELECT modality, COUNT(*) FROM files GROUP BY modality"))
