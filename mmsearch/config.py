@@ -222,6 +222,7 @@ class SearchOptions:
     k: int = 10
     modality: str = "any"  # image | text | audio | any
     device: str = "auto"
+    min_relevance: float | None = None  # hits below this calibrated relevance are dropped
     filters: FileFilter = field(default_factory=FileFilter)  # which files may be returned
     group: bool = False  # one row per file (its best segment), the others counted
     exclude_self: bool = False  # image/audio queries: not the query file or its exact copies

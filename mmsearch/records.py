@@ -71,6 +71,9 @@ class Hit:
     modality: str
     start: float | None = None
     end: float | None = None
+    # Calibrated: the estimated probability that the hit is related to the query, comparable
+    # across modalities and queries (mmsearch.storage.calibration); `score` is the raw cosine.
+    relevance: float | None = None
     snippet: tuple[str, ...] | None = None  # a note hit's lines, from `start` on
     more: int | None = None  # grouped by file: the file's other hits folded into this one
 
@@ -78,6 +81,7 @@ class Hit:
         d = {
             "rank": self.rank,
             "score": round(float(self.score), 6),
+            "relevance": None if self.relevance is None else round(float(self.relevance), 4),
             **path_fields(self.path),
             "modality": self.modality,
         }

@@ -42,19 +42,18 @@ def note_lines(
 
 def group_by_file(hits: list[Hit], k: int) -> list[Hit]:
     """The first k files of a ranked list, one row each at its best hit (that hit's segment),
-    with `more` counting the file's other hits that score at least as high as the last row:
-    the passages that would have been shown, had the list not been grouped."""
+    with `more` counting the file's other hits ranked at or above the last row: the passages
+    that would have been shown, had the list not been grouped."""
     best: dict[bytes, Hit] = {}
     for hit in hits:
         best.setdefault(hit.path, hit)
     rows = list(best.values())[:k]
     if not rows:
         return []
-    floor = rows[-1].score
+    last = next(i for i, h in enumerate(hits) if h is rows[-1])
     count: dict[bytes, int] = {}
-    for hit in hits:
-        if hit.score >= floor:
-            count[hit.path] = count.get(hit.path, 0) + 1
+    for hit in hits[: last + 1]:
+        count[hit.path] = count.get(hit.path, 0) + 1
     return [dataclasses.replace(h, more=count[h.path] - 1) for h in rows]
 
 

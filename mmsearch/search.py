@@ -12,8 +12,9 @@ import numpy as np
 from .config import EncoderOptions, ModelSpec, SearchOptions
 from .errors import ModelMismatchError, UsageError
 from .modalities import span_of
-from .records import MODALITIES, Hit
+from .records import AUDIO, IMAGE, MODALITIES, TEXT, Hit
 from .results import group_by_file, note_lines, renumber
+from .storage.calibration import Calibration
 from .storage.collection import Collection, model_cache_dir
 
 _SPLIT = re.compile(r"\s+([+-])\s+")
@@ -85,6 +86,14 @@ def check_query_file(path: Path, what: str) -> Path:
     return p
 
 
+def query_modality(terms: list[Term], image: Path | None, audio: Path | None) -> str:
+    """The modality a query is read as for relevance: the one with the largest weight in it
+    (text on a tie: 'sunset' + an example photo is a text query)."""
+    parts = [(abs(t.weight), TEXT) for t in terms]
+    parts += [(1.0, m) for m, path in ((IMAGE, image), (AUDIO, audio)) if path is not None]
+    return max(parts, key=lambda p: p[0])[1] if parts else TEXT
+
+
 def check_query(
     query: str | None, image: Path | None = None, audio: Path | None = None
 ) -> list[Term]:
@@ -118,6 +127,7 @@ class Searcher:
         self._text = None
         self._full = None
         self._gpu_vectors = None
+        self._calibration = None
         self._embedded: dict[str, np.ndarray] = {}  # query text -> vector
         self._allowed: dict[tuple, np.ndarray] = {}  # (type, filters) -> ids they let through
         if towers_from is not None and self._same_model(towers_from):
@@ -262,19 +272,30 @@ class Searcher:
         audio: Path | None = None,
         k: int | None = None,
         modality: str | None = None,
+        min_relevance: float | None = None,
     ) -> list[Hit]:
+        """The top k hits, best first. `modality` "any" ranks every modality by relevance;
+        hits below `min_relevance` are dropped (so a query about something absent from the
+        index may get none)."""
         k = self.options.k if k is None else k
         if k < 1:
             raise UsageError("-k must be at least 1")
         modality = modality or self.options.modality
         if modality not in (*MODALITIES, "any"):
             raise UsageError(f"unknown --type {modality!r}; use {', '.join(MODALITIES)} or any")
-        check_query(query, image, audio)  # before a model loads
+        if min_relevance is None:
+            min_relevance = self.options.min_relevance
+        if min_relevance is not None and not 0.0 <= min_relevance <= 1.0:
+            raise UsageError(f"--min-relevance must be between 0 and 1, not {min_relevance}")
+        terms = check_query(query, image, audio)  # before a model loads
+        q = self.query_vector(query, image, audio)
         q = self.query_vector(query, image, audio)
         exclude = None
         if self.options.exclude_self and (image is not None or audio is not None):
             exclude = self._copies_of([p for p in (image, audio) if p is not None])
-        return self.rank(q, k, modality, exclude)
+        return self.rank(
+            q, k, modality, exclude, query_modality(terms, image, audio), min_relevance
+        )
 
     def _copies_of(self, paths: list[Path]) -> np.ndarray:
         """Unit ids of the query files and of their byte-identical copies in the index."""
@@ -299,6 +320,15 @@ class Searcher:
             )
         return self._gpu_vectors or self.col.vectors
 
+    def calibration(self, modalities) -> Calibration:
+        """The index's relevance calibration, covering `modalities` (calibration.covering)."""
+        from .storage import calibration
+
+        self._calibration = calibration.covering(
+            self.col, modalities, self._calibration, self.embed_texts
+        )
+        return self._calibration
+
     def allowed(self, modality: str = "any") -> np.ndarray | None:
         """The unit ids a search of `modality` may return (its type and the options' filters),
         or None for all. Applied inside the vector search, before the top k: a filter never
@@ -315,27 +345,55 @@ class Searcher:
             self._allowed[key] = self.col.catalog.unit_ids_matching(kind, flt)
         return self._allowed[key]
 
+    def _searched(self, modality: str) -> dict[str, np.ndarray | None]:
+        """For each modality the index holds that a search of `modality` asks for: the ids it
+        may return (None: every vector, when it is the only modality and nothing is filtered)."""
+        key = f"kinds:{modality}"
+        if key not in self._allowed:
+            kinds = {m: self.allowed(m) for m in (MODALITIES if modality == "any" else [modality])}
+            kinds = {m: ids for m, ids in kinds.items() if len(ids)}
+            if len(kinds) == 1 and not self.options.filters:
+                (m, ids), total = next(iter(kinds.items())), self.col.catalog.unit_count()
+                kinds = {m: None if len(ids) == total else ids}
+            self._allowed[key] = kinds
+        return self._allowed[key]
+
     def rank(
-        self, q: np.ndarray, k: int, modality: str = "any", exclude: np.ndarray | None = None
+        self,
+        q: np.ndarray,
+        k: int,
+        modality: str = "any",
+        exclude: np.ndarray | None = None,
+        query_modality: str = TEXT,
+        min_relevance: float | None = None,
     ) -> list[Hit]:
-        """The top k hits for query vector q: files of `modality` that pass the filters, not
-        units `exclude`; with options.group, k files (each at its best segment)."""
-        allowed = self.allowed(modality)
+        """The top k hits for query vector q: each modality's best files (of `modality`, passing
+        the filters, not units `exclude`) merged by relevance (`merge`), those below
+        `min_relevance` dropped; with options.group, k files (each at its best segment)."""
+        kinds = self._searched(modality)
+        cal = self.calibration(kinds)
         skip = set() if exclude is None else set(exclude.tolist())
         want = k + len(skip)
         while True:
-            scores, ids = self._vectors().search(q, want, allowed)
-            rows = self.col.catalog.units([i for i in ids.tolist() if i not in skip])
-            # a vector without catalog row (excluded, or a writer mid-commit) is left out
+            found, deeper = {}, False
+            for m, allowed in kinds.items():
+                scores, ids = self._vectors().search(q, want, allowed)
+                keep = np.array([i not in skip for i in ids.tolist()], bool)
+                found[m] = (scores[keep], ids[keep])
+                deeper = deeper or len(ids) == want
+            n = sum(len(s) for s, _ in found.values())
+            best = cal.merge(q, query_modality, found, n, min_relevance)
+            rows = self.col.catalog.units([i for _, _, i, _ in best])
+            # a vector without catalog row (a writer mid-commit) is left out
             hits = [
-                Hit(0, score, r.path, r.modality, r.start, r.end)
-                for score, uid in zip(scores.tolist(), ids.tolist(), strict=True)
+                Hit(0, score, r.path, r.modality, r.start, r.end, relevance=rel)
+                for rel, score, uid, _ in best
                 if (r := rows.get(uid)) is not None
             ]
             if self.options.group:
                 hits = group_by_file(hits, k)
             # grouping folds a file's segments into one row: look deeper until k files
-            if len(hits) >= k or len(ids) < want:
+            if len(hits) >= k or not deeper:
                 break
             want *= 4
         hits = renumber(hits[:k])
@@ -363,5 +421,6 @@ __all__ = [
     "check_query_file",
     "combine",
     "parse_query",
+    "query_modality",
     "search",
 ]

@@ -135,6 +135,22 @@ def test_index_root_order_is_documented():
         assert words in section, words
 
 
+def test_readme_relevance_examples_run(user_files):
+    """The relevance section's commands: each searches, and one that keeps nothing at its
+    --min-relevance exits 1 saying so (the tiny model's relevances are low)."""
+    (block,) = code_blocks("### Relevance")
+    ran = 0
+    for line in block.splitlines():
+        words = _shell_words(line.split("||")[0], user_files)
+        assert words[:2] == ["mmsearch", "search"] and "--min-relevance" in words, line
+        r = runner.invoke(app, words[1:])
+        assert r.exit_code in (0, 1), (line, r.output)
+        if r.exit_code == 1:
+            assert "no results with relevance >=" in r.stderr
+        ran += 1
+    assert ran == 3
+
+
 def test_readme_filter_batch_result_and_duplicate_examples_run(user_files, tmp_path, monkeypatch):
     """Every command of the Filters, Batch queries, Reading results and Duplicates sections,
     with what each finds in the fixture's home folder (three photos and a note, modified today)."""

@@ -550,3 +550,12 @@ def test_a_video_hit_has_the_frame_of_its_moment_as_thumbnail(tmp_path, tiny_mod
                 pixels.mean((0, 1)),
             )
         assert c.get(f"/thumb/default/{hits[0]['id']}?at=soon").status_code == 400
+
+
+def test_min_relevance_filters_as_the_cli_does(client, library):
+    rels = [h["relevance"] for h in cli_hits(library[1], "beach")]
+    cut = (rels[0] + rels[-1]) / 2
+    hits = client.get("/api/search", params={"q": "beach", "min_relevance": cut}).json()["hits"]
+    assert [h["relevance"] for h in hits] == [x for x in rels if x >= cut]
+    r = client.get("/api/search", params={"q": "beach", "min_relevance": 2})
+    assert r.status_code == 400 and "between 0 and 1" in r.json()["error"]

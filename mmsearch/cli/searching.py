@@ -59,6 +59,17 @@ def search(
     ] = None,
     k: Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")] = 10,
     kind: Annotated[Modality, typer.Option("--type", "-t", help=TYPE_HELP)] = Modality.any,
+    min_relevance: Annotated[
+        float | None,
+        typer.Option(
+            "--min-relevance",
+            min=0.0,
+            max=1.0,
+            help="Drop hits whose relevance (0-1, comparable across types and queries) is below "
+            "this; 0.5 keeps hits more likely related to the query than not.",
+            show_default=False,
+        ),
+    ] = None,
     paths: Annotated[
         list[str] | None,
         typer.Option(
@@ -119,7 +130,10 @@ def search(
     as_json: Json = False,
     debug: Debug = False,
 ):
-    """Search an index by text, image or sound. Exits 1 when nothing is found."""
+    """Search an index by text, image or sound. Exits 1 when nothing is found.
+
+    Hits are ranked by relevance, a calibrated 0-1 estimate that a hit is related to the query,
+    comparable across photos, notes and recordings; the table shows it beside the raw cosine."""
     from ..batch import BatchQuery
     from ..search import Searcher, check_query, parse_query
 
@@ -138,6 +152,7 @@ def search(
         k=k,
         modality=kind.value,
         device=device,
+        min_relevance=min_relevance,
         filters=FileFilter.parse(paths or (), after, before, min_size, max_size),
         group=group,
         exclude_self=exclude_self,
@@ -146,16 +161,19 @@ def search(
     with Searcher(options) as searcher:
         for note in searcher.col.notes:
             say(f"mmsearch: warning: {note}", err=True)
+        told = len(searcher.col.notes)
         if queries is not None:  # every text query embedded in one batch
             searcher.prepare_texts([t.text for q in batch if q.query for t in parse_query(q.query)])
         for i, q in enumerate(batch):
             hits = searcher.search(q.query, image=q.image, audio=q.audio)
             found = found or bool(hits)
             if queries is None:
-                _show(hits, as_json)
+                _show(hits, as_json, cut=min_relevance)
             else:
-                _show_batch(q, hits, as_json, first=i == 0)
+                _show_batch(q, hits, as_json, first=i == 0, cut=min_relevance)
                 sys.stdout.flush()  # a script reading the answers gets each as it comes
+        for note in searcher.col.notes[told:]:  # found while searching (a calibration fitted)
+            say(f"mmsearch: warning: {note}", err=True)
     if not found:
         raise typer.Exit(NOTHING_FOUND)
 
@@ -177,9 +195,11 @@ def _read_batch(source: Path):
         raise UsageError(f"--queries {name} is not UTF-8 text") from None
 
 
-def _show(hits, as_json: bool, extra: dict | None = None) -> None:
+def _show(hits, as_json: bool, extra: dict | None = None, cut: float | None = None) -> None:
     if not hits and not as_json:
-        say("no results", err=extra is None)
+        say(
+            "no results" + ("" if cut is None else f" with relevance >= {cut:g}"), err=extra is None
+        )
     for hit in hits:
         if as_json:
             emit_json({**(extra or {}), **hit.to_dict()})
@@ -187,11 +207,11 @@ def _show(hits, as_json: bool, extra: dict | None = None) -> None:
             _row(hit)
 
 
-def _show_batch(q, hits, as_json: bool, first: bool) -> None:
+def _show_batch(q, hits, as_json: bool, first: bool, cut: float | None) -> None:
     """A query's answer in a batch: JSON rows carrying the query, or a table under a header."""
     if not as_json:
         say(("" if first else "\n") + f"# {one_line(q.text)}")
-    _show(hits, as_json, {"query": q.text, "line": q.line})
+    _show(hits, as_json, {"query": q.text, "line": q.line}, cut)
 
 
 def _row(hit) -> None:
@@ -204,6 +224,9 @@ def _row(hit) -> None:
             d = hit.to_dict()
             where = f"  [lines {d['start']}-{d['end']}]"
     more = f"  (+{hit.more} more)" if hit.more else ""
-    say(f"{hit.rank:>3}  {hit.score:6.3f}  {hit.modality:<5}  {shown(hit.path)}{where}{more}")
+    say(
+        f"{hit.rank:>3}  {hit.relevance:5.2f}  {hit.score:6.3f}  {hit.modality:<5}  "
+        f"{shown(hit.path)}{where}{more}"
+    )
     for n, line in enumerate(hit.snippet or (), start=int(hit.start or 0)):
         say(f"{n:>10}: {one_line(line)}")

@@ -3,8 +3,16 @@ audio tower with its projector, checked against what the index was built with.""
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..config import DEFAULT_MODEL, IndexOptions, ModelSpec
-from ..encoders import Encoder, attach_audio, create_encoder, export_query_tower
+from ..encoders import (
+    Encoder,
+    attach_audio,
+    create_encoder,
+    export_query_tower,
+    query_text_tower,
+)
 from ..errors import ModelMismatchError
 from ..storage.atomic import write_error
 from ..storage.collection import Collection, model_cache_dir
@@ -101,3 +109,19 @@ def _difference(have: dict, want: dict) -> str:
     if not keys:
         keys = ["key"]
     return "; ".join(f"{k}: index has {have.get(k)}, requested {want.get(k)}" for k in keys)
+
+
+def text_embedder(col: Collection, encoder: Encoder, options: IndexOptions):
+    """Embeds the relevance calibration's probe queries with the index's model: the run's own
+    text tower, else the exported query tower, else the model loaded for it."""
+
+    def embed(texts: list[str]) -> np.ndarray:
+        if encoder.text is not None:
+            return encoder.encode_text(texts)
+        tower = query_text_tower(model_cache_dir(col.root_dir, col.encoder_identity["key"]))
+        if tower is not None:
+            return tower.embed(texts)
+        spec = ModelSpec.parse(col.encoder_identity["spec"])
+        return create_encoder(spec, options.encoder).encode_text(texts)
+
+    return embed

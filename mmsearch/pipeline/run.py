@@ -16,10 +16,11 @@ from ..errors import IndexNotFoundError, ModelError
 from ..loaders import LoadSettings
 from ..modalities import BY_NAME, TABLE
 from ..records import AUDIO, FileEntry, IndexReport
+from ..storage import calibration
 from ..storage.catalog import FileRow
 from ..storage.collection import Collection
 from .commit import Pacer, commit_chunk, embedded_chunks, fail_file
-from .models import attach_index_audio, encoder_for
+from .models import attach_index_audio, encoder_for, text_embedder
 from .plan import Plan, check_types, plan
 from .walk import check_roots, walk
 
@@ -149,6 +150,7 @@ def _apply(col, encoder, p: Plan, settings, options, report, progress, reuse_ok=
         col.finish_generation(options, progress)
     else:
         col.save_vectors(options, progress)
+    calibration.refresh(col, text_embedder(col, encoder, options))
 
 
 def _totals(col: Collection, report: IndexReport) -> IndexReport:

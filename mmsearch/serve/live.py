@@ -161,11 +161,13 @@ class LiveIndex:
         searcher = self.searcher().with_options(replace(self.options, **fields))
         return searcher.search(query, image=image, audio=audio)
 
-    def like(self, fields: dict, vectors) -> list[Hit]:
-        """The hits nearest to stored vectors (a file's, or one part of it): 'more like this'."""
+    def like(self, fields: dict, vectors, modality: str) -> list[Hit]:
+        """The hits nearest to stored vectors (a file's, or one part of it, of `modality`):
+        'more like this'."""
         searcher = self.searcher().with_options(replace(self.options, **fields))
+        options = searcher.options
         q = combine(list(vectors), [1.0] * len(vectors))
-        return searcher.rank(q, searcher.options.k, searcher.options.modality)
+        return searcher.rank(q, options.k, options.modality, None, modality, options.min_relevance)
 
     def info(self) -> dict:
         """What /api/indexes says of this index (counted once per snapshot)."""

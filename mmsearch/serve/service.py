@@ -45,6 +45,13 @@ def _flag(text: str) -> bool:
     return bool(value)
 
 
+def _relevance(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise UsageError(f"min_relevance must be between 0 and 1, not {text}")
+    return value
+
+
 # Query parameter -> the SearchOptions field it sets, as the command line's option of that name
 # does. A new search option is one line here; /api/info lists them and the gallery shows a
 # control for those it knows.
@@ -53,6 +60,7 @@ OPTION_PARAMS: dict[str, Param] = {
     "type": Param("modality", _type),
     "group": Param("group", _flag),
     "exclude_self": Param("exclude_self", _flag),
+    "min_relevance": Param("min_relevance", _relevance),
 }
 # Parameters that make SearchOptions.filters, in FileFilter.parse's order: --path (repeatable:
 # any of them), --after, --before, --min-size, --max-size.
@@ -181,7 +189,7 @@ class Service:
             )
             if not vectors:
                 raise NotServed(f"no file with id {query.like!r} in index {live.name!r}")
-            hits = live.like(query.options, vectors)
+            hits = live.like(query.options, vectors, catalog.modality_with_hash(query.like))
         return {"hits": self._hits(live, hits)}
 
     def _hits(self, live: LiveIndex, hits: list[Hit]) -> list[dict]:

@@ -302,6 +302,11 @@ class Catalog:
         rows = self.db.execute(query + " ORDER BY id", args)
         return [np.frombuffer(v, np.float32) for (v,) in rows]
 
+    def modality_with_hash(self, digest: str) -> str | None:
+        """The modality of the (first) file with that content."""
+        q = "SELECT modality FROM files WHERE hash = ? ORDER BY id LIMIT 1"
+        return next((m for (m,) in self.db.execute(q, (digest,))), None)
+
     def counts(self) -> dict:
         files = dict(self.db.execute("SELECT modality, COUNT(*) FROM files GROUP BY modality"))
         units = dict(

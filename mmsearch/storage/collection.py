@@ -30,6 +30,7 @@ from ..errors import (
     ModelMismatchError,
     UsageError,
 )
+from . import calibration
 from .atomic import open_lock
 from .catalog import Catalog
 from .manifest import FORMAT_VERSION, Manifest
@@ -49,7 +50,9 @@ CATALOG = "catalog.sqlite"
 VECTORS = "vectors.faiss"
 LOCK = "lock"
 AUDIO_PROJECTOR = "audio_projector.safetensors"  # the projector the index's audio was embedded with
-DATA_FILES = (CATALOG, CATALOG + "-wal", CATALOG + "-shm", VECTORS, AUDIO_PROJECTOR)
+DATA_FILES = (
+    CATALOG, CATALOG + "-wal", CATALOG + "-shm", VECTORS, AUDIO_PROJECTOR, calibration.FILE
+)  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # What the catalog records besides its rows (so a lost manifest can be rebuilt from it).
 META_ENCODER, META_AUDIO, META_STATE = "encoder", "audio_encoder", "state"

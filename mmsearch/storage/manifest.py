@@ -55,6 +55,8 @@ class Manifest:
     vectors: int | None = None
     files: int | None = None
     vector_index: VectorInfo = field(default_factory=VectorInfo)
+    # what the relevance calibration (storage.calibration.FILE) was fitted on: counts, probes
+    relevance: dict | None = None
     created: str | None = None
     updated: str | None = None
     extra: dict = field(default_factory=dict)

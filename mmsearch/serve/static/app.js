@@ -12,6 +12,7 @@ const FILTERS = [
   { param: "after", label: "Taken after", type: "date" },
   { param: "before", label: "before", type: "date" },
   { param: "group", label: "One per file", type: "checkbox" },
+  { param: "min_relevance", label: "Min. relevance", type: "number", min: 0, max: 1, step: 0.05 },
 ];
 
 const state = { info: null, hits: [], k: PAGE, example: null, params: null, focus: -1 };
