@@ -91,10 +91,10 @@ def quantiles(x) -> str:
 
 def photos_benchmark(work: Path, threads: int) -> dict:
     from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec
-    from mmsearch.duplicates import MAX_HASH_DISTANCE, find_duplicates, groups
+    from mmsearch.loaders.phash import hamming
     from mmsearch.modalities import BY_NAME
-    from mmsearch.phash import hamming
     from mmsearch.pipeline.run import index_paths
+    from mmsearch.search.duplicates import MAX_HASH_DISTANCE, find_duplicates, groups
     from mmsearch.storage.collection import Collection
 
     images = DATASETS / "flickr8k_val1k" / "images"
@@ -269,7 +269,7 @@ def _status(field: str) -> int:
 
 def child(path: Path, mode: str, threshold: float) -> None:
     """One duplicates pass over saved vectors; prints one JSON line."""
-    from mmsearch.duplicates import groups
+    from mmsearch.search.duplicates import groups
 
     x = np.load(path)
     labels = np.load(path.with_suffix(".labels.npy"))

@@ -29,7 +29,7 @@ class Modality:
     embed: str
     # `mmsearch duplicates`: the cosine two files' vectors need to be copies of each other (None:
     # this modality is not compared), and whether their perceptual hashes, recorded at index
-    # time (mmsearch.phash), must agree too. Calibrated in benchmarks/bench_duplicates.py.
+    # time (mmsearch.loaders.phash), must agree too. Calibrated in benchmarks/bench_duplicates.py.
     duplicate_cosine: float | None = None
     duplicate_hash: bool = False
     # Another tower used when the encoder has one (a video's soundtrack: "audio"); its units

@@ -44,7 +44,7 @@ class FileMeta:
     None where unknown; a file's mtime stands in for `taken`."""
 
     taken: float | None = None  # POSIX seconds
-    phash: int | None = None  # signed 64-bit, see mmsearch.phash
+    phash: int | None = None  # signed 64-bit, see mmsearch.loaders.phash
     width: int | None = None
     height: int | None = None
 

@@ -10,9 +10,9 @@ import pytest
 from conftest import make_note, make_photo
 from typer.testing import CliRunner
 
-from mmsearch.batch import parse_line, read_queries
 from mmsearch.cli import app
 from mmsearch.errors import UsageError
+from mmsearch.search.batch import parse_line, read_queries
 
 runner = CliRunner()
 

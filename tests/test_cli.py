@@ -69,7 +69,7 @@ def test_search_by_image_with_type_filter(indexed):
 
 
 def test_search_table_output(indexed):
-    r = cli("search", "beach", "-k", "2")
+    r = cli("search", "We went to the beach", "-k", "2")
     assert r.exit_code == 0
     lines = r.stdout.strip().splitlines()
     rows = [line for line in lines if not re.match(r"^ +\d+: ", line)]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from videos import make_video
 
-from mmsearch.cut import cut_clip
 from mmsearch.errors import LoadError, UsageError
+from mmsearch.loaders.cut import cut_clip
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 SCENES = [(RED, 4), (GREEN, 4), (BLUE, 4)]

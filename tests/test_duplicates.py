@@ -13,7 +13,7 @@ from conftest import make_photo, smooth_picture
 from typer.testing import CliRunner
 
 from mmsearch.cli import app
-from mmsearch.duplicates import components, groups, near_pairs
+from mmsearch.search.duplicates import components, groups, near_pairs
 
 runner = CliRunner()
 DIM = 64
@@ -193,8 +193,8 @@ def test_recordings_are_compared_by_their_mean_window(home):
     copies; one that shares a single window with them (a quote) is not. Vectors alone decide
     (recordings have no perceptual hash)."""
     from mmsearch.config import index_root
-    from mmsearch.duplicates import find_duplicates
     from mmsearch.records import FileEntry, Segment
+    from mmsearch.search.duplicates import find_duplicates
     from mmsearch.storage.collection import Collection
 
     rng = np.random.default_rng(0)

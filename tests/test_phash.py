@@ -9,7 +9,7 @@ import numpy as np
 from conftest import smooth_picture
 from PIL import Image, ImageOps
 
-from mmsearch.phash import BITS, hamming, phash
+from mmsearch.loaders.phash import BITS, hamming, phash
 
 
 def reencoded(img: Image.Image, scale: float = 1.0, quality: int = 35) -> Image.Image:

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmsearch.cli import app
-from mmsearch.results import SNIPPET_CHARS, SNIPPET_LINES
+from mmsearch.search.results import SNIPPET_CHARS, SNIPPET_LINES
 
 runner = CliRunner()
 WORDS = "river stone bridge lantern harbor meadow violin candle orchard summit".split()

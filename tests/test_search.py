@@ -278,7 +278,7 @@ def test_library_imports_as_documented():
     code = (
         "from mmsearch import Searcher, search; from mmsearch.search import parse_query; "
         "import mmsearch; assert mmsearch.search is search and search.__module__ == "
-        "'mmsearch.search' and callable(search) and Searcher.__name__ == 'Searcher'"
+        "'mmsearch.search.searcher' and callable(search) and Searcher.__name__ == 'Searcher'"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -68,8 +68,8 @@ def clip(
 ):
     """Cut seconds START to END of a video or recording into a file of its own (the times a
     search hit shows)."""
-    from ..cut import cut_clip
     from ..errors import UsageError
+    from ..loaders.cut import cut_clip
 
     a, b = parse_time(start, "start"), parse_time(end, "end")
     if not path.is_file():

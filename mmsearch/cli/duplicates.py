@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from ..config import DEFAULT_INDEX
-from ..duplicates import MAX_HASH_DISTANCE, duplicate_types
 from ..errors import UsageError
 from ..modalities import BY_NAME
+from ..search.duplicates import MAX_HASH_DISTANCE, duplicate_types
 from .app import (
     EXIT_CODES,
     NOTHING_FOUND,
@@ -65,7 +65,7 @@ def duplicates(
 ):
     """Groups of files that are copies, resized or recompressed versions of each other, from
     the vectors (and photos' perceptual hashes) already in the index. Exits 1 when none."""
-    from ..duplicates import find_duplicates
+    from ..search.duplicates import find_duplicates
     from ..storage.collection import Collection
 
     with Collection.open_reader(resolve_root(index_dir), index_name) as col:

@@ -134,8 +134,8 @@ def search(
 
     Hits are ranked by relevance, a calibrated 0-1 estimate that a hit is related to the query,
     comparable across photos, notes and recordings; the table shows it beside the raw cosine."""
-    from ..batch import BatchQuery
     from ..search import Searcher, check_query, parse_query
+    from ..search.batch import BatchQuery
 
     if queries is not None:
         if query is not None or image is not None or audio is not None:
@@ -179,7 +179,7 @@ def search(
 
 
 def _read_batch(source: Path):
-    from ..batch import read_queries
+    from ..search.batch import read_queries
 
     name = "stdin" if str(source) == "-" else str(source)
     try:

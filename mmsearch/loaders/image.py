@@ -16,8 +16,8 @@ from PIL import Image, ImageOps
 
 from ..config import ImagePrep
 from ..errors import LoadError
-from ..phash import phash
 from ..records import FileMeta
+from .phash import phash
 
 # Refuse images whose header claims more pixels than this before decoding any of them.
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 178_956_970

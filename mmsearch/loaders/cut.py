@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .errors import LoadError, UsageError
-from .loaders.ffmpeg import ffmpeg_reason, header_duration, media_origin, open_media
-from .loaders.files import DEFAULT_DECODE_BUDGET_S
-from .storage.atomic import replace_file
+from ..errors import LoadError, UsageError
+from ..storage.atomic import replace_file
+from .ffmpeg import ffmpeg_reason, header_duration, media_origin, open_media
+from .files import DEFAULT_DECODE_BUDGET_S
 
 KEYFRAME_SLACK_S = 1.0
 _FINE = Fraction(1, 90000)  # time base of re-encoded video (MPEG's clock)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .records import Hit
+from ..records import Hit
 
 SNIPPET_LINES = 4  # lines of a note hit shown, from the first of its range
 SNIPPET_CHARS = 200  # characters of each line kept
@@ -20,9 +20,9 @@ def note_lines(
     cut at SNIPPET_CHARS (a cut line ends in '…'). Decoded as the indexer decodes notes. None
     when the file cannot be read, or when its `size`/`mtime_ns` (as indexed) say it changed
     since: its lines would not be the ones that matched."""
-    from .errors import LoadError
-    from .loaders import open_regular
-    from .loaders.text import decode_note
+    from ..errors import LoadError
+    from ..loaders import open_regular
+    from ..loaders.text import decode_note
 
     try:
         st = os.stat(path)

@@ -1,112 +1,21 @@
-"""Queries: parse query arithmetic, embed the terms, rank the index's vectors."""
+"""Searcher: embed a query's terms, rank the index's vectors, shape the hits."""
 
 from __future__ import annotations
 
 import copy
-import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from .config import EncoderOptions, ModelSpec, SearchOptions
-from .errors import ModelMismatchError, UsageError
-from .modalities import span_of
-from .records import AUDIO, IMAGE, MODALITIES, TEXT, Hit
+from ..config import EncoderOptions, ModelSpec, SearchOptions
+from ..errors import ModelMismatchError, UsageError
+from ..modalities import span_of
+from ..records import MODALITIES, TEXT, Hit
+from ..storage.calibration import Calibration
+from ..storage.collection import Collection, model_cache_dir
+from .query import check_query, combine, query_modality
 from .results import group_by_file, note_lines, renumber
-from .storage.calibration import Calibration
-from .storage.collection import Collection, model_cache_dir
-
-_SPLIT = re.compile(r"\s+([+-])\s+")
-_WEIGHT = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:\s*(.+)$", re.S)
-
-
-@dataclass(frozen=True)
-class Term:
-    weight: float
-    text: str
-
-
-def parse_query(query: str) -> list[Term]:
-    """'beach + sunset - people', '2:sunset + beach', '-0.5:night'.
-
-    Terms are separated by ' + ' and ' - ' with spaces around the operator (so 't-shirt' is one
-    term); 'W:term' sets a float weight; '-' multiplies the weight by -1.
-    """
-    parts = _SPLIT.split(" " + query.strip() + " ")
-    terms, sign = [], 1.0
-    for i, part in enumerate(parts):
-        if i % 2 == 1:
-            sign = -1.0 if part == "-" else 1.0
-            continue
-        text = part.strip()
-        if not text:
-            if i > 0:
-                raise UsageError(f"empty term in query {query!r}")
-            continue
-        weight = 1.0
-        m = _WEIGHT.match(text)
-        if m:
-            weight, text = float(m.group(1)), m.group(2).strip()
-        terms.append(Term(sign * weight, text))
-    return terms
-
-
-CANCEL_TOLERANCE = 1e-3  # a weighted sum this short, relative to the weights, is only noise
-
-
-def combine(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Normalised weighted sum of unit vectors, so scores stay cosines.
-
-    A sum that (nearly) vanishes has no direction worth ranking by: 'dog - dog' embeds 'dog'
-    twice, and two rows of a batch may differ in their last bits, leaving a tiny vector whose
-    direction is rounding noise. It is refused when its norm is below CANCEL_TOLERANCE times the
-    sum of the absolute weights (the norm it would have if the terms all agreed)."""
-    q = np.zeros_like(vectors[0], dtype=np.float32)
-    for v, w in zip(vectors, weights, strict=True):
-        q += np.float32(w) * (v / max(float(np.linalg.norm(v)), 1e-12))
-    norm = float(np.linalg.norm(q))
-    if norm <= CANCEL_TOLERANCE * sum(abs(float(w)) for w in weights):
-        raise UsageError("the query terms cancel each other out (their weighted sum is zero)")
-    return q / norm
-
-
-_WHAT = {"image": "an image file", "sound": "a sound file"}
-
-
-def check_query_file(path: Path, what: str) -> Path:
-    """A query --image or --audio file, checked before any index or model is opened."""
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"query {what} {path} is a directory, not {_WHAT[what]}")
-    if not p.exists():
-        raise UsageError(f"query file not found: {path}")
-    if not p.is_file():
-        raise UsageError(f"query {what} {path} is not a regular file")
-    return p
-
-
-def query_modality(terms: list[Term], image: Path | None, audio: Path | None) -> str:
-    """The modality a query is read as for relevance: the one with the largest weight in it
-    (text on a tie: 'sunset' + an example photo is a text query)."""
-    parts = [(abs(t.weight), TEXT) for t in terms]
-    parts += [(1.0, m) for m, path in ((IMAGE, image), (AUDIO, audio)) if path is not None]
-    return max(parts, key=lambda p: p[0])[1] if parts else TEXT
-
-
-def check_query(
-    query: str | None, image: Path | None = None, audio: Path | None = None
-) -> list[Term]:
-    """Everything about a query that needs neither an index nor a model: its terms and files."""
-    terms = parse_query(query) if query and query.strip() else []
-    if image is not None:
-        check_query_file(image, "image")
-    if audio is not None:
-        check_query_file(audio, "sound")
-    if not terms and image is None and audio is None:
-        raise UsageError("nothing to search for: give a query text, --image or --audio")
-    return terms
-
 
 ALLOWED_KEPT = 8  # (type, filters) id sets a Searcher keeps
 
@@ -173,7 +82,7 @@ class Searcher:
     def _full_encoder(self):
         """The torch encoder of the index's model (for image/audio queries, or no fast tower)."""
         if self._full is None:
-            from .encoders import create_encoder
+            from ..encoders import create_encoder
 
             spec = ModelSpec.parse(self.identity["spec"])
             enc = create_encoder(spec, EncoderOptions(device=self.options.device))
@@ -185,7 +94,7 @@ class Searcher:
                 )
             audio = self.col.manifest.audio_encoder
             if audio:
-                from .encoders import attach_audio
+                from ..encoders import attach_audio
 
                 stored = self.col.projector_path
                 attach_audio(
@@ -204,7 +113,7 @@ class Searcher:
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         if self._text is None and self._full is None:
-            from .encoders import query_text_tower
+            from ..encoders import query_text_tower
 
             self._text = query_text_tower(model_cache_dir(self.col.root_dir, self.identity["key"]))
         if self._text is not None:
@@ -212,8 +121,8 @@ class Searcher:
         return self._full_encoder().encode_text(texts)
 
     def embed_image(self, path: Path) -> np.ndarray:
-        from .errors import LoadError
-        from .loaders.image import load_image
+        from ..errors import LoadError
+        from ..loaders.image import load_image
 
         enc = self._full_encoder()
         try:
@@ -223,8 +132,8 @@ class Searcher:
         return enc.encode_image([arr])[0]
 
     def embed_audio(self, path: Path) -> np.ndarray:
-        from .errors import LoadError
-        from .loaders.audio import load_audio
+        from ..errors import LoadError
+        from ..loaders.audio import load_audio
 
         if not self.col.manifest.audio_encoder:
             raise UsageError(
@@ -299,8 +208,8 @@ class Searcher:
 
     def _copies_of(self, paths: list[Path]) -> np.ndarray:
         """Unit ids of the query files and of their byte-identical copies in the index."""
-        from .loaders import file_hash
-        from .pipeline.walk import absolute
+        from ..loaders import file_hash
+        from ..pipeline.walk import absolute
 
         found = [np.zeros(0, np.int64)]
         for path in paths:
@@ -311,7 +220,7 @@ class Searcher:
     def _vectors(self):
         """The index's FAISS vectors, or all of them on the GPU through torch when this process
         has a GPU to search on (see torch_search.wanted)."""
-        from .storage.vectors.torch_exact import TorchExactIndex, wanted
+        from ..storage.vectors.torch_exact import TorchExactIndex, wanted
 
         if self._gpu_vectors is None:
             device = wanted(self.options.device)
@@ -322,7 +231,7 @@ class Searcher:
 
     def calibration(self, modalities) -> Calibration:
         """The index's relevance calibration, covering `modalities` (calibration.covering)."""
-        from .storage import calibration
+        from ..storage import calibration
 
         self._calibration = calibration.covering(
             self.col, modalities, self._calibration, self.embed_texts
@@ -412,15 +321,3 @@ def search(query: str | None = None, options: SearchOptions | None = None, **kw)
     """One-shot search (opens the index, answers, closes)."""
     with Searcher(options or SearchOptions()) as s:
         return s.search(query, **kw)
-
-
-__all__ = [
-    "Searcher",
-    "Term",
-    "check_query",
-    "check_query_file",
-    "combine",
-    "parse_query",
-    "query_modality",
-    "search",
-]

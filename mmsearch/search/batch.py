@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
-from .search import check_query
+from ..errors import UsageError
+from .searcher import check_query
 
 _FILE_OPTION = re.compile(r"""(?:^|\s)--(image|audio)(?:=|\s+)("[^"]*"|'[^']*'|\S+)""")
 # search's other options ('-people' is a negated term, not an option)

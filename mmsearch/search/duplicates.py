@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .modalities import BY_NAME, TABLE
-from .phash import hamming
-from .records import show_path
+from ..loaders.phash import hamming
+from ..modalities import BY_NAME, TABLE
+from ..records import show_path
 
 EXACT_BELOW = 20_000  # files; an exact k-NN pass over 20k x 512 takes ~2 s on two cores
 NEIGHBOURS = 16  # candidate neighbours per file
@@ -112,7 +112,7 @@ def _partition(x: np.ndarray, nprobe: int) -> list[tuple[np.ndarray, np.ndarray]
 
     An IVF index's own search costs the same multiply-adds, but one query at a time (measured
     ~2 GFLOP/s here); a block is one matrix product (BLAS, 10x that)."""
-    from .storage.vectors.faiss_index import KMEANS_ITERATIONS, TRAIN_POINTS_PER_LIST
+    from ..storage.vectors.faiss_index import KMEANS_ITERATIONS, TRAIN_POINTS_PER_LIST
 
     faiss = _faiss()
     n, dim = x.shape
