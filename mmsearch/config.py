@@ -213,6 +213,7 @@ class IndexOptions:
     vector_memory: int | None = None  # bytes the vector index may take; None: half the RAM
     ray: RaySettings | None = None  # embed on a Ray cluster instead of this machine
     max_note_bytes: int = DEFAULT_MAX_NOTE_BYTES  # the rest of a longer note: a warning
+    query_model: str | None = None  # record this query tower for text queries (query_tower)
 
 
 @dataclass(frozen=True)
@@ -227,3 +228,6 @@ class SearchOptions:
     group: bool = False  # one row per file (its best segment), the others counted
     exclude_self: bool = False  # image/audio queries: not the query file or its exact copies
     snippets: bool = True  # note hits carry their lines
+    # the text tower for text queries (encoders.query_tower): a directory or a published name;
+    # None: the index's own query tower if it has one, else its model's text tower
+    query_model: str | None = None

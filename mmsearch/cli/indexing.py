@@ -112,6 +112,16 @@ def index(
             "here and reported as truncated.",
         ),
     ] = DEFAULT_MAX_NOTE_BYTES,
+    query_model: Annotated[
+        str | None,
+        typer.Option(
+            "--query-model",
+            help="Make this the index's tower for text queries: a directory from mmsearch "
+            "distill-text, or a published tower aligned to the index's model (see README, "
+            "'Queries in other languages'). Searches then use it without being told.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Json = False,
     debug: Debug = False,
 ):
@@ -151,6 +161,7 @@ def index(
         ray=ray,
         types=chosen,
         max_note_bytes=max_note_bytes,
+        query_model=query_model,
     )
     show_bar = not as_json and sys.stderr.isatty()
     with Progress(show_bar) as progress, term_as_interrupt():

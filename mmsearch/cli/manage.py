@@ -52,6 +52,7 @@ def info(
             "weights": enc.get("weights"),
             "dim": enc.get("dim"),
             "audio_model": audio.get("spec") if audio else None,
+            "query_model": (col.manifest.query_tower or {}).get("source"),
             "files": counts["files"],
             "vectors": counts["vectors"],
             "failures": counts["failures"],
@@ -72,7 +73,8 @@ def info(
             for m, c in value.items():
                 say(f"{m + ':':<15}{c['files']} files, {c['vectors']} vectors")
         elif value is not None:
-            say(f"{key + ':':<15}{shown(str(value)) if key in ('path', 'model') else value}")
+            paths = ("path", "model", "query_model")
+            say(f"{key + ':':<15}{shown(str(value)) if key in paths else value}")
 
 
 @app.command()

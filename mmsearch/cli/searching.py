@@ -124,6 +124,16 @@ def search(
             help="Leave out the --image/--audio query file and its byte-identical copies.",
         ),
     ] = False,
+    query_model: Annotated[
+        str | None,
+        typer.Option(
+            "--query-model",
+            metavar="DIR|NAME",
+            help="Embed text queries with this query tower (from mmsearch distill-text, or a "
+            "published one aligned to the index's model) instead of the index's own.",
+            show_default=False,
+        ),
+    ] = None,
     index_name: IndexName = DEFAULT_INDEX,
     index_dir: IndexDir = None,
     device: Device = "auto",
@@ -156,6 +166,7 @@ def search(
         filters=FileFilter.parse(paths or (), after, before, min_size, max_size),
         group=group,
         exclude_self=exclude_self,
+        query_model=query_model,
     )
     found = False
     with Searcher(options) as searcher:

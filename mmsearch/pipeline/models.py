@@ -125,3 +125,30 @@ def text_embedder(col: Collection, encoder: Encoder, options: IndexOptions):
         return create_encoder(spec, options.encoder).encode_text(texts)
 
     return embed
+
+
+def query_tower_record(source: str | None, identity: dict) -> dict | None:
+    """The manifest record of query tower `source` (--query-model) for an index of `identity`;
+    refused (ModelMismatchError) when it is aligned to another model."""
+    if source is None:
+        return None
+    from ..encoders import query_tower
+
+    return query_tower.check_alignment(query_tower.resolve(source), identity)
+
+
+def keep_query_tower(col: Collection, record: dict | None, notes: list[str]) -> None:
+    """Record the run's query tower; drop the index's one when a rebuild with another model
+    left it aligned to the old model."""
+    from ..encoders import query_tower
+
+    if record is not None:
+        col.write_manifest(query_tower=record)
+        return
+    old = col.manifest.query_tower
+    if old is not None and not query_tower.fits(old["aligned_to"], col.encoder_identity):
+        col.write_manifest(query_tower=None)
+        notes.append(
+            f"dropped the query tower {old['source']}: it is aligned to the model the index was "
+            "built with before; distill one for the new model (mmsearch distill-text)"
+        )

@@ -20,7 +20,13 @@ from ..storage import calibration
 from ..storage.catalog import FileRow
 from ..storage.collection import Collection
 from .commit import Pacer, commit_chunk, embedded_chunks, fail_file
-from .models import attach_index_audio, encoder_for, text_embedder
+from .models import (
+    attach_index_audio,
+    encoder_for,
+    keep_query_tower,
+    query_tower_record,
+    text_embedder,
+)
 from .plan import Plan, check_types, plan
 from .walk import check_roots, walk
 
@@ -46,7 +52,10 @@ def index_paths(options: IndexOptions, progress: Progress | None = None) -> Inde
         # actually needs embedding, so a run that finds nothing new is quick.
         eager = options.encoder.model is not None or options.rebuild or not col.encoder_identity
         encoder = encoder_for(col, options) if eager else None
+        identity = encoder.identity if encoder is not None else col.encoder_identity
+        query = query_tower_record(options.query_model, identity)  # refused before any work
         report = _run(col, encoder, roots, options, types, progress)
+        keep_query_tower(col, query, report.notes)
         report.notes = list(col.notes) + report.notes
     finally:
         col.close()

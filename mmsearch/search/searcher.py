@@ -44,6 +44,7 @@ class Searcher:
 
     def _same_model(self, other: Searcher) -> bool:
         same = other.identity["key"] == self.identity["key"]
+        same = same and other._query_source() == self._query_source()
         return same and other.col.manifest.audio_encoder == self.col.manifest.audio_encoder
 
     def clone(self) -> Searcher:
@@ -63,6 +64,8 @@ class Searcher:
         other = copy.copy(self)
         other.options = options
         other._embedded, other._allowed = {}, {}
+        if options.query_model != self.options.query_model:
+            other._text = None
         return other
 
     def warm(self) -> None:
@@ -111,14 +114,31 @@ class Searcher:
             self._full = enc
         return self._full
 
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        if self._text is None and self._full is None:
-            from ..encoders import query_text_tower
+    def _query_source(self) -> str | None:
+        """The query tower asked for (--query-model), else the index's own (its manifest)."""
+        return self.options.query_model or (self.col.manifest.query_tower or {}).get("source")
 
-            self._text = query_text_tower(model_cache_dir(self.col.root_dir, self.identity["key"]))
-        if self._text is not None:
-            return self._text.embed(texts)
-        return self._full_encoder().encode_text(texts)
+    def _text_tower(self):
+        """The one place the tower for text queries is chosen: the query tower (another
+        language's, `encoders.query_tower`) when there is one, else the torch-free export of the
+        model's text tower, else the model's own (already loaded for an image or sound query)."""
+        if self._text is None:
+            source = self._query_source()
+            if source is not None:
+                from ..encoders import query_tower
+
+                self._text = query_tower.load(
+                    query_tower.resolve(source), self.identity, self.options.device
+                )
+            elif self._full is None:
+                from ..encoders import query_text_tower
+
+                cache = model_cache_dir(self.col.root_dir, self.identity["key"])
+                self._text = query_text_tower(cache)
+        return self._text or self._full_encoder().text
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self._text_tower().embed(texts)
 
     def embed_image(self, path: Path) -> np.ndarray:
         from ..errors import LoadError

@@ -57,6 +57,8 @@ class Manifest:
     vector_index: VectorInfo = field(default_factory=VectorInfo)
     # what the relevance calibration (storage.calibration.FILE) was fitted on: counts, probes
     relevance: dict | None = None
+    # the second text tower text queries use (encoders.query_tower.check_alignment's record)
+    query_tower: dict | None = None
     created: str | None = None
     updated: str | None = None
     extra: dict = field(default_factory=dict)
