@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_image, make_note
+from test_docs import user_files  # noqa: F401  (a fixture: a home folder, indexed)
 from typer.testing import CliRunner
 
 from mmsearch.cli import app
@@ -141,10 +142,20 @@ def test_distillation_learns_and_writes_a_stamped_sentence_transformer(distilled
     assert stamp["aligned_to"] == {k: teacher.identity[k] for k in ("key", "spec", "dim")}
 
 
-def _top(args: list[str]) -> str:
-    r = runner.invoke(app, ["search", *args, "-k", "1", "--type", "text", "--json"])
+def _tops(queries: list[str], *args: str) -> list[str]:
+    """The top note of each query, answered in one `search --queries` process."""
+    r = runner.invoke(
+        app, ["search", "--queries", "-", *args, "-k", "1", "--type", "text", "--json"],
+        input="\n".join(queries) + "\n",
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
-    return Path(json.loads(r.stdout.splitlines()[0])["path"]).name
+    top = {(h := json.loads(row))["query"]: Path(h["path"]).name for row in r.stdout.splitlines()}
+    return [top[q] for q in queries]
+
+
+def _found(queries: list[str], notes: list[str], *args: str) -> int:
+    """How many queries find their own note first."""
+    return sum(t == n for t, n in zip(_tops(queries, *args), notes, strict=True))
 
 
 @pytest.fixture
@@ -159,11 +170,11 @@ def notes_index(tmp_path, tiny_model) -> Path:
 
 def test_translated_queries_find_what_the_original_finds(distilled, notes_index):
     out, _ = distilled
-    same = without = 0
-    for i, (en, de) in enumerate(PARALLEL):
-        assert _top([en]) == f"n{i}.txt"  # the teacher finds the note of the English sentence
-        same += _top([de, "--query-model", str(out)]) == f"n{i}.txt"
-        without += _top([de]) == f"n{i}.txt"
+    notes = [f"n{i}.txt" for i in range(len(PARALLEL))]
+    english, german = [en for en, _ in PARALLEL], [de for _, de in PARALLEL]
+    assert _tops(english) == notes  # the teacher finds the note of the English sentence
+    same = _found(german, notes, "--query-model", str(out))
+    without = _found(german, notes)
     # one pair was held out from training; the model's own tower reads German poorly
     assert same >= len(PARALLEL) - 1
     assert without < same
@@ -173,7 +184,7 @@ def test_translated_queries_find_what_the_original_finds(distilled, notes_index)
     assert r.exit_code == 0, r.output
     info = json.loads(runner.invoke(app, ["info", "--json"]).stdout)
     assert info["query_model"] == str(out.resolve())
-    assert sum(_top([de]) == f"n{i}.txt" for i, (_, de) in enumerate(PARALLEL)) == same
+    assert _found(german, notes) == same
 
 
 def test_a_tower_for_another_model_is_refused(distilled, tmp_path, other_model):
@@ -225,3 +236,25 @@ def test_sentences_file_errors(tmp_path, tiny_model):
         r = runner.invoke(app, ["distill-text", str(path), "--out", str(tmp_path / "o"),
                                 "-m", str(tiny_model)])  # fmt: skip
         assert r.exit_code == 2 and words in r.stderr, r.output
+
+
+def test_readme_examples_run(distilled, user_files, tmp_path, monkeypatch):  # noqa: F811
+    """The README's 'Queries in other languages' commands that need no download (the default
+    student and the published tower do): the tower from `distilled` stands at the README's path."""
+    import shutil
+
+    from test_docs import _shell_words, code_blocks
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(distilled[0], tmp_path / "towers" / "multi")
+    ran = []
+    for line in code_blocks("### Queries in other languages")[0].splitlines():
+        words = _shell_words(line, user_files)
+        if words[1] == "distill-text" or "clip-ViT-B-32-multilingual-v1" in words:
+            continue
+        r = runner.invoke(app, words[1:])
+        assert r.exit_code == 0, (line, r.output)
+        ran.append(words[1])
+    assert ran == ["search", "index", "search"]
+    info = json.loads(runner.invoke(app, ["info", "--json"]).stdout)
+    assert info["query_model"] == str((tmp_path / "towers" / "multi").resolve())
