@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5, help="the student's own layers")
-    ap.add_argument("--head-lr", type=float, default=1e-3, help="the fresh Dense layer")
+    ap.add_argument("--head-lr", type=float, default=1e-2, help="the fresh Dense layer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

@@ -108,7 +108,7 @@ def distilled(work, sentences, tiny_model) -> tuple[Path, dict]:
         [
             "distill-text", str(sentences), "--out", str(out), "--model", str(tiny_model),
             "--student", str(student), "--epochs", "40", "--batch-size", "8",
-            "--lr", "1e-3", "--head-lr", "1e-2",
+            "--lr", "1e-3",
             "--val-fraction", "0.05", "--device", "cpu", "--json",
             "--pairs", str(work / "images" / "pairs.csv"),
         ],

@@ -68,7 +68,7 @@ def distill_text(
     ] = 5e-5,
     head_lr: Annotated[
         float, typer.Option("--head-lr", help="Learning rate of the fresh Dense layer.")
-    ] = 1e-3,
+    ] = 1e-2,
     val_fraction: Annotated[
         float,
         typer.Option(
