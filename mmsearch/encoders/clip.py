@@ -234,10 +234,13 @@ class ClipImageTower(Tower):
         self.mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1) * 255
 
-    def embed_batch(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+    def embed_batch(self, batch: Sequence) -> np.ndarray:
+        """uint8 (H, W, 3) pictures: numpy arrays, or tensors already on the device (JPEGs
+        decoded there, loaders.gpu_jpeg)."""
         import torch
 
-        x = torch.from_numpy(np.stack(batch)).to(self.device).permute(0, 3, 1, 2).float()
+        x = torch.stack([torch.as_tensor(b).to(self.device) for b in batch])
+        x = x.permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).to(self.dtype)
         with torch.inference_mode():
             y = self.model.encode_image(x)

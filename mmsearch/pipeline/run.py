@@ -82,6 +82,8 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, types, progress
         image_prep=encoder.prep,
         modalities=frozenset(m.name for m in TABLE if getattr(encoder, m.tower) is not None),
         max_note_bytes=options.max_note_bytes,
+        # an image tower on a GPU decodes the JPEGs there (loaders.gpu_jpeg)
+        jpeg_bytes=str(getattr(encoder.image, "device", "cpu")).startswith("cuda"),
     )
     _apply(col, encoder, p, settings, options, report, progress)
     return _totals(col, report)

@@ -72,4 +72,3 @@ class TorchExactIndex:
         exact = self.catalog.vectors_of(ids, self.dim) @ np.asarray(query, np.float32).reshape(-1)
         order = np.argsort(-exact, kind="stable")[:k]
         return exact[order].astype(np.float32), ids[order]
-
