@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = dict(images=2048, image_size=(640, 480), batch=256, search=(1_000_000, 10_000_000),
             ivf=1_000_000, queries=200, pairs=2048, ft_batch=128)  # fmt: skip
-SMOKE = dict(images=24, image_size=(96, 72), batch=8, search=(2_000, 5_000),
-             ivf=4_000, queries=20, pairs=48, ft_batch=8)  # fmt: skip
+SMOKE = dict(images=16, image_size=(96, 72), batch=8, search=(2_000, 5_000),
+             ivf=4_000, queries=20, pairs=32, ft_batch=8, workers=0)  # fmt: skip
 TINY_CFG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
@@ -140,7 +140,8 @@ def bench_images(work: Path, model: Path, size: dict, device: str) -> dict:
     decode = len(blobs) / timed(decode_all, device, 3)
     encode = runs * batch / timed(encode_all, device, 3)
     options = IndexOptions(roots=(work / "photos",), root_dir=work / "indexes",
-                           encoder=EncoderOptions(model=spec, device=device), batch_size=batch)  # fmt: skip
+                           encoder=EncoderOptions(model=spec, device=device), batch_size=batch,
+                           workers=size.get("workers"))  # fmt: skip
     index_paths(replace(options, name="warm"))  # model load, CUDA kernels, then a fresh index
     t = time.perf_counter()
     report = index_paths(options)
