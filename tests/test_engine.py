@@ -38,6 +38,10 @@ def test_cpu_and_one_shot_searches_stay_on_faiss_cpu():
     assert choose("auto", FLAT, 10**6, 512, one_shot).name == FAISS_CPU
     # --device cuda asks for the GPU even in a one-shot process
     assert choose("cuda", FLAT, 10**6, 512, Capabilities(faiss_gpus=1)).name == FAISS_GPU
+    on_second = choose("cuda:1", FLAT, 10**6, 512, Capabilities(faiss_gpus=2))
+    assert (on_second.name, on_second.device) == (FAISS_GPU, "cuda:1")
+    torch_second = choose("cuda:1", FLAT, 10**6, 512, Capabilities(torch_cuda=True))
+    assert (torch_second.name, torch_second.device) == (TORCH, "cuda:1")
 
 
 def test_faiss_gpu_precision_and_sharding_follow_memory():

@@ -54,7 +54,7 @@ class Engine:
     fp16: bool = False  # vectors stored in fp16 on the GPU(s) (cosines to ~1e-3)
     shard: bool = False  # split over `gpus` GPUs (each holds a part)
     reason: str = ""
-    device: str = "cuda"  # the torch device of the TORCH engine (tests run it on "cpu")
+    device: str = "cuda"  # cuda or cuda:N where GPU-held (the TORCH engine: tests use "cpu")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -96,8 +96,9 @@ def gpu_placement(index_type: str, n: int, dim: int, free: Sequence[int]) -> Eng
 
 
 def choose(device: str, index_type: str, n: int, dim: int, caps: Capabilities) -> Engine:
-    """The engine that answers searches of an index of `index_type` holding n vectors."""
-    if device not in ("auto", "cuda"):
+    """The engine that answers searches of an index of `index_type` holding n vectors
+    (`device`: auto, cpu, mps, cuda or cuda:N)."""
+    if not wants_gpu(device):
         return Engine(reason=f"--device {device}")
     if device == "auto" and not caps.resident:
         return Engine(reason="one-shot search: a CPU scan answers before a GPU has started")
@@ -106,31 +107,39 @@ def choose(device: str, index_type: str, n: int, dim: int, caps: Capabilities) -
         placed = gpu_placement(index_type, n, dim, caps.gpu_free[: caps.faiss_gpus])
         if placed is not None:
             why = "faiss sees GPUs"
-            return Engine(placed.name, placed.gpus, placed.fp16, placed.shard, why)
+            on = device if device.startswith("cuda:") else "cuda"
+            return Engine(placed.name, placed.gpus, placed.fp16, placed.shard, why, on)
         too_big = "the index does not fit the GPUs' memory"
     if caps.torch_cuda:
         need = gpu_bytes(FLAT, n, dim, fp16=True) + n * 8
         if not caps.gpu_free or need <= caps.gpu_free[0] - GPU_RESERVE:
-            return Engine(TORCH, 1, True, reason="faiss has no GPU support; torch sees a GPU")
+            why = "faiss has no GPU support; torch sees a GPU"
+            return Engine(TORCH, 1, True, reason=why, device=device if device != "auto" else "cuda")
         too_big = "the index does not fit the GPU's memory"
     return Engine(reason=too_big or "no GPU that faiss or torch can use")
+
+
+def wants_gpu(device: str) -> bool:
+    return device == "auto" or device == "cuda" or device.startswith("cuda:")
 
 
 def probe(device: str, resident: bool) -> Capabilities:
     """What this process can use. Cheap for a one-shot CLI search: nothing is asked of CUDA and
     torch is not imported unless `--device cuda` asked for a GPU."""
-    if device not in ("auto", "cuda") or (device == "auto" and not resident):
+    if not wants_gpu(device) or (device == "auto" and not resident):
         return Capabilities(resident=resident)
     import faiss
 
     gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
     torch_cuda, free = False, ()
-    if "torch" in sys.modules or device == "cuda":
+    if "torch" in sys.modules or device != "auto":
         import torch
 
         torch_cuda = torch.cuda.is_available()
         if torch_cuda:
-            free = tuple(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+            free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+            first = int(device.partition(":")[2] or 0)  # cuda:N: GPU N is the one to fit
+            free = tuple(free[first : first + 1] + free[:first] + free[first + 1 :])
     return Capabilities(gpus, free, torch_cuda, resident)
 
 
@@ -193,7 +202,8 @@ class GpuFaissIndex:
             self.gpu = faiss.index_cpu_to_all_gpus(cpu.index, co=options, ngpu=engine.gpus)
         else:
             self.resources = faiss.StandardGpuResources()
-            self.gpu = faiss.index_cpu_to_gpu(self.resources, 0, cpu.index, options)
+            gpu = int(engine.device.partition(":")[2] or 0)
+            self.gpu = faiss.index_cpu_to_gpu(self.resources, gpu, cpu.index, options)
 
     @property
     def ntotal(self) -> int:
@@ -234,5 +244,5 @@ class GpuFaissIndex:
 __all__ = [
     "FAISS_CPU", "FAISS_GPU", "GPU_MAX_K", "TORCH", "Capabilities", "Engine",
     "GpuFaissIndex", "choose", "describe_engines", "filtered_k", "gpu_answers", "gpu_bytes", "gpu_placement",
-    "open_engine", "probe",
+    "open_engine", "probe", "wants_gpu",
 ]  # fmt: skip
