@@ -22,7 +22,7 @@ timm, regex; carry open_clip and faiss-cpu as wheels. Once, here, in the reposit
       --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 \
       wcwidth==0.7.0 faiss-cpu==1.15.1
 
-(.whl/ is git-ignored; about 35 MB). Then run, with carry [".whl"] and timeout_s 600:
+(.whl/ is git-ignored; about 20 MB). Then run, with carry [".whl"] and timeout_s 600:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; \

@@ -149,8 +149,8 @@ def test_indexing_on_cuda_decodes_jpegs_there_and_finds_them(indexed_photos):
 # --- fine-tuning: mixed precision on CUDA ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_a_tiny_finetune_runs_in_mixed_precision_on_cuda(tmp_path, precision):
+@pytest.mark.parametrize("precision,device", [("fp16", "cuda"), ("bf16", "cuda:0")])
+def test_a_tiny_finetune_runs_in_mixed_precision_on_cuda(tmp_path, precision, device):
     from conftest import write_tiny_model
     from test_finetune import CFG16, config, draw_shapes, write_csv
 
@@ -160,7 +160,7 @@ def test_a_tiny_finetune_runs_in_mixed_precision_on_cuda(tmp_path, precision):
         pytest.skip("this GPU has no bf16")
     pairs = write_csv(tmp_path / "pairs.csv", draw_shapes(tmp_path, 60))
     base = write_tiny_model(tmp_path / "tiny16", cfg=CFG16)
-    cfg = config(base, tmp_path / "out", "full", device="cuda", precision=precision, epochs=2)
+    cfg = config(base, tmp_path / "out", "full", device=device, precision=precision, epochs=2)
     r = finetune(read_pairs(pairs), cfg)
     losses = [h["train_loss"] for h in r.history if h["train_loss"] is not None]
     assert r.samples_per_s > 0 and losses and np.isfinite(losses).all()

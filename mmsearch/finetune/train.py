@@ -286,7 +286,7 @@ def _optimizer_step(run: _Run, idx: np.ndarray, lr: float) -> float:
     if logit_scale is not None:
         with torch.no_grad():
             logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    if run.device == "cuda":
+    if run.device.startswith("cuda"):
         torch.cuda.synchronize()
     return loss
 

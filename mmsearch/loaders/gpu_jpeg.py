@@ -39,13 +39,18 @@ def decode_batch(items: Sequence[JpegBytes], prep: ImagePrep, device: str) -> li
     import torch
 
     raw = [torch.frombuffer(bytearray(x.data), dtype=torch.uint8) for x in items]
-    out = []
-    for x, img in zip(items, _decode(raw, device), strict=True):
+    out, greys = [], {}
+    for i, (x, img) in enumerate(zip(items, _decode(raw, device), strict=True)):
         if img is None:  # refused on the device: decoded on the CPU, as load_image would
             out.append(_on_cpu(x, prep, device))
             continue
         img = orient(img, x.orientation)
-        out.append((prepare(img, prep), _phash(img)))
+        out.append(prepare(img, prep))
+        greys[i] = _small_grey(img)
+    if greys:  # one copy back for the batch's perceptual hashes
+        small = torch.stack(list(greys.values())).double().cpu().numpy()
+        for i, grey in zip(greys, small, strict=True):
+            out[i] = (out[i], phash_of_array(grey))
     return out
 
 
@@ -109,15 +114,15 @@ def prepare(img, prep: ImagePrep):
     ).contiguous()
 
 
-def _phash(img) -> int:
-    """The perceptual hash (loaders.phash) of an oriented (3, H, W) picture, squashed to 32x32
-    grey levels on its device (antialiased bicubic, where the CPU path uses Lanczos: the hashes
-    agree within a few bits)."""
+def _small_grey(img):
+    """An oriented (3, H, W) picture squashed to the perceptual hash's 32x32 grey levels on its
+    device (antialiased bicubic, where the CPU path uses Lanczos: the hashes agree within a few
+    bits)."""
     import torch
 
     grey = sum(c * img[i].float() for i, c in enumerate(_GREY))[None, None]
     small = torch.nn.functional.interpolate(grey, (_SIDE, _SIDE), mode="bicubic", antialias=True)
-    return phash_of_array(small[0, 0].round().clamp(0, 255).double().cpu().numpy())
+    return small[0, 0].round().clamp(0, 255)
 
 
 def pictures(batches: list[list], prep: ImagePrep, device: str) -> Iterator[list]:
