@@ -165,3 +165,45 @@ def test_load_image_is_what_the_cpu_path_decodes(tmp_path):
     """The reference the tests above compare with is the indexing path itself."""
     p = make_photo(tmp_path / "x.jpg", 5)
     np.testing.assert_array_equal(load_image(p, PREP), cpu_path(p.read_bytes())[0])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_index_run_decoding_jpegs_as_a_gpu_would(tiny_model, tmp_path, monkeypatch, workers):
+    """index_paths with the device-decode path on (as with an image tower on CUDA), here on the
+    CPU: every photo is found by itself, the cut-short one fails alone with its reason, a PNG and
+    a progressive JPEG decode in the workers, and each photo's size and perceptual hash are
+    recorded as the CPU path records them."""
+    from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions, index_root
+    from mmsearch.pipeline import run
+    from mmsearch.search import Searcher
+
+    monkeypatch.setattr(run, "decodes_on_gpu", lambda encoder, options: True)
+    on_device = []
+    real = gj.decode_batch
+    monkeypatch.setattr(
+        gj, "decode_batch", lambda items, *a: on_device.extend(items) or real(items, *a)
+    )
+    root = tmp_path / "photos"
+    paths = [make_photo(root / f"p{i}.jpg", i, size=(200, 150)) for i in range(8)]
+    smooth_picture(20).save(root / "prog.jpg", "JPEG", progressive=True)
+    smooth_picture(21).save(root / "still.png")
+    (root / "cut.jpg").write_bytes(paths[0].read_bytes()[:2500])
+    encoder = EncoderOptions(model=ModelSpec.parse(str(tiny_model)), precision="fp32")
+    options = IndexOptions(roots=(root,), root_dir=index_root(), encoder=encoder, workers=workers)
+    report = run.index_paths(options)
+    assert (report.added, report.failed) == (10, 1)
+    assert len(on_device) == 8  # the baseline JPEGs; the others were decoded by the workers
+    with Searcher(SearchOptions()) as s:
+        for p in paths[1:4]:
+            assert s.search(image=p, k=1)[0].path == bytes(p)
+        fails = s.col.catalog.failures()
+        rows, _ = s.col.catalog.file_vectors(s.col.dim, "image")
+    assert [(path, "truncated" in why) for path, why, _ in fails] == [
+        (bytes(root / "cut.jpg"), True)
+    ]
+    meta = {r[0]: r[3:] for r in rows}  # path: (width, height, phash)
+    for p in paths:
+        with open_image(open(p, "rb")) as img:
+            _, want = decode_photo(img, PREP)
+        width, height, phash = meta[bytes(p)]
+        assert (width, height) == (200, 150) and hamming(phash, want.phash) <= 4
