@@ -81,6 +81,8 @@ def test_torch_answers_when_faiss_cannot_use_the_gpu():
     too_small = Capabilities(1, (2 * GIB,), torch_cuda=True, resident=True)
     assert "does not fit" in choose("auto", FLAT, 10**8, dim, too_small).reason
     assert choose("auto", FLAT, n, dim, Capabilities(resident=True)).reason.startswith("no GPU")
+    unasked = Capabilities(resident=True, torch_asked=False)
+    assert "torch is not loaded" in choose("auto", FLAT, n, dim, unasked).reason
     # unknown free memory: tried on one GPU (opening falls back to the CPU should it fail)
     assert choose("auto", FLAT, n, dim, Capabilities(faiss_gpus=2, resident=True)).gpus == 1
 

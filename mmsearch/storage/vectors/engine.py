@@ -43,6 +43,7 @@ class Capabilities:
     gpu_free: tuple[int, ...] = ()  # free bytes per GPU; () when unknown
     torch_cuda: bool = False  # torch is loaded (or was asked for) and sees a CUDA device
     resident: bool = False  # a long-lived process (a server, the library warmed)
+    torch_asked: bool = True  # False: torch was not loaded, so not asked about CUDA
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,11 @@ def choose(device: str, index_type: str, n: int, dim: int, caps: Capabilities) -
             why = "faiss has no GPU support; torch sees a GPU"
             return Engine(TORCH, 1, True, reason=why, device=device if device != "auto" else "cuda")
         too_big = "the index does not fit the GPU's memory"
-    return Engine(reason=too_big or "no GPU that faiss or torch can use")
+    if too_big or caps.torch_asked:
+        return Engine(reason=too_big or "no GPU that faiss or torch can use")
+    return Engine(
+        reason="faiss has no GPU support and torch is not loaded (--device cuda loads it)"
+    )
 
 
 def wants_gpu(device: str) -> bool:
@@ -132,7 +137,8 @@ def probe(device: str, resident: bool) -> Capabilities:
 
     gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
     torch_cuda, free = False, ()
-    if "torch" in sys.modules or device != "auto":
+    asked = "torch" in sys.modules or device != "auto"
+    if asked:
         import torch
 
         torch_cuda = torch.cuda.is_available()
@@ -140,7 +146,7 @@ def probe(device: str, resident: bool) -> Capabilities:
             free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
             first = int(device.partition(":")[2] or 0)  # cuda:N: GPU N is the one to fit
             free = tuple(free[first : first + 1] + free[:first] + free[first + 1 :])
-    return Capabilities(gpus, free, torch_cuda, resident)
+    return Capabilities(gpus, free, torch_cuda, resident, asked)
 
 
 def describe_engines(index_type: str, n: int, dim: int) -> dict[str, Engine]:
