@@ -219,7 +219,7 @@ def bench_ivf(n: int, queries: int) -> dict:
     truth = exact.index.search(vecs[held], 11)[1]
     shifted_truth = exact.index.search(qs, 10)[1]
     nprobe, recall = vi.tune(held, vecs[held], truth, shifted_truth)
-    searcher = GpuFaissIndex(vi, Engine(FAISS_GPU, 1)) if _faiss_gpus() else vi
+    searcher = GpuFaissIndex(vi, Engine(FAISS_GPU, 1, device="cuda")) if _faiss_gpus() else vi
     t = time.perf_counter()
     for q in qs:
         searcher.search(q, 10)

@@ -58,9 +58,9 @@ def test_faiss_gpu_copy_answers_as_the_cpu_index(index_type, fp16):
     ids = np.arange(n, dtype=np.int64) * 2
     cpu.add(ids, vecs)
     gpus = min(_faiss_gpus(), 2)
-    for engine in [Engine(FAISS_GPU, 1, fp16)] + [Engine(FAISS_GPU, gpus, fp16, shard=True)] * (
-        gpus > 1
-    ):
+    for engine in [Engine(FAISS_GPU, 1, fp16, device="cuda")] + [
+        Engine(FAISS_GPU, gpus, fp16, True, device="cuda")
+    ] * (gpus > 1):
         gpu = GpuFaissIndex(cpu, engine)
         for q in vecs[:20]:
             for allowed in (None, ids[: n * 3 // 4]):

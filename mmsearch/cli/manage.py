@@ -86,7 +86,7 @@ def info(
             from ..storage.vectors.engine import Engine
 
             for use, engine in value.items():
-                say(f"{f'engine ({use}):':<15}{Engine(**engine)}")
+                say(f"{f'{use} engine:':<15}{Engine(**engine)}")
         elif value is not None:
             say(f"{key + ':':<15}{shown(str(value)) if key in ('path', 'model') else value}")
 

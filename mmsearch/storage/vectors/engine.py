@@ -55,7 +55,7 @@ class Engine:
     fp16: bool = False  # vectors stored in fp16 on the GPU(s) (cosines to ~1e-3)
     shard: bool = False  # split over `gpus` GPUs (each holds a part)
     reason: str = ""
-    device: str = "cuda"  # cuda or cuda:N where GPU-held (the TORCH engine: tests use "cpu")
+    device: str = "cpu"  # where the vectors are: cpu, cuda or cuda:N (tests run TORCH on cpu)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,16 +83,16 @@ def gpu_placement(index_type: str, n: int, dim: int, free: Sequence[int]) -> Eng
     Unknown free memory (`free` empty) counts as fitting on one GPU: opening fails over to the
     CPU if it does not."""
     if not free:
-        return Engine(FAISS_GPU, 1)
+        return Engine(FAISS_GPU, 1, device="cuda")
     usable = [max(0, f - GPU_RESERVE) for f in free]
     precisions = (False,) if is_ivf(index_type) else (False, True)
     for fp16 in precisions:
         if gpu_bytes(index_type, n, dim, fp16) <= usable[0]:
-            return Engine(FAISS_GPU, 1, fp16)
+            return Engine(FAISS_GPU, 1, fp16, device="cuda")
     if len(usable) > 1:
         for fp16 in precisions:
             if math.ceil(gpu_bytes(index_type, n, dim, fp16) / len(usable)) <= min(usable):
-                return Engine(FAISS_GPU, len(usable), fp16, shard=True)
+                return Engine(FAISS_GPU, len(usable), fp16, shard=True, device="cuda")
     return None
 
 
@@ -119,9 +119,7 @@ def choose(device: str, index_type: str, n: int, dim: int, caps: Capabilities) -
         too_big = "the index does not fit the GPU's memory"
     if too_big or caps.torch_asked:
         return Engine(reason=too_big or "no GPU that faiss or torch can use")
-    return Engine(
-        reason="faiss has no GPU support and torch is not loaded (--device cuda loads it)"
-    )
+    return Engine(reason="faiss has no GPU support and torch is not loaded; --device cuda loads it")
 
 
 def wants_gpu(device: str) -> bool:
