@@ -183,4 +183,3 @@ class HFFastTextTower(Tower):
         if self.pooler_act:  # BERT's pooler: a dense layer and tanh on the first token
             x = ACTIVATIONS[self.pooler_act](linear(x, self.w["pooler_w"], self.w["pooler_b"]))
         return x
-
