@@ -106,40 +106,33 @@ def _encoder_weights(hf_model) -> tuple[dict | None, dict | None, str | None]:
     if after_padding and getattr(emb, "padding_idx", pad) != pad:
         return None, None, "position padding index differs from the pad token id"
     stacks: dict[str, list] = {k: [] for k in HF_BLOCK_KEYS}
-    shapes = set()
+    kinds, eps = set(), set()
     for layer in layers:
         parts, why = _layer_parts(layer, width)
         if parts is None:
             return None, None, why
         _stack_layer(parts, stacks)
-        shapes.add((parts["heads"], act_name(parts["act"]), parts["norm"]))
-        shapes.add(("eps", parts["ln_1"][2], parts["ln_2"][2]))
+        kinds.add((parts["heads"], act_name(parts["act"]), parts["norm"]))
+        eps |= {parts["ln_1"][2], parts["ln_2"][2]}
     weights = {k: np.ascontiguousarray(np.stack(v)) for k, v in stacks.items()}
     weights["token_embedding"] = f32(word.weight)
     weights["positional_embedding"] = f32(pos.weight)
     types = getattr(emb, "token_type_embeddings", None)
     if isinstance(types, torch.nn.Embedding):  # token type 0: one text, no pair
         weights["type_embedding"] = f32(types.weight[0])
-    eps = set()
     for name, ln in (
         ("emb_ln", getattr(emb, "LayerNorm", None)),
         ("ln_final", _final_norm(hf_model)),
     ):
         params = layer_norm_params(ln, width) if ln is not None else None
         if params is not None:
-            weights[f"{name}_w"], weights[f"{name}_b"], e = (
-                f32(params[0]),
-                f32(params[1]),
-                params[2],
-            )
-            eps.add(e)
-    eps |= {e for s in shapes if s[0] == "eps" for e in s[1:]}
-    blocks = [s for s in shapes if s[0] != "eps"]
-    if len(blocks) != 1 or blocks[0][1] is None:
+            weights[f"{name}_w"], weights[f"{name}_b"] = f32(params[0]), f32(params[1])
+            eps.add(params[2])
+    if len(kinds) != 1 or next(iter(kinds))[1] is None:
         return None, None, "unsupported or mixed activation, heads or norms in the text layers"
     if len(eps) != 1:
         return None, None, "layer norms differ in eps"
-    heads, act, norm = blocks[0]
+    heads, act, norm = kinds.pop()
     config = {
         "format": HF_FORMAT,
         "format_version": HF_FORMAT_VERSION,
@@ -160,17 +153,17 @@ def _encoder_weights(hf_model) -> tuple[dict | None, dict | None, str | None]:
 
 def _final_norm(hf_model):
     """A pre-LN model's norm after the last layer (RoBERTa-PreLayerNorm keeps it on the model)."""
-    enc = hf_model.encoder
-    return getattr(hf_model, "LayerNorm", None) or getattr(enc, "LayerNorm", None)
+    own = getattr(hf_model, "LayerNorm", None)
+    return own if own is not None else getattr(hf_model.encoder, "LayerNorm", None)
 
 
 def _stack_layer(parts: dict, stacks: dict) -> None:
     qkv = [parts[k] for k in ("q", "k", "v")]
     stacks["qkv_w"].append(np.concatenate([f32(m.weight).T for m in qkv], axis=1))
     stacks["qkv_b"].append(np.concatenate([_bias(m) for m in qkv]))
-    for key, mod in (("out", "out"), ("fc", "fc"), ("proj", "proj")):
-        stacks[f"{key}_w"].append(f32(parts[mod].weight).T)
-        stacks[f"{key}_b"].append(_bias(parts[mod]))
+    for key in ("out", "fc", "proj"):
+        stacks[f"{key}_w"].append(f32(parts[key].weight).T)
+        stacks[f"{key}_b"].append(_bias(parts[key]))
     for key in ("ln_1", "ln_2"):
         stacks[f"{key}_w"].append(f32(parts[key][0]))
         stacks[f"{key}_b"].append(f32(parts[key][1]))
@@ -179,7 +172,8 @@ def _stack_layer(parts: dict, stacks: dict) -> None:
 def _head(projection, width: int, weights: dict) -> tuple[list | None, int, str | None]:
     """The projection as steps for `HFFastTextTower` (weights added), its output dim, or why not.
     Takes None, nn.Identity, nn.Linear, an activation, a sentence-transformers Dense (`linear` +
-    `activation_function`), or an nn.Sequential / list of these."""
+    `activation_function`), a final sentence-transformers Normalize, or an nn.Sequential / list
+    of these."""
     import torch
 
     steps, dim = [], width
@@ -200,6 +194,8 @@ def _head(projection, width: int, weights: dict) -> tuple[list | None, int, str 
             b = f"head_{i}_b" if m.bias is not None else None
             steps.append({"op": "linear", "w": f"head_{i}_w", "b": b})
             dim = m.out_features
+        elif type(m).__name__ == "Normalize" and not todo:
+            pass  # sentence-transformers' final L2 normalisation: Tower.embed normalises too
         elif act_name(m) is not None:
             if act_name(m) != "identity":
                 steps.append({"op": "act", "act": act_name(m)})
@@ -288,7 +284,7 @@ def export_hf_text_tower(
     return publish(Path(out_dir), config, weights, {"tokenizer.json": tok_json}, verify)
 
 
-def hf_unsupported_reason(hf_model, tokenizer, pooling: str, projection=None, context_length=64):
+def hf_unsupported_reason(hf_model, tokenizer, pooling: str, projection=None, context_length=0):
     """Why `export_hf_text_tower` would refuse these parts, or None if they are supported."""
     return _collect(hf_model, tokenizer, pooling, projection, context_length)[3]
 
