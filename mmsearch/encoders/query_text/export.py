@@ -14,7 +14,7 @@ import numpy as np
 
 from ..text_parts import clip_text_tower
 from .tokenizer import UNICODE_SPLIT_TAIL, byte_char, byte_order, pair_key
-from .torch_parts import act_name, agrees, f32, layer_norm_params, publish
+from .torch_parts import act_name, agrees, f32, layer_norm_params, open_clip_reference, publish
 from .tower import BLOCK_KEYS, FORMAT, FORMAT_VERSION, OPTIONAL_BLOCK_KEYS, FastTextTower
 
 # Verification texts: long (> 77 tokens, so truncation keeps EOT last), unicode, html entities,
@@ -290,18 +290,8 @@ def unsupported_reason(model, tokenizer) -> str | None:
 
 
 def _verify(model, tokenizer, out_dir: Path) -> bool:
-    import torch
-
-    def reference_tokens(texts):
-        return tokenizer(texts).cpu().numpy()
-
-    def reference_embed(texts):
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            return model.encode_text(tokenizer(texts).to(device)).float().cpu().numpy()
-
-    tower = FastTextTower.load(out_dir)
-    return agrees(tower, SAMPLE_TEXTS, EMBED_SAMPLES, reference_tokens, reference_embed)
+    tokens, embed = open_clip_reference(model, tokenizer)
+    return agrees(FastTextTower.load(out_dir), SAMPLE_TEXTS, EMBED_SAMPLES, tokens, embed)
 
 
 def export_fast_text(model, tokenizer, out_dir: Path) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .export import export_fast_text
 from .hf_export import export_hf_text_tower
+from .torch_parts import open_clip_reference
 
 
 def export_open_clip_text(model, tokenizer, out_dir: Path) -> bool:
@@ -28,21 +29,12 @@ def is_hf_text_tower(model) -> bool:
 def export_open_clip_hf(model, tokenizer, out_dir: Path) -> bool:
     """`export_hf_text_tower` for an open_clip model whose text tower is an HFTextEncoder, checked
     against `model.encode_text(tokenizer(texts))` itself."""
-    import torch
-
     parts, _ = open_clip_hf_parts(model, tokenizer)
     if parts is None:
         shutil.rmtree(out_dir, ignore_errors=True)
         return False
 
-    def reference_tokens(texts):
-        return tokenizer(texts).cpu().numpy()
-
-    def reference_embed(texts):
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            return model.encode_text(tokenizer(texts).to(device)).float().cpu().numpy()
-
+    reference_tokens, reference_embed = open_clip_reference(model, tokenizer)
     return export_hf_text_tower(
         **parts,
         out_dir=out_dir,

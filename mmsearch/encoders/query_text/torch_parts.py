@@ -59,6 +59,22 @@ def f32(t) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy().copy()
 
 
+def open_clip_reference(model, tokenizer) -> tuple[Callable, Callable]:
+    """(texts -> padded token ids, texts -> embeddings) of an open_clip model and its tokenizer:
+    what an export is checked against."""
+    import torch
+
+    def reference_tokens(texts):
+        return tokenizer(texts).cpu().numpy()
+
+    def reference_embed(texts):
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            return model.encode_text(tokenizer(texts).to(device)).float().cpu().numpy()
+
+    return reference_tokens, reference_embed
+
+
 def agrees(
     tower: Tower,
     texts: Sequence[str],
