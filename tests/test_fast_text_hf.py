@@ -224,8 +224,20 @@ def test_parts_exporter_for_other_callers(tmp_path, model_cls, pooling, act):
     assert np.abs(tower.embed(TRICKY[:6]) - ref).max() < 1e-4
 
 
-def test_a_tower_that_disagrees_is_refused(exported, tmp_path, monkeypatch):
-    enc, _ = exported
+@pytest.fixture(scope="module")
+def bert_model(tmp_path_factory) -> Path:
+    return _open_clip_dir(tmp_path_factory.mktemp("hf_bert"), "bert")
+
+
+@pytest.fixture(scope="module")
+def bert_encoder(bert_model):
+    return load_clip(
+        ModelSpec.parse(str(bert_model)), EncoderOptions(device="cpu", precision="fp32")
+    )
+
+
+def test_a_tower_that_disagrees_is_refused(bert_encoder, tmp_path, monkeypatch):
+    enc = bert_encoder
     out = tmp_path / "fast"
     assert export_open_clip_text(enc.model, enc.tokenizer, out)
     monkeypatch.setitem(numpy_ops.ACTIVATIONS, "gelu", lambda x: x)
@@ -234,8 +246,8 @@ def test_a_tower_that_disagrees_is_refused(exported, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # the earlier export is gone too, never used stale
 
 
-def test_unsupported_parts_are_refused_with_a_reason(exported, tmp_path):
-    enc, _ = exported
+def test_unsupported_parts_are_refused_with_a_reason(bert_encoder, tmp_path):
+    enc = bert_encoder
     parts, why = open_clip_hf_parts(enc.model, enc.tokenizer)
     assert why is None
     model, tok = parts["hf_model"], parts["tokenizer"]
@@ -248,11 +260,6 @@ def test_unsupported_parts_are_refused_with_a_reason(exported, tmp_path):
         is False
     )
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture(scope="module")
-def bert_model(tmp_path_factory) -> Path:
-    return _open_clip_dir(tmp_path_factory.mktemp("hf_cli"), "bert")
 
 
 def test_cold_cli_search_imports_no_torch(bert_model, tmp_path):
