@@ -225,6 +225,8 @@ def _collect(hf_model, tokenizer, pooling, projection, context_length):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str"):
         return None, None, None, "tokenizer is not a fast (tokenizers-backed) tokenizer"
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        return None, None, None, "tokenizer has no pad token"
     offset = config["pad_token_id"] + 1 if config["positions"] == "after_padding" else 0
     if context_length + offset > config["max_positions"]:
         return None, None, None, "context length exceeds the position embeddings"
