@@ -124,6 +124,8 @@ class FinetuneResult:
     curve: Path | None = None
     model: Any = field(default=None, repr=False, compare=False)
     note: str | None = None  # e.g. --resume found no checkpoint and started from the beginning
+    # features of frozen parts read from the feature cache and computed, per tower
+    feature_cache: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -142,5 +144,6 @@ class FinetuneResult:
             "train_seconds": round(self.train_seconds, 2),
             "curve": str(self.curve) if self.curve else None,
             "history": self.history,
+            "feature_cache": self.feature_cache,
             **({"note": self.note} if self.note else {}),
         }

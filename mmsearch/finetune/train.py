@@ -154,8 +154,8 @@ def _setup(spec, config, pairs, val_pairs, progress) -> _Run:
     model.to(device)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, scaler, autocast = make_optimizer(params, config, device, amp_dtype)
-    encode = TrainEncoder(model, device, prep, autocast, config, amp_dtype)
-    encode.cache_frozen_prefixes(train, val, progress)
+    encode = TrainEncoder(model, device, prep, autocast, config, amp_dtype, progress)
+    encode.cache_frozen_prefixes(train, val, progress=progress)
     steps_per_epoch, total_steps, warmup = schedule(config, train)
     return _Run(
         config=config, spec=spec, device=device, model=model, tokenizer=tokenizer, plain=plain,
@@ -340,4 +340,5 @@ def _finish(run: _Run, state: TrainState, note: str | None, progress) -> Finetun
         curve=curve,
         model=run.plain,
         note=note,
+        feature_cache=run.encode.cache.stats.to_dict(),
     )
