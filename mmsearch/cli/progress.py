@@ -71,4 +71,45 @@ class Progress:
             self.bar.__exit__(*exc)
 
 
-# --- search -----------------------------------------------------------------------------------
+class TrainProgress:
+    """Training progress on a terminal: a bar over optimizer steps, a line per evaluation."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar = rich_bar()
+        return self
+
+    def __call__(self, event: str, **info) -> None:
+        if self.bar is None:
+            return
+        if event == "step":
+            desc = f"epoch {info['epoch']} loss {info['loss']:.3f}"
+            if self.task is None:
+                self.task = self.bar.add_task(desc, total=info["steps"])
+            self.bar.update(self.task, completed=info["step"], description=desc)
+        elif event == "eval" and "recall" in info:
+            self.bar.console.print(
+                f"epoch {info['epoch']}: mean recall {info['recall'].mean:.3f}", style="dim"
+            )
+        elif event == "audio-step":
+            desc = f"audio head, loss {info['loss']:.3f}"
+            if self.task is None:
+                self.task = self.bar.add_task(desc, total=info["steps"])
+            self.bar.update(self.task, completed=info["step"], description=desc)
+        elif event == "audio-eval":
+            self.bar.console.print(
+                f"audio head step {info['step']}: mean recall {info['recall'].mean:.3f}",
+                style="dim",
+            )
+        elif event in ("load_model", "decode", "features", "data"):
+            detail = f" {info.get('done')}/{info.get('total')}" if "done" in info else ""
+            self.bar.console.print(f"{event.replace('_', ' ')}{detail}", style="dim", end="\r")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

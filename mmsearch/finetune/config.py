@@ -10,8 +10,14 @@ from typing import Any
 from ..config import DEFAULT_MODEL
 from ..errors import UsageError
 from .evaluate import Recall
-from .methods import DEFAULT_LORA_TARGETS, DEFAULT_LR, METHODS
 
+METHODS = ("head", "lora", "lock-image", "full")
+DEFAULT_LR = {"head": 1e-3, "lora": 3e-4, "lock-image": 5e-5, "full": 1e-5}
+# open_clip transformer blocks (attn.in_proj_weight, attn.out_proj, mlp.c_fc, mlp.c_proj), Hugging
+# Face BERT-style towers (query/key/value/dense) and timm ViTs (qkv/proj/fc1/fc2).
+DEFAULT_LORA_TARGETS = (
+    "in_proj", "out_proj", "c_fc", "c_proj", "query", "key", "value", "dense", "qkv", "fc1", "fc2",
+)  # fmt: skip
 FORMAT_VERSION = 1  # of checkpoints, the training log and cached features
 # Fields that may differ between a run and its --resume (they do not change what is computed).
 RESUME_FREE = frozenset(
@@ -29,7 +35,7 @@ class FinetuneConfig:
     method: str = "head"  # head | lora | lock-image | full
     epochs: int = 5
     batch_size: int = 64  # per forward pass; the contrastive batch is batch_size * grad_accum
-    lr: float | None = None  # None: methods.DEFAULT_LR[method]
+    lr: float | None = None  # None: DEFAULT_LR[method]
     weight_decay: float = 0.1
     warmup_steps: int | None = None  # None: warmup_fraction of all optimizer steps
     warmup_fraction: float = 0.1

@@ -26,14 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import UsageError
-
-METHODS = ("head", "lora", "lock-image", "full")
-DEFAULT_LR = {"head": 1e-3, "lora": 3e-4, "lock-image": 5e-5, "full": 1e-5}
-# open_clip transformer blocks (attn.in_proj_weight, attn.out_proj, mlp.c_fc, mlp.c_proj), Hugging
-# Face BERT-style towers (query/key/value/dense) and timm ViTs (qkv/proj/fc1/fc2).
-DEFAULT_LORA_TARGETS = (
-    "in_proj", "out_proj", "c_fc", "c_proj", "query", "key", "value", "dense", "qkv", "fc1", "fc2",
-)  # fmt: skip
+from .config import DEFAULT_LORA_TARGETS, METHODS
 
 
 class ResidualAdapter(nn.Module):

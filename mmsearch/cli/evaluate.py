@@ -1,0 +1,71 @@
+"""`mmsearch eval`: retrieval recall of a model on (file, caption) pairs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..config import index_root
+from .app import Debug, Device, Json, app, emit_json, handle_errors, say
+from .pairs import AllowOutside, Pairs, pairs_notes, recall_table, say_skipped_audio, skipped_line
+
+
+@app.command("eval")
+@handle_errors
+def eval_(
+    source: Pairs,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model to evaluate (any --model spec).")
+    ] = "ViT-B-32",
+    audio_model: Annotated[
+        str | None,
+        typer.Option(
+            "--audio-model",
+            help="CLAP model for audio pairs (default: the one --model's directory carries, "
+            "else laion/clap-htsat-unfused), as indexing with --model uses.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Files embedded per model call.")
+    ] = 64,
+    allow_outside: AllowOutside = False,
+    device: Device = "auto",
+    as_json: Json = False,
+    debug: Debug = False,
+):
+    """Retrieval recall@1/5/10 of a model on your pairs: image->text and text->image for image
+    pairs, audio->text and text->audio for audio pairs (with the audio tower and projector that
+    indexing with --model uses)."""
+    from ..finetune import evaluate, read_pairs
+    from ..records import AUDIO, IMAGE
+
+    pairs = read_pairs(source, allow_outside=allow_outside)
+    recall = audio = None
+    if pairs.of(IMAGE).pairs or not pairs.of(AUDIO).pairs:
+        recall = evaluate(pairs, model, device=device, batch_size=batch_size)
+    if pairs.of(AUDIO).pairs:
+        from ..finetune.audio import evaluate_audio
+
+        audio = evaluate_audio(
+            pairs, model, audio_model, cache_dir=index_root() / ".models", device=device
+        )
+    if as_json:
+        data = {"model": model, **(recall.to_dict() if recall else {})}
+        if audio is not None:
+            data["audio"] = audio.to_dict()
+        data["skipped"] = pairs.skipped_counts()
+        data["outside"] = [str(p) for p in pairs.outside]
+        emit_json(data)
+        return
+    if pairs_notes(pairs):
+        say(pairs_notes(pairs), err=True)
+    if pairs.skipped:
+        say(skipped_line(pairs.skipped_counts()), err=True)
+    if recall is not None:
+        say(f"{model}: {recall.images} images, {recall.texts} captions")
+        say(recall_table(recall))
+    if audio is not None:
+        say(f"{model}: {audio.images} audio files, {audio.texts} distinct captions")
+        say(recall_table(audio, audio=True))
+        say_skipped_audio(audio.skipped)

@@ -1,0 +1,180 @@
+"""`mmsearch finetune`: fine-tune a model's alignment on (file, caption) pairs.
+
+The options that are plain `FinetuneConfig` fields are the table `TRAINING`: one line per option,
+its type and default taken from the config.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import ModelSpec, index_root
+from ..finetune.config import FinetuneConfig
+from .app import Debug, Device, Json, app, emit_json, fail, handle_errors, say
+from .flags import flag, with_flags
+from .pairs import AllowOutside, Pairs, pairs_notes, recall_table, say_skipped_audio, skipped_line
+from .progress import TrainProgress
+
+TRAINING = (
+    flag("method", "head, lora, lock-image or full."),
+    flag("epochs", "Passes over the pairs.", min=1),
+    flag("batch_size", "Pairs per step; each pair's negatives are the others in the batch.",
+         "--batch-size", "-b", min=2),
+    flag("lr", "Default depends on --method."),
+    flag("weight_decay", "AdamW weight decay (not on gains and biases)."),
+    flag("warmup_steps", "Learning-rate warmup (default: 10% of the steps)."),
+    flag("grad_accum", "Batches per optimizer step (a larger contrastive batch).", min=1),
+    flag("val_fraction", "Files held out for evaluation."),
+    flag("lora_rank", "Rank of the LoRA adapters (--method lora).", min=1),
+    flag("grad_checkpointing", "Recompute activations: less memory, slower steps."),
+    flag("precision", "auto (mixed precision on CUDA and on CPUs with native bf16, else fp32), "
+         "fp32, bf16 or fp16 (autocast; fp16 adds loss scaling). Weights stay fp32."),
+    flag("seed", "Seed of the split, the shuffles and the inits."),
+    flag("resume", "Continue an interrupted run."),
+    flag("overwrite", "Replace --out."),
+)  # fmt: skip
+
+
+@app.command()
+@handle_errors
+@with_flags(FinetuneConfig, TRAINING)
+def finetune(
+    source: Pairs,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model to start from (any --model spec).")
+    ] = "ViT-B-32",
+    val: Annotated[
+        Path | None,
+        typer.Option("--val", help="Separate held-out pairs (instead of --val-fraction)."),
+    ] = None,
+    lora_targets: Annotated[
+        str | None, typer.Option("--lora-targets", help="Comma-separated layer names.")
+    ] = None,
+    audio_model: Annotated[
+        str | None,
+        typer.Option(
+            "--audio-model",
+            help="CLAP model whose projector audio pairs train (default: the one --model's "
+            "directory carries, else laion/clap-htsat-unfused).",
+        ),
+    ] = None,
+    audio_tower: Annotated[
+        str,
+        typer.Option(
+            "--audio-tower",
+            help="Audio pairs: 'head' also trains CLAP's audio projection head (the MLP after "
+            "the frozen HTSAT trunk) with the projector, kept if it beats the projector alone "
+            "on held-out recall and saved in OUT/audio_model; 'none' trains the projector only.",
+        ),
+    ] = "none",
+    audio_steps: Annotated[
+        int,
+        typer.Option("--audio-steps", min=1, help="Training steps of --audio-tower head."),
+    ] = 300,
+    allow_outside: AllowOutside = False,
+    device: Device = "auto",
+    as_json: Json = False,
+    debug: Debug = False,
+    **training,
+):
+    """Fine-tune the alignment on your own (file, caption) pairs; keeps the best epoch."""
+    from ..finetune import finetune as run_finetune
+    from ..finetune import read_pairs
+    from ..finetune.audio import TOWERS
+
+    if audio_tower not in TOWERS:
+        fail(f"unknown --audio-tower {audio_tower!r}; use one of: {', '.join(TOWERS)}")
+    if lora_targets:
+        training["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    config = FinetuneConfig(model=model, out=out, device=device, **training)
+    from ..records import AUDIO, IMAGE
+
+    pairs = read_pairs(source, allow_outside=allow_outside)
+    val_pairs = read_pairs(val, allow_outside=allow_outside) if val is not None else None
+    has_audio = bool(pairs.of(AUDIO).pairs)
+    result = audio = None
+    with TrainProgress(not as_json and sys.stderr.isatty()) as progress:
+        if pairs.of(IMAGE).pairs or not has_audio:
+            result = run_finetune(pairs, config, progress=progress, val_pairs=val_pairs)
+        if has_audio:
+            # Audio pairs train the audio projector against the (tuned) CLIP text tower; it is
+            # saved in the model directory, where indexing with --model picks it up.
+            from ..encoders.clip import materialize_model_dir
+            from ..finetune.audio import HeadSettings, train_audio_projector
+
+            if result is None:
+                materialize_model_dir(ModelSpec.parse(model), config.out, config.overwrite)
+            audio = train_audio_projector(
+                pairs,
+                config.out,
+                audio_model,
+                cache_dir=index_root() / ".models",
+                val_fraction=max(config.val_fraction, 0.1),
+                seed=config.seed,
+                device=device,
+                progress=progress,
+                val_pairs=val_pairs if val_pairs is not None and val_pairs.of(AUDIO) else None,
+                tower=audio_tower,
+                head_settings=HeadSettings(
+                    steps=audio_steps, batch_size=config.batch_size, seed=config.seed
+                ),
+            )
+    # With image pairs the image run reports the pairs left out (missing files, empty captions,
+    # of any modality); with audio pairs only, they are reported here.
+    unread = pairs.skipped_counts() if result is None else {}
+    if as_json:
+        data = result.to_dict() if result else {"out": str(config.out)}
+        if unread:
+            data["skipped"] = unread
+        data["outside"] = [str(p) for p in pairs.outside]
+        if audio is not None:
+            data["audio"] = audio.to_dict()
+        emit_json(data)
+        return
+    if pairs_notes(pairs):
+        say(pairs_notes(pairs), err=True)
+    if result is not None and result.note:
+        say(result.note, err=True)
+    if unread:
+        say(skipped_line(unread), err=True)
+    if audio is not None:
+        _say_audio(audio)
+    if result is None:
+        say(f"re-index with it: mmsearch index PATH --model {config.out} --rebuild")
+        return
+    say(
+        f"{result.method}: {result.train_pairs} training pairs ({result.train_files} files), "
+        f"{result.val_pairs} held out ({result.val_files} files); "
+        f"{result.samples_per_s:.1f} samples/s"
+    )
+    say(recall_table(result.before, result.after))
+    kept = "the model before training" if result.best_epoch == 0 else f"epoch {result.best_epoch}"
+    say(f"kept {kept}; wrote {result.out}" + (f" (curve: {result.curve})" if result.curve else ""))
+    if result.skipped:
+        say(skipped_line(result.skipped), err=True)
+    say(f"re-index with it: mmsearch index PATH --model {result.out} --rebuild")
+
+
+def _say_audio(audio) -> None:
+    kept = {
+        "before": "the previous projector",
+        "after": "the fitted projector",
+        "head": f"the trained audio head (step {audio.head_step}) and its projector",
+    }[audio.kept]
+    say(
+        f"audio: {audio.train_pairs} training pairs, {audio.val_pairs} held out; "
+        f"kept {kept} ({audio.projector}"
+        + (f", {audio.audio_model}" if audio.audio_model else "")
+        + ")"
+    )
+    if audio.head is not None:
+        say(f"audio head: training loss {audio.head_loss[0]:.3f} -> {audio.head_loss[1]:.3f}")
+    names = ["before", "projector"] + (["+ head"] if audio.head is not None else [])
+    recalls = [audio.before, audio.after] + ([audio.head] if audio.head is not None else [])
+    say(recall_table(*recalls, names=names, audio=True))
+    say_skipped_audio(audio.skipped)
