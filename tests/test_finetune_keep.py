@@ -138,3 +138,109 @@ def test_cache_is_bounded_and_survives_damage(tmp_path):
     total = sum(f.stat().st_size for f in (tmp_path / "c").glob("*/*"))
     assert 0 < total <= 3000
     assert not list((tmp_path / "c").glob("image-ns/*.safetensors"))  # the oldest went first
+
+
+# --- WiSE-FT ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["head", "lock-image"])
+def test_mix_at_0_and_1_is_base_and_fine_tuned_bit_for_bit(base, method):
+    import open_clip
+    import torch
+
+    from mmsearch.finetune.methods import apply_method, merged_state_dict, trainable_state
+    from mmsearch.finetune.wise import mix_state
+
+    model = open_clip.create_model(f"local-dir:{base}")
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_method(model, method)
+    start = {k: v.clone() for k, v in trainable_state(model).items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # stands in for training: every trainable tensor moves
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    tuned = {k: v.clone() for k, v in trainable_state(model).items()}
+
+    def merged():  # a copy: the state dict's tensors are the live weights
+        return {k: v.clone() for k, v in merged_state_dict(model).items()}
+
+    tuned_sd = merged()
+    model.load_state_dict(mix_state(start, tuned, 0.0), strict=False)
+    at0 = merged()
+    model.load_state_dict(mix_state(start, tuned, 1.0), strict=False)
+    at1 = merged()
+    assert set(at0) == set(base_sd)
+    assert [k for k in base_sd if not torch.equal(at0[k], base_sd[k])] == []
+    assert all(torch.equal(at1[k], tuned_sd[k]) for k in tuned_sd)
+    assert any(not torch.equal(tuned_sd[k], base_sd[k]) for k in base_sd)
+    model.load_state_dict(mix_state(start, tuned, 0.5), strict=False)
+    half = merged()
+    moved = [k for k in base_sd if not torch.equal(tuned_sd[k], base_sd[k])]
+    assert all(not torch.equal(half[k], base_sd[k]) for k in moved)
+
+
+def recall_row(alpha: float, target: float, retained: float, base_retained: float) -> dict:
+    from mmsearch.finetune import Recall
+
+    def r(v):
+        return Recall({1: v, 5: v, 10: v}, {1: v, 5: v, 10: v}, 10, 10).to_dict()
+
+    return {"alpha": alpha, "target": r(target), "retention": r(retained),
+            "forgetting": max(0.0, 1 - retained / base_retained)}  # fmt: skip
+
+
+def test_choice_keeps_retention_within_max_forgetting():
+    from mmsearch.finetune.wise import choose
+
+    # target recall rises with alpha while retention falls: 0.50 -> 0.30 at alpha 1
+    curve = [recall_row(a, 0.2 + 0.5 * a, 0.5 - 0.2 * a * a, 0.5) for a in (0, 0.25, 0.5, 0.75, 1)]
+    assert choose(curve, 1.0) == 1  # no bound: the fine-tuned model
+    assert choose(curve, 0.05) == 0.25  # 0.5 -> 0.4875 (2.5%); 0.5 costs 10%
+    assert choose(curve, 0.10) == 0.5
+    assert choose(curve, 0.0) == 0  # only the base keeps everything
+    # a mix that beats both ends on the target (the WiSE-FT effect) is taken
+    bump = [recall_row(a, t, 0.5, 0.5) for a, t in ((0, 0.2), (0.5, 0.7), (1, 0.6))]
+    assert choose(bump, 0.05) == 0.5
+
+
+def test_finetune_with_retention_pairs_reports_and_saves_the_chosen_mix(base, tmp_path):
+    import torch
+
+    from mmsearch.finetune import finetune
+    from mmsearch.finetune.checkpoint import load_weights
+
+    user = write_csv(tmp_path / "u" / "pairs.csv", draw_shapes(tmp_path / "u", 40, seed=1))
+    general = write_csv(tmp_path / "g" / "pairs.csv", draw_shapes(tmp_path / "g", 24, seed=2))
+    events = []
+    result = finetune(
+        read_pairs(user), config(base, tmp_path / "m", "head", epochs=2, max_forgetting=0.0),
+        retain_pairs=read_pairs(general), progress=lambda e, **i: events.append(e),
+    )  # fmt: skip
+    mix = result.mix
+    assert mix.measured and events.count("mix") == 11
+    assert [r["alpha"] for r in mix.curve] == [i / 10 for i in range(11)]
+    chosen = mix.row(mix.alpha)
+    assert chosen["forgetting"] == 0  # max_forgetting 0: nothing lost on the retention pairs
+    report = result.to_dict()["wise"]
+    assert set(report["target"]) == set(report["retention"]) == {"base", "fine-tuned", "mix"}
+    assert report["retention"]["mix"]["mean"] >= report["retention"]["base"]["mean"] - 1e-6
+    # the saved model is the mix: its held-out recall is the one reported for it
+    saved = evaluate(read_pairs(general), str(result.out), device="cpu", precision="fp32")
+    assert saved.mean == pytest.approx(Recall_mean(report["retention"]["mix"]), abs=1e-6)
+    weights = load_weights(result.out / "open_clip_model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in result.model.state_dict().items())
+
+
+def Recall_mean(d: dict) -> float:
+    from mmsearch.finetune import Recall
+
+    return Recall.from_dict(d).mean
+
+
+def test_without_retention_pairs_the_report_says_so(shapes, base, tmp_path):
+    from mmsearch.finetune import finetune
+
+    result = finetune(read_pairs(shapes), config(base, tmp_path / "m", "head", epochs=1))
+    assert result.mix.alpha == 1 and not result.mix.measured
+    assert "retention not measured" in result.to_dict()["wise"]["note"]

@@ -8,7 +8,17 @@ import typer
 
 from ..config import index_root
 from .app import Debug, Device, Json, app, emit_json, handle_errors, say
-from .pairs import AllowOutside, Pairs, pairs_notes, recall_table, say_skipped_audio, skipped_line
+from .pairs import (
+    AllowOutside,
+    FeatureCacheDir,
+    NoFeatureCache,
+    Pairs,
+    feature_cache_dir,
+    pairs_notes,
+    recall_table,
+    say_skipped_audio,
+    skipped_line,
+)
 
 
 @app.command("eval")
@@ -30,6 +40,8 @@ def eval_(
         int, typer.Option("--batch-size", "-b", min=1, help="Files embedded per model call.")
     ] = 64,
     allow_outside: AllowOutside = False,
+    feature_cache: FeatureCacheDir = None,
+    no_feature_cache: NoFeatureCache = False,
     device: Device = "auto",
     as_json: Json = False,
     debug: Debug = False,
@@ -43,7 +55,10 @@ def eval_(
     pairs = read_pairs(source, allow_outside=allow_outside)
     recall = audio = None
     if pairs.of(IMAGE).pairs or not pairs.of(AUDIO).pairs:
-        recall = evaluate(pairs, model, device=device, batch_size=batch_size)
+        recall = evaluate(
+            pairs, model, device=device, batch_size=batch_size,
+            feature_cache=feature_cache_dir(feature_cache, no_feature_cache),
+        )  # fmt: skip
     if pairs.of(AUDIO).pairs:
         from ..finetune.audio import evaluate_audio
 

@@ -16,7 +16,17 @@ from ..config import ModelSpec, index_root
 from ..finetune.config import FinetuneConfig
 from .app import Debug, Device, Json, app, emit_json, fail, handle_errors, say
 from .flags import flag, with_flags
-from .pairs import AllowOutside, Pairs, pairs_notes, recall_table, say_skipped_audio, skipped_line
+from .pairs import (
+    AllowOutside,
+    FeatureCacheDir,
+    NoFeatureCache,
+    Pairs,
+    feature_cache_dir,
+    pairs_notes,
+    recall_table,
+    say_skipped_audio,
+    skipped_line,
+)
 from .progress import TrainProgress
 
 TRAINING = (
@@ -34,6 +44,8 @@ TRAINING = (
     flag("precision", "auto (mixed precision on CUDA and on CPUs with native bf16, else fp32), "
          "fp32, bf16 or fp16 (autocast; fp16 adds loss scaling). Weights stay fp32."),
     flag("seed", "Seed of the split, the shuffles and the inits."),
+    flag("max_forgetting", "With --retain: the largest relative drop of the retention pairs' "
+         "mean recall the kept WiSE-FT mix of base and fine-tuned weights may cost."),
     flag("resume", "Continue an interrupted run."),
     flag("overwrite", "Replace --out."),
 )  # fmt: skip
@@ -51,6 +63,15 @@ def finetune(
     val: Annotated[
         Path | None,
         typer.Option("--val", help="Separate held-out pairs (instead of --val-fraction)."),
+    ] = None,
+    retain: Annotated[
+        Path | None,
+        typer.Option(
+            "--retain",
+            help="General pairs whose retrieval must not degrade: the model kept is the mix of "
+            "the base and fine-tuned weights (WiSE-FT) with the best held-out recall among those "
+            "within --max-forgetting on these.",
+        ),
     ] = None,
     lora_targets: Annotated[
         str | None, typer.Option("--lora-targets", help="Comma-separated layer names.")
@@ -77,6 +98,8 @@ def finetune(
         typer.Option("--audio-steps", min=1, help="Training steps of --audio-tower head."),
     ] = 300,
     allow_outside: AllowOutside = False,
+    feature_cache: FeatureCacheDir = None,
+    no_feature_cache: NoFeatureCache = False,
     device: Device = "auto",
     as_json: Json = False,
     debug: Debug = False,
@@ -91,16 +114,20 @@ def finetune(
         fail(f"unknown --audio-tower {audio_tower!r}; use one of: {', '.join(TOWERS)}")
     if lora_targets:
         training["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    training["feature_cache"] = feature_cache_dir(feature_cache, no_feature_cache)
     config = FinetuneConfig(model=model, out=out, device=device, **training)
     from ..records import AUDIO, IMAGE
 
     pairs = read_pairs(source, allow_outside=allow_outside)
     val_pairs = read_pairs(val, allow_outside=allow_outside) if val is not None else None
+    retain_pairs = read_pairs(retain, allow_outside=allow_outside) if retain is not None else None
     has_audio = bool(pairs.of(AUDIO).pairs)
     result = audio = None
     with TrainProgress(not as_json and sys.stderr.isatty()) as progress:
         if pairs.of(IMAGE).pairs or not has_audio:
-            result = run_finetune(pairs, config, progress=progress, val_pairs=val_pairs)
+            result = run_finetune(
+                pairs, config, progress=progress, val_pairs=val_pairs, retain_pairs=retain_pairs
+            )
         if has_audio:
             # Audio pairs train the audio projector against the (tuned) CLIP text tower; it is
             # saved in the model directory, where indexing with --model picks it up.
@@ -154,10 +181,25 @@ def finetune(
     )
     say(recall_table(result.before, result.after))
     kept = "the model before training" if result.best_epoch == 0 else f"epoch {result.best_epoch}"
+    if result.mix is not None and result.mix.measured:
+        _say_mix(result.mix)
+        kept = f"the WiSE-FT mix at {result.mix.alpha:g} of the base and {kept}"
+    elif result.mix is not None and result.mix.note:
+        say(result.mix.note, err=True)
     say(f"kept {kept}; wrote {result.out}" + (f" (curve: {result.curve})" if result.curve else ""))
     if result.skipped:
         say(skipped_line(result.skipped), err=True)
     say(f"re-index with it: mmsearch index PATH --model {result.out} --rebuild")
+
+
+def _say_mix(mix) -> None:
+    names = ["base", "fine-tuned", f"mix {mix.alpha:g}"]
+    for what, label in (("target", "held-out pairs"), ("retention", "retention pairs (--retain)")):
+        say(f"{label}:")
+        say(recall_table(*mix.recalls(what).values(), names=names))
+    row = mix.row(mix.alpha)
+    say(f"retention recall lost by the mix: {row['forgetting']:.1%} "
+        f"(--max-forgetting {mix.max_forgetting:g})")  # fmt: skip
 
 
 def _say_audio(audio) -> None:

@@ -27,6 +27,25 @@ AllowOutside = Annotated[
     ),
 ]
 
+FeatureCacheDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--feature-cache",
+        help="Folder where features of frozen tower parts are kept between runs and "
+        "evaluations (default: INDEX_ROOT/.models/features, at most 4 GiB, safe to delete).",
+        show_default=False,
+    ),
+]
+NoFeatureCache = Annotated[
+    bool, typer.Option("--no-feature-cache", help="Compute frozen features afresh; keep none.")
+]
+
+
+def feature_cache_dir(folder: Path | None, off: bool) -> Path | None:
+    from ..finetune.features import default_dir
+
+    return None if off else (folder or default_dir())
+
 
 def pairs_notes(pairs) -> str | None:
     """The files a pairs file pulled in from outside its folder, for stderr."""
