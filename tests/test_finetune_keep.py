@@ -244,3 +244,74 @@ def test_without_retention_pairs_the_report_says_so(shapes, base, tmp_path):
     result = finetune(read_pairs(shapes), config(base, tmp_path / "m", "head", epochs=1))
     assert result.mix.alpha == 1 and not result.mix.measured
     assert "retention not measured" in result.to_dict()["wise"]["note"]
+
+
+# --- captions the user already has ------------------------------------------------------------
+
+XMP = """<?xpacket begin='' id='W5M0MpCehiHzreSzNTczkc9d'?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/">
+<dc:description><rdf:Alt><rdf:li xml:lang="de">Ein Hund am Strand</rdf:li>
+<rdf:li xml:lang="x-default">A dog running on the beach</rdf:li></rdf:Alt></dc:description>
+<dc:subject><rdf:Bag><rdf:li>dog</rdf:li><rdf:li>beach</rdf:li><rdf:li>summer</rdf:li></rdf:Bag>
+</dc:subject></rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end='w'?>"""
+
+
+def with_iptc(path: Path, records: list[tuple[int, bytes]]) -> Path:
+    """Put an IPTC IIM record (Photoshop APP13 resource 0x0404) into a JPEG, as cameras and
+    photo managers write it."""
+    import struct
+
+    iim = b"".join(b"\x1c\x02" + bytes([n]) + struct.pack(">H", len(v)) + v for n, v in records)
+    iim += b"\0" * (len(iim) % 2)
+    resource = b"8BIM" + struct.pack(">H", 0x0404) + b"\0\0" + struct.pack(">I", len(iim)) + iim
+    body = b"Photoshop 3.0\0" + resource
+    data = path.read_bytes()
+    path.write_bytes(data[:2] + b"\xff\xed" + struct.pack(">H", len(body) + 2) + body + data[2:])
+    return path
+
+
+def test_captions_from_xmp_iptc_sidecars_and_folder_names(tmp_path):
+    from conftest import make_photo
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    root = tmp_path / "Photos"
+    make_photo(root / "Beach_2019" / "dog.jpg", seed=1)
+    Image.open(root / "Beach_2019" / "dog.jpg").save(root / "Beach_2019" / "xmp.jpg",
+                                                     xmp=XMP.encode())  # fmt: skip
+    png_info = PngInfo()
+    png_info.add_itxt("XML:com.adobe.xmp", XMP.replace("A dog running", "A dog resting"))
+    (root / "png").mkdir()
+    Image.open(root / "Beach_2019" / "dog.jpg").save(root / "png" / "x.png", pnginfo=png_info)
+    with_iptc(make_photo(root / "city-trip" / "iptc.jpg", seed=2), [
+        (120, b"Tower bridge at night"), (25, b"london"), (25, "caf\xe9".encode()),
+    ])  # fmt: skip
+    make_photo(root / "loose.jpg", seed=3)
+    (root / "loose.txt").write_text("a loose photo\n")
+
+    def caps(sources):
+        pairs = read_pairs(root, captions_from=sources)
+        got = {}
+        for p in pairs.pairs:
+            got.setdefault(p.path.relative_to(root).as_posix(), []).append(p.caption)
+        return got, pairs.skipped_counts()
+
+    xmp, skipped = caps(("xmp",))
+    assert xmp == {
+        "Beach_2019/xmp.jpg": ["A dog running on the beach", "Ein Hund am Strand",
+                               "dog, beach, summer"],
+        "png/x.png": ["A dog resting on the beach", "Ein Hund am Strand", "dog, beach, summer"],
+        "city-trip/iptc.jpg": ["Tower bridge at night", "london, café"],
+    }  # fmt: skip
+    assert skipped == {"no caption": 2}  # dog.jpg and loose.jpg carry none
+    folders, _ = caps(("folders",))
+    assert folders == {
+        "Beach_2019/dog.jpg": ["beach 2019"], "Beach_2019/xmp.jpg": ["beach 2019"],
+        "png/x.png": ["png"], "city-trip/iptc.jpg": ["city trip"],
+    }  # fmt: skip
+    every, skipped = caps(("sidecar", "xmp", "folders"))
+    assert every["loose.jpg"] == ["a loose photo"] and not skipped
+    assert every["city-trip/iptc.jpg"] == ["Tower bridge at night", "london, café", "city trip"]
+    sidecar, skipped = caps(("sidecar",))  # the default: as before
+    assert sidecar == {"loose.jpg": ["a loose photo"]} and skipped == {"no caption file": 4}

@@ -10,9 +10,11 @@ from ..config import index_root
 from .app import Debug, Device, Json, app, emit_json, handle_errors, say
 from .pairs import (
     AllowOutside,
+    CaptionsFrom,
     FeatureCacheDir,
     NoFeatureCache,
     Pairs,
+    caption_sources,
     feature_cache_dir,
     pairs_notes,
     recall_table,
@@ -40,6 +42,7 @@ def eval_(
         int, typer.Option("--batch-size", "-b", min=1, help="Files embedded per model call.")
     ] = 64,
     allow_outside: AllowOutside = False,
+    captions_from: CaptionsFrom = "sidecar",
     feature_cache: FeatureCacheDir = None,
     no_feature_cache: NoFeatureCache = False,
     device: Device = "auto",
@@ -52,7 +55,8 @@ def eval_(
     from ..finetune import evaluate, read_pairs
     from ..records import AUDIO, IMAGE
 
-    pairs = read_pairs(source, allow_outside=allow_outside)
+    sources = caption_sources(captions_from)
+    pairs = read_pairs(source, allow_outside=allow_outside, captions_from=sources)
     recall = audio = None
     if pairs.of(IMAGE).pairs or not pairs.of(AUDIO).pairs:
         recall = evaluate(

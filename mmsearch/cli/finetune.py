@@ -18,9 +18,11 @@ from .app import Debug, Device, Json, app, emit_json, fail, handle_errors, say
 from .flags import flag, with_flags
 from .pairs import (
     AllowOutside,
+    CaptionsFrom,
     FeatureCacheDir,
     NoFeatureCache,
     Pairs,
+    caption_sources,
     feature_cache_dir,
     pairs_notes,
     recall_table,
@@ -98,6 +100,7 @@ def finetune(
         typer.Option("--audio-steps", min=1, help="Training steps of --audio-tower head."),
     ] = 300,
     allow_outside: AllowOutside = False,
+    captions_from: CaptionsFrom = "sidecar",
     feature_cache: FeatureCacheDir = None,
     no_feature_cache: NoFeatureCache = False,
     device: Device = "auto",
@@ -118,8 +121,13 @@ def finetune(
     config = FinetuneConfig(model=model, out=out, device=device, **training)
     from ..records import AUDIO, IMAGE
 
-    pairs = read_pairs(source, allow_outside=allow_outside)
-    val_pairs = read_pairs(val, allow_outside=allow_outside) if val is not None else None
+    sources = caption_sources(captions_from)
+    pairs = read_pairs(source, allow_outside=allow_outside, captions_from=sources)
+    val_pairs = (
+        read_pairs(val, allow_outside=allow_outside, captions_from=sources)
+        if val is not None
+        else None
+    )
     retain_pairs = read_pairs(retain, allow_outside=allow_outside) if retain is not None else None
     has_audio = bool(pairs.of(AUDIO).pairs)
     result = audio = None

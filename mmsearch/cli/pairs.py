@@ -40,6 +40,25 @@ NoFeatureCache = Annotated[
     bool, typer.Option("--no-feature-cache", help="Compute frozen features afresh; keep none.")
 ]
 
+CaptionsFrom = Annotated[
+    str,
+    typer.Option(
+        "--captions-from",
+        help="For a folder: where captions come from, any of sidecar (a.jpg + a.txt), xmp "
+        "(descriptions, titles and keywords embedded in photos as XMP or IPTC), folders (the "
+        "folder's name); every distinct caption found is a pair.",
+    ),
+]
+
+
+def caption_sources(text: str) -> tuple[str, ...]:
+    from ..finetune.captions import parse_sources
+
+    try:
+        return parse_sources(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--captions-from") from None
+
 
 def feature_cache_dir(folder: Path | None, off: bool) -> Path | None:
     from ..finetune.features import default_dir
