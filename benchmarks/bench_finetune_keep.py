@@ -115,8 +115,10 @@ def main() -> None:
     models = {"base": str(LIT), "fine-tuned": str(plain.out),
               f"WiSE-FT mix ({wise.mix.alpha:g})": str(wise.out)}  # fmt: skip
     out = {}
-    print("| model | digits t→i R@1 | R@5 | R@10 | i→t R@1 | R@5 | R@10 | mean || flickr val "
-          "t→i R@1 | R@5 | R@10 | i→t R@1 | R@5 | R@10 | mean |")
+    print(
+        "| model | digits t→i R@1 | R@5 | R@10 | i→t R@1 | R@5 | R@10 | mean || flickr val "
+        "t→i R@1 | R@5 | R@10 | i→t R@1 | R@5 | R@10 | mean |"
+    )
     for name, path in models.items():
         d = shared_recall(path, held, cache)
         f = evaluate(flickr_val, path, device="cpu", precision="fp32", feature_cache=cache)

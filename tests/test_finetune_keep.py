@@ -315,3 +315,45 @@ def test_captions_from_xmp_iptc_sidecars_and_folder_names(tmp_path):
     assert every["city-trip/iptc.jpg"] == ["Tower bridge at night", "london, café", "city trip"]
     sidecar, skipped = caps(("sidecar",))  # the default: as before
     assert sidecar == {"loose.jpg": ["a loose photo"]} and skipped == {"no caption file": 4}
+
+
+# --- from the command line --------------------------------------------------------------------
+
+
+def test_cli_folder_captions_retention_and_default_feature_cache(base, tmp_path, home):
+    import json
+
+    from conftest import make_image
+    from typer.testing import CliRunner
+
+    from mmsearch.cli import app
+
+    def cli(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    photos = tmp_path / "library"
+    for i in range(16):  # four folders of four photos: the folder name is the caption
+        make_image(photos / ["red_car", "blue-sky", "old dog", "new cat"][i % 4] / f"{i}.png",
+                   pattern=i, size=(32, 32))  # fmt: skip
+    general = write_csv(tmp_path / "g" / "pairs.csv", draw_shapes(tmp_path / "g", 12, seed=5))
+    args = ["finetune", photos, "--captions-from", "folders", "--model", base, "--epochs", "1",
+            "-b", "8", "--val-fraction", "0.25", "--precision", "fp32", "--device", "cpu"]  # fmt: skip
+    r = cli(*args, "--out", tmp_path / "m1", "--retain", general, "--max-forgetting", "0.1",
+            "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["train_pairs"] + out["val_pairs"] == 16
+    assert set(out["wise"]["retention"]) == {"base", "fine-tuned", "mix"}
+    assert out["feature_cache"]["computed"]["text"] > 0
+    shards = list((home / ".models" / "features").glob("text-*/*.safetensors"))
+    assert shards  # the default place: beside the index root's cached models
+    r = cli(*args, "--out", tmp_path / "m2", "--json")
+    again = json.loads(r.stdout.strip().splitlines()[-1])
+    assert again["feature_cache"]["computed"] == {"text": 0}  # read back, not encoded
+    assert "retention not measured" in again["wise"]["note"]
+    r = cli(*args, "--out", tmp_path / "m3", "--no-feature-cache")
+    assert r.exit_code == 0, r.output
+    assert "retention not measured" in r.output
+    assert list((home / ".models" / "features").glob("text-*/*.safetensors")) == shards
+    r = cli("finetune", photos, "--captions-from", "exif", "--out", tmp_path / "m4")
+    assert r.exit_code != 0 and "unknown caption source exif" in r.output
