@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_tiny_model
 from test_finetune import CFG16, config, draw_shapes, write_csv
@@ -357,3 +358,20 @@ def test_cli_folder_captions_retention_and_default_feature_cache(base, tmp_path,
     assert list((home / ".models" / "features").glob("text-*/*.safetensors")) == shards
     r = cli("finetune", photos, "--captions-from", "exif", "--out", tmp_path / "m4")
     assert r.exit_code != 0 and "unknown caption source exif" in r.output
+    # without --retain, the photos of the index give the retention pairs
+    r = cli("index", tmp_path / "g", "--model", base)
+    assert r.exit_code == 0, r.output
+    r = cli(*args, "--out", tmp_path / "m5", "--json")
+    wise = json.loads(r.stdout.strip().splitlines()[-1])["wise"]
+    assert "of index 'default'" in wise["retention_pairs"] and "note" not in wise
+    assert wise["retention"]["base"]["images"] >= 2
+
+
+def test_index_retention_pairs_each_query_with_its_best_photo_once():
+    from mmsearch.finetune.retention import base_model_pairs
+
+    img = np.eye(4, dtype=np.float32)
+    txt = np.array([[0.9, 0.1, 0, 0], [0.8, 0.6, 0, 0], [0, 0, 0.2, 0.98], [0, 0, 0.1, 0.99]])
+    txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
+    # query 1's best photo (0) is taken by the more confident query 0; query 2's by query 3
+    assert sorted(base_model_pairs(img, txt)) == [(0, 0), (3, 3)]

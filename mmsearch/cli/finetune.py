@@ -72,9 +72,14 @@ def finetune(
             "--retain",
             help="General pairs whose retrieval must not degrade: the model kept is the mix of "
             "the base and fine-tuned weights (WiSE-FT) with the best held-out recall among those "
-            "within --max-forgetting on these.",
+            "within --max-forgetting on these. Default: pairs built from the photos of --index "
+            "(each generic query's best photo under the base model) when it exists.",
         ),
     ] = None,
+    index: Annotated[
+        str,
+        typer.Option("--index", "-i", help="Index whose photos give the default retention set."),
+    ] = "default",
     lora_targets: Annotated[
         str | None, typer.Option("--lora-targets", help="Comma-separated layer names.")
     ] = None,
@@ -134,8 +139,9 @@ def finetune(
     with TrainProgress(not as_json and sys.stderr.isatty()) as progress:
         if pairs.of(IMAGE).pairs or not has_audio:
             result = run_finetune(
-                pairs, config, progress=progress, val_pairs=val_pairs, retain_pairs=retain_pairs
-            )
+                pairs, config, progress=progress, val_pairs=val_pairs, retain_pairs=retain_pairs,
+                retain_index=(index_root(), index),
+            )  # fmt: skip
         if has_audio:
             # Audio pairs train the audio projector against the (tuned) CLIP text tower; it is
             # saved in the model directory, where indexing with --model picks it up.
@@ -202,7 +208,7 @@ def finetune(
 
 def _say_mix(mix) -> None:
     names = ["base", "fine-tuned", f"mix {mix.alpha:g}"]
-    for what, label in (("target", "held-out pairs"), ("retention", "retention pairs (--retain)")):
+    for what, label in (("target", "held-out pairs"), ("retention", f"retention: {mix.retention}")):
         say(f"{label}:")
         say(recall_table(*mix.recalls(what).values(), names=names))
     row = mix.row(mix.alpha)

@@ -68,14 +68,13 @@ def prepare_data(pairs, val_pairs, prep, tokenizer, config, progress):
     return train, val, skipped
 
 
-def retention_split(retain, train: Split, val: Split, prep, tokenizer, config, progress):
+def retention_split(retain, exclude: set, prep, tokenizer, config, progress):
     """The image pairs of `retain` (general pairs whose recall must not degrade) whose files are
-    neither trained nor held out, decoded and tokenized; None without such pairs (or with fewer
-    than two decodable files)."""
+    not in `exclude` (trained or held out), decoded and tokenized; None without such pairs (or
+    with fewer than two decodable files)."""
     if retain is None:
         return None
-    used = set(train.files) | set(val.files)
-    image_pairs = [p for p in retain.of(IMAGE).pairs if p.path not in used]
+    image_pairs = [p for p in retain.of(IMAGE).pairs if p.path not in exclude]
     files = list(dict.fromkeys(p.path for p in image_pairs))
     decoded, bad, keep_pixels = _decode_all(files, prep, config, progress)
     image_pairs = [p for p in image_pairs if p.path not in bad]

@@ -50,11 +50,14 @@ def finetune(
     progress: Progress | None = None,
     val_pairs: PairSet | None = None,
     retain_pairs: PairSet | None = None,
+    retain_index: tuple[Path, str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `config.model` on the image pairs of `pairs`; evaluate on `val_pairs` or on
     held-out files of `pairs`. Audio pairs are left to `finetune.audio.train_audio_projector`.
     With `retain_pairs` (general pairs whose retrieval must not degrade), the saved model is the
     WiSE-FT mix of base and fine-tuned weights chosen under `config.max_forgetting` (`wise`).
+    Without them, `retain_index` ((index root, name)) gives retention pairs from the photos of
+    that index where it exists (`retention.index_retention`).
 
     `progress(event, **info)` is called with events: "load_model", "data", "decode", "features",
     "resume", "eval", "step", "epoch", "checkpoint", "mix", "feature_cache", "warning", "done".
@@ -64,7 +67,7 @@ def finetune(
     resume_from, note = check_out_dir(spec, config, config.out / CHECKPOINT_DIR)
     if note:
         progress("warning", message=note)
-    run = _setup(spec, config, pairs, val_pairs, retain_pairs, progress)
+    run = _setup(spec, config, pairs, val_pairs, (retain_pairs, retain_index), progress)
     if resume_from is not None:
         state = _resume(run, resume_from, progress)
     else:
@@ -103,6 +106,7 @@ class _Run:
     groups: Any  # per training caption, its file (torch, on `device`): no negatives within a file
     captions_of: list  # per training file, the indices of its captions
     retain: Split | None  # general pairs whose recall the WiSE-FT mix must keep
+    retain_source: str | None  # where they came from, for the report
     start_state: dict  # the trainable tensors before training (the base model)
     best_state: dict | None = None  # and at the best epoch so far
 
@@ -135,11 +139,10 @@ class _Run:
 # --- setting up -------------------------------------------------------------------------------
 
 
-def _setup(spec, config, pairs, val_pairs, retain_pairs, progress) -> _Run:
+def _setup(spec, config, pairs, val_pairs, retention, progress) -> _Run:
     """Load the base model, prepare the data, adapt the model for the method, build the optimizer
     and cache what frozen parts compute."""
     from ..encoders.clip import _prep_from, pick_device
-    from .data import retention_split
     from .methods import apply_method, trainable_state
 
     device = pick_device(config.device)
@@ -148,7 +151,6 @@ def _setup(spec, config, pairs, val_pairs, retain_pairs, progress) -> _Run:
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     prep = _prep_from(preprocess_cfg)
     train, val, skipped = prepare_data(pairs, val_pairs, prep, tokenizer, config, progress)
-    retain = retention_split(retain_pairs, train, val, prep, tokenizer, config, progress)
     data_fingerprint = fingerprint(train, val)
     progress(
         "data", train_pairs=len(train.file_of), train_files=len(train.files),
@@ -166,6 +168,7 @@ def _setup(spec, config, pairs, val_pairs, retain_pairs, progress) -> _Run:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, scaler, autocast = make_optimizer(params, config, device, amp_dtype)
     encode = TrainEncoder(model, device, prep, autocast, config, amp_dtype, progress)
+    retain, retain_source = _retention(*retention, train, val, encode, prep, tokenizer, progress)
     encode.cache_frozen_prefixes(train, val, *([retain] if retain else []), progress=progress)
     steps_per_epoch, total_steps, warmup = schedule(config, train)
     return _Run(
@@ -175,7 +178,7 @@ def _setup(spec, config, pairs, val_pairs, retain_pairs, progress) -> _Run:
         params=params, optimizer=optimizer, scaler=scaler, autocast=autocast, encode=encode,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup,
         groups=_groups(train, device), captions_of=captions_by_file(train), retain=retain,
-        start_state=_clone(trainable_state(model)),
+        retain_source=retain_source, start_state=_clone(trainable_state(model)),
     )  # fmt: skip
 
 
@@ -190,6 +193,24 @@ def _load_base(spec, config, device, progress):
     torch.manual_seed(config.seed)
     model, tokenizer, _ = create_open_clip(spec, device="cpu")  # ModelError if it cannot load
     return model, tokenizer, output_model_cfg(spec, model)
+
+
+def _retention(pairs, index, train, val, encode, prep, tokenizer, progress):
+    """(the retention Split, what it is): the user's retention pairs, else pairs from the photos
+    of `index` (root, name) that the base model finds for generic queries, else (None, None)."""
+    from .data import retention_split
+    from .retention import index_retention, indexed_photos
+
+    config, used = encode.config, set(train.files) | set(val.files)
+    source = "--retain pairs"
+    if pairs is None and index is not None:
+        photos = indexed_photos(index[0], index[1], used, seed=config.seed)
+        if len(photos) >= 2:
+            pairs = index_retention(encode, photos, tokenizer, prep, config, progress)
+            source = (f"{len(pairs)} photos of index '{index[1]}', each the base model's best "
+                      "for a generic query")  # fmt: skip
+    split = retention_split(pairs, used, prep, tokenizer, config, progress)
+    return (split, source) if split is not None else (None, None)
 
 
 def _clone(state: dict) -> dict:
@@ -347,6 +368,7 @@ def _finish(run: _Run, state: TrainState, note: str | None, progress) -> Finetun
     config = run.config
     mix = wise_ft(run.encode, run.model, run.start_state, run.best_state, run.val, run.retain,
                   config.max_forgetting, progress)  # fmt: skip
+    mix.retention = run.retain_source
     state.wise = mix.to_dict()
     if mix.alpha != 1.0:
         run.install_best()  # the model now holds the chosen mix

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from .evaluate import Recall
 
 GRID = tuple(i / 10 for i in range(11))
-NOT_MEASURED = "retention not measured (no --retain pairs): kept the fine-tuned model"
+NOT_MEASURED = (
+    "retention not measured (no --retain pairs, and no indexed photos to build them from): kept "
+    "the fine-tuned model"
+)
 
 
 @dataclass
@@ -33,6 +36,7 @@ class MixReport:
     max_forgetting: float
     curve: list[dict] = field(default_factory=list)  # per alpha: target, retention, forgetting
     note: str | None = None
+    retention: str | None = None  # what the retention pairs are
 
     def row(self, alpha: float) -> dict:
         return next(r for r in self.curve if r["alpha"] == alpha)
@@ -47,7 +51,8 @@ class MixReport:
         return {name: Recall.from_dict(self.row(a)[what]) for name, a in picks.items()}
 
     def to_dict(self) -> dict:
-        out = {"alpha": self.alpha, "max_forgetting": self.max_forgetting, "curve": self.curve}
+        out = {"alpha": self.alpha, "max_forgetting": self.max_forgetting, "curve": self.curve,
+               "retention_pairs": self.retention}  # fmt: skip
         if self.curve:
             for what in ("target", "retention"):
                 if self.curve[0][what] is not None:
