@@ -86,3 +86,20 @@ def index_retention(encode, photos: list[Path], tokenizer, prep, config, progres
     txt = F.normalize(txt.float(), dim=-1).cpu().numpy()
     pairs = base_model_pairs(img, txt)
     return PairSet([Pair(split.files[i], queries[q], IMAGE) for q, i in pairs])
+
+
+def retention_set(pairs, index, train, val, encode, prep, tokenizer, progress):
+    """(the retention Split, what it is): the user's retention pairs, else pairs from the photos
+    of `index` (root, name) that the base model finds for generic queries, else (None, None)."""
+    from .data import retention_split
+
+    config, used = encode.config, set(train.files) | set(val.files)
+    source = "--retain pairs"
+    if pairs is None and index is not None:
+        photos = indexed_photos(index[0], index[1], used, seed=config.seed)
+        if len(photos) >= 2:
+            pairs = index_retention(encode, photos, tokenizer, prep, config, progress)
+            source = (f"{len(pairs)} photos of index '{index[1]}', each the base model's best "
+                      "for a generic query")  # fmt: skip
+    split = retention_split(pairs, used, prep, tokenizer, config, progress)
+    return (split, source) if split is not None else (None, None)

@@ -144,6 +144,7 @@ def _setup(spec, config, pairs, val_pairs, retention, progress) -> _Run:
     and cache what frozen parts compute."""
     from ..encoders.clip import _prep_from, pick_device
     from .methods import apply_method, trainable_state
+    from .retention import retention_set
 
     device = pick_device(config.device)
     amp_dtype = autocast_dtype(device, config.precision)
@@ -168,7 +169,8 @@ def _setup(spec, config, pairs, val_pairs, retention, progress) -> _Run:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, scaler, autocast = make_optimizer(params, config, device, amp_dtype)
     encode = TrainEncoder(model, device, prep, autocast, config, amp_dtype, progress)
-    retain, retain_source = _retention(*retention, train, val, encode, prep, tokenizer, progress)
+    retain, retain_source = retention_set(*retention, train, val, encode, prep, tokenizer,
+                                          progress)  # fmt: skip
     encode.cache_frozen_prefixes(train, val, *([retain] if retain else []), progress=progress)
     steps_per_epoch, total_steps, warmup = schedule(config, train)
     return _Run(
@@ -193,24 +195,6 @@ def _load_base(spec, config, device, progress):
     torch.manual_seed(config.seed)
     model, tokenizer, _ = create_open_clip(spec, device="cpu")  # ModelError if it cannot load
     return model, tokenizer, output_model_cfg(spec, model)
-
-
-def _retention(pairs, index, train, val, encode, prep, tokenizer, progress):
-    """(the retention Split, what it is): the user's retention pairs, else pairs from the photos
-    of `index` (root, name) that the base model finds for generic queries, else (None, None)."""
-    from .data import retention_split
-    from .retention import index_retention, indexed_photos
-
-    config, used = encode.config, set(train.files) | set(val.files)
-    source = "--retain pairs"
-    if pairs is None and index is not None:
-        photos = indexed_photos(index[0], index[1], used, seed=config.seed)
-        if len(photos) >= 2:
-            pairs = index_retention(encode, photos, tokenizer, prep, config, progress)
-            source = (f"{len(pairs)} photos of index '{index[1]}', each the base model's best "
-                      "for a generic query")  # fmt: skip
-    split = retention_split(pairs, used, prep, tokenizer, config, progress)
-    return (split, source) if split is not None else (None, None)
 
 
 def _clone(state: dict) -> dict:
