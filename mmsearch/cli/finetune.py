@@ -24,16 +24,32 @@ TRAINING = (
     flag("epochs", "Passes over the pairs.", min=1),
     flag("batch_size", "Pairs per step; each pair's negatives are the others in the batch.",
          "--batch-size", "-b", min=2),
-    flag("lr", "Default depends on --method."),
-    flag("weight_decay", "AdamW weight decay (not on gains and biases)."),
-    flag("warmup_steps", "Learning-rate warmup (default: 10% of the steps)."),
     flag("grad_accum", "Batches per optimizer step (a larger contrastive batch).", min=1),
-    flag("val_fraction", "Files held out for evaluation."),
+    flag("one_caption_per_file", "Each epoch visits every file once with one of its captions "
+         "(a seeded draw) instead of every pair.", "--one-caption"),
+    flag("lr", "Peak learning rate (default depends on --method)."),
+    flag("weight_decay", "AdamW weight decay (not on gains and biases)."),
+    flag("warmup_steps", "Learning-rate warmup in optimizer steps (default: --warmup-fraction)."),
+    flag("warmup_fraction", "Share of all optimizer steps spent warming up."),
+    flag("min_lr_fraction", "The cosine schedule decays to --lr times this."),
+    flag("max_grad_norm", "Clip the gradient norm to this (0: no clipping)."),
+    flag("unlocked_text_layers", "--method lock-image: train only the text tower's last N blocks "
+         "(and its final norm and projection); default: all of it."),
+    flag("unlocked_image_layers", "--method lock-image: the image tower's last N layer groups "
+         "train too; 0 keeps it locked."),
     flag("lora_rank", "Rank of the LoRA adapters (--method lora).", min=1),
+    flag("lora_alpha", "LoRA scale numerator (default: 2 x --lora-rank)."),
+    flag("val_fraction", "Files held out for evaluation."),
+    flag("seed", "Seed of the split, the shuffles and the inits."),
     flag("grad_checkpointing", "Recompute activations: less memory, slower steps."),
     flag("precision", "auto (mixed precision on CUDA and on CPUs with native bf16, else fp32), "
          "fp32, bf16 or fp16 (autocast; fp16 adds loss scaling). Weights stay fp32."),
-    flag("seed", "Seed of the split, the shuffles and the inits."),
+    flag("workers", "Image decoding threads (default: the core count, at most 8)."),
+    flag("image_cache_mb", "Decoded images kept in memory up to this size; beyond it they are "
+         "decoded per batch."),
+    flag("checkpoint_every", "Optimizer steps between checkpoints (0: at each epoch end)."),
+    flag("keep_checkpoint", "Keep OUT/checkpoint after a finished run."),
+    flag("plot", "Draw the loss and recall curve (OUT/curve.png).", "--plot/--no-plot"),
     flag("resume", "Continue an interrupted run."),
     flag("overwrite", "Replace --out."),
 )  # fmt: skip

@@ -147,7 +147,7 @@ def _setup(spec, config, pairs, val_pairs, progress) -> _Run:
     plain = frozen_copy(model)  # no adapters yet: safe to deep-copy
     adapted = apply_method(
         model, config.method, config.lora_rank, config.lora_alpha, config.lora_targets,
-        config.unlocked_text_layers,
+        config.unlocked_text_layers, config.unlocked_image_layers,
     )  # fmt: skip
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
