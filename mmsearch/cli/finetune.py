@@ -6,7 +6,6 @@ its type and default taken from the config.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +16,7 @@ from ..finetune.config import FinetuneConfig
 from .app import Debug, Device, Json, app, emit_json, fail, handle_errors, say
 from .flags import flag, with_flags
 from .pairs import AllowOutside, Pairs, pairs_notes, recall_table, say_skipped_audio, skipped_line
-from .progress import TrainProgress
+from .progress import Progress, mode_for
 
 TRAINING = (
     flag("method", "head, lora, lock-image or full."),
@@ -102,6 +101,7 @@ def finetune(
     from ..finetune import finetune as run_finetune
     from ..finetune import read_pairs
     from ..finetune.audio import TOWERS
+    from ..finetune.evaluate import small_split_warning
 
     if audio_tower not in TOWERS:
         fail(f"unknown --audio-tower {audio_tower!r}; use one of: {', '.join(TOWERS)}")
@@ -114,7 +114,7 @@ def finetune(
     val_pairs = read_pairs(val, allow_outside=allow_outside) if val is not None else None
     has_audio = bool(pairs.of(AUDIO).pairs)
     result = audio = None
-    with TrainProgress(not as_json and sys.stderr.isatty()) as progress:
+    with Progress(mode_for(as_json)) as progress:
         if pairs.of(IMAGE).pairs or not has_audio:
             result = run_finetune(pairs, config, progress=progress, val_pairs=val_pairs)
         if has_audio:
@@ -143,10 +143,13 @@ def finetune(
     # With image pairs the image run reports the pairs left out (missing files, empty captions,
     # of any modality); with audio pairs only, they are reported here.
     unread = pairs.skipped_counts() if result is None else {}
+    warning = small_split_warning(result.after) if result is not None else None
     if as_json:
         data = result.to_dict() if result else {"out": str(config.out)}
         if unread:
             data["skipped"] = unread
+        if warning:
+            data["warnings"] = [warning]
         data["outside"] = [str(p) for p in pairs.outside]
         if audio is not None:
             data["audio"] = audio.to_dict()
@@ -156,6 +159,8 @@ def finetune(
         say(pairs_notes(pairs), err=True)
     if result is not None and result.note:
         say(result.note, err=True)
+    if warning:
+        say(f"mmsearch: warning: {warning}; hold out more (--val-fraction, --val)", err=True)
     if unread:
         say(skipped_line(unread), err=True)
     if audio is not None:
@@ -168,8 +173,17 @@ def finetune(
         f"{result.val_pairs} held out ({result.val_files} files); "
         f"{result.samples_per_s:.1f} samples/s"
     )
-    say(recall_table(result.before, result.after))
     kept = "the model before training" if result.best_epoch == 0 else f"epoch {result.best_epoch}"
+    say(
+        recall_table(
+            result.before,
+            result.after,
+            names=[
+                "before",
+                "kept" if result.best_epoch == 0 else f"kept: epoch {result.best_epoch}",
+            ],
+        )
+    )
     say(f"kept {kept}; wrote {result.out}" + (f" (curve: {result.curve})" if result.curve else ""))
     if result.skipped:
         say(skipped_line(result.skipped), err=True)

@@ -239,8 +239,9 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int, progress) -> tuple[fl
         state.loss_count += len(idx)
         state.step_losses.append(round(loss, 6))
         progress(
-            "step", epoch=epoch, step=state.global_step, steps=run.total_steps, loss=loss, lr=lr
-        )
+            "step", epoch=epoch, step=state.global_step, steps=run.total_steps, loss=loss, lr=lr,
+            samples=state.train_samples,
+        )  # fmt: skip
         since_ckpt += 1
         if (
             config.checkpoint_every
