@@ -71,6 +71,8 @@ def eval_(
         audio = evaluate_audio(
             pairs, model, audio_model, cache_dir=index_root() / ".models", device=device
         )
+    # what was left out: the pairs file's bad rows, and files that did not decode
+    skipped = recall.skipped if recall else pairs.skipped_counts()
     if as_json:
         data = {
             "model": model,
@@ -81,14 +83,14 @@ def eval_(
             data["warnings"] = [warning]
         if audio is not None:
             data["audio"] = audio.to_dict()
-        data["skipped"] = recall.skipped if recall else pairs.skipped_counts()
+        data["skipped"] = skipped
         data["outside"] = [str(p) for p in pairs.outside]
         emit_json(data)
         return
     if pairs_notes(pairs):
         say(pairs_notes(pairs), err=True)
-    if pairs.skipped:
-        say(skipped_line(pairs.skipped_counts()), err=True)
+    if skipped:
+        say(skipped_line(skipped), err=True)
     if warning:
         say(f"mmsearch: warning: {warning}", err=True)
     if recall is not None:
