@@ -187,3 +187,17 @@ def test_options_reach_the_config(tiny_model, tmp_path):
     r = cli("finetune", pairs, "--model", tiny_model, "--out", tmp_path / "o",
             "--warmup-fraction", "1.5")  # fmt: skip
     assert r.exit_code == 2 and "--warmup-fraction must be in [0, 1)" in r.stderr
+
+
+def test_progress_tells_a_stage_that_counts_again(capsys):
+    """The held-out files' features after the training files': a new line, a new rate and ETA."""
+    from mmsearch.cli.progress import Progress
+
+    with Progress("lines", every=60) as progress:
+        progress("features", done=4, total=4, tower="image")
+        progress("features", done=1, total=2, tower="image")
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert lines == [
+        "image features (frozen part, once): 4/4",
+        "image features (frozen part, once): 1/2",
+    ]

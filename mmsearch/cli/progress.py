@@ -121,7 +121,9 @@ class Progress:
             label = f"fitting audio projector ({info.get('stage')})"
         now = time.monotonic()
         with self.lock:
-            new = self.stage != (event, label)
+            # a new stage, or the same one counting again (the held-out files after the training ones)
+            new = self.stage != (event, label) or (total or None) != self.state.get("total")
+            new = new or done < (self.state.get("done") or 0)
             if new:
                 self.stage, self.started, self.last = (event, label), now, now
                 self.base = (done, info.get("samples", 0))  # rates count from here
