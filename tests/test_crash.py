@@ -157,7 +157,7 @@ def compare(got: Snapshot, want: Snapshot, tol: float, subset: bool = False) -> 
     return problems
 
 
-def check_consistency(index_dir: Path, query: str = "a photo of a dog") -> list[str]:
+def check_consistency(index_dir: Path, query: str = "a photo of a dog") -> list[str]:  # noqa: C901
     """The index opens and answers; no duplicates; vectors == the catalog's units, and back.
 
     An index killed before its first commit may be absent or empty (no files): that is fine."""

@@ -136,6 +136,7 @@ def search(
     comparable across photos, notes and recordings; the table shows it beside the raw cosine."""
     from ..search import Searcher, check_query, parse_query
     from ..search.batch import BatchQuery
+    from ..storage.vectors.faiss_index import search_on_one_thread
 
     if queries is not None:
         if query is not None or image is not None or audio is not None:
@@ -158,6 +159,7 @@ def search(
         exclude_self=exclude_self,
     )
     found = False
+    search_on_one_thread()  # queries come one at a time (benchmarks/RESULTS.md, serve)
     with Searcher(options) as searcher:
         for note in searcher.col.notes:
             say(f"mmsearch: warning: {note}", err=True)

@@ -151,16 +151,8 @@ def _open_sndfile(path, time_budget_s):
 
 def _windows(f, info, sample_rate, win, hop, max_seconds, time_budget_s):
     with f:
-        rate, channels = int(f.samplerate), int(f.channels)
-        if rate <= 0 or channels <= 0:
-            raise LoadError(f"bad audio header: {rate} Hz, {channels} channel(s)")
-        if f.frames == 0:  # None: the header does not say (PyAV)
-            raise LoadError("no audio samples (zero-length)")
+        rate, _ = _stream_format(f, info, sample_rate)
         limit = None if max_seconds is None else int(math.ceil(max_seconds * rate))
-        if channels > 1:
-            info.notes.append(f"downmixed {channels} channels to mono")
-        if rate != sample_rate:
-            info.notes.append(f"resampled {rate} Hz to {sample_rate} Hz")
         resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
 
         buf = np.zeros(0, dtype=np.float32)
@@ -171,16 +163,9 @@ def _windows(f, info, sample_rate, win, hop, max_seconds, time_budget_s):
         done = False
         while not done:
             want = BLOCK_FRAMES if limit is None else min(BLOCK_FRAMES, limit - decoded)
-            try:
-                with decode_budget(time_budget_s):  # per block: never armed across a yield
-                    block = f.read(want, dtype="float32", always_2d=True) if want > 0 else None
-            except (sf.LibsndfileError, RuntimeError, ValueError) as e:
-                raise LoadError(
-                    f"audio data is damaged ({_sf_reason(e)}); "
-                    f"{decoded / rate:.1f} s decoded before the damage"
-                ) from e
-            if block is None or len(block) == 0:
-                done = True
+            mono = _read_mono(f, want, decoded, time_budget_s) if want > 0 else None
+            done = mono is None
+            if done:
                 if limit is not None and decoded >= limit and (f.frames or limit + 1) > decoded:
                     info.truncated = True
                     total = f" of {f.frames / rate:.0f} s" if f.frames else ""
@@ -190,14 +175,7 @@ def _windows(f, info, sample_rate, win, hop, max_seconds, time_budget_s):
                     )
                 mono = np.zeros(0, dtype=np.float32)
             else:
-                if not np.isfinite(block).all():
-                    bad = int(np.argmax(~np.isfinite(block).all(axis=1)))
-                    raise LoadError(
-                        f"NaN or infinite samples (first at {(decoded + bad) / rate:.3f} s): "
-                        "the file is damaged"
-                    )
-                decoded += len(block)
-                mono = block[:, 0] if channels == 1 else block.mean(axis=1, dtype=np.float32)
+                decoded += len(mono)
             out = resampler.resample_chunk(np.ascontiguousarray(mono), last=done)
             if len(out):
                 buf = np.concatenate([buf, out]) if len(buf) else out
@@ -227,6 +205,44 @@ def _windows(f, info, sample_rate, win, hop, max_seconds, time_budget_s):
             yield _window(0, total, buf[:total], sample_rate)  # one short window: the whole file
         elif total - emitted_end > TAIL_SLACK_S * sample_rate:
             yield _window(total - win, win, buf[len(buf) - win :], sample_rate)
+
+
+def _stream_format(f, info, sample_rate: int) -> tuple[int, int]:
+    """(rate, channels) of an opened stream, refused when unusable; what will be done to it is
+    noted in `info`."""
+    rate, channels = int(f.samplerate), int(f.channels)
+    if rate <= 0 or channels <= 0:
+        raise LoadError(f"bad audio header: {rate} Hz, {channels} channel(s)")
+    if f.frames == 0:  # None: the header does not say (PyAV)
+        raise LoadError("no audio samples (zero-length)")
+    if channels > 1:
+        info.notes.append(f"downmixed {channels} channels to mono")
+    if rate != sample_rate:
+        info.notes.append(f"resampled {rate} Hz to {sample_rate} Hz")
+    return rate, channels
+
+
+def _read_mono(f, want: int, decoded: int, time_budget_s) -> np.ndarray | None:
+    """The next block of at most `want` frames as mono float32, or None at the end. `decoded`
+    (frames before it) dates the damage a LoadError reports."""
+    rate = int(f.samplerate)
+    try:
+        with decode_budget(time_budget_s):  # per block: never armed across a yield
+            block = f.read(want, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+        raise LoadError(
+            f"audio data is damaged ({_sf_reason(e)}); "
+            f"{decoded / rate:.1f} s decoded before the damage"
+        ) from e
+    if block is None or len(block) == 0:
+        return None
+    if not np.isfinite(block).all():
+        bad = int(np.argmax(~np.isfinite(block).all(axis=1)))
+        raise LoadError(
+            f"NaN or infinite samples (first at {(decoded + bad) / rate:.3f} s): "
+            "the file is damaged"
+        )
+    return block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
 
 
 def _window(start: int, length: int, samples: np.ndarray, rate: int):

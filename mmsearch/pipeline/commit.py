@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -117,33 +118,15 @@ def commit_chunk(
 ) -> int:
     """Embed and commit one chunk; returns how many files `tick` was already called for.
     `embed(items, tick)` gives each item's (segments, vectors) or failure reason (default: embed
-    here with `encoder`)."""
-    catalog = col.catalog
-    old_rows = p.old_rows
+    here with `encoder`).
+
+    1. Vectors of identical content already in the index are reused (copies, moves, touched
+       files), or, in a rebuild with the same model, copied from the old generation.
+    2. The rest is embedded, identical files within the chunk once.
+    3. The chunk is written in one transaction, then mirrored in the vector index. Ctrl-C while
+       embedding: what is embedded is committed, then KeyboardInterrupt."""
     ok = [x for x in loaded if x.error is None]
-    # 1. Reuse vectors of identical content already in the index (copies, moves, touched files).
-    reuse: dict[int, FileRow] = {}
-    salvaged: dict[int, FileRow] = {}
-    for i, x in enumerate(ok if reuse_ok else []):
-        old = old_rows.get(x.entry.path)
-        if old is not None and old.hash == x.hash:
-            reuse[i] = old
-            continue
-        src = catalog.file_with_hash(x.hash, x.entry.modality)
-        if src is not None:
-            reuse[i] = src
-        elif col.salvage is not None:
-            # a rebuild with the same model: intact vectors of the old generation are copied
-            src = col.salvage.file_with_hash(x.hash, x.entry.modality)
-            if src is not None:
-                salvaged[i] = src
-    # 2. Embed the rest; identical files within the chunk are embedded once.
-    fresh: dict[str, Embedded] = {}
-    failed: dict[int, str] = {}
-    to_embed = [i for i in range(len(ok)) if i not in reuse and i not in salvaged]
-    first_of_hash = {}
-    for i in to_embed:
-        first_of_hash.setdefault(ok[i].hash, i)
+    reuse, salvaged = _reusable(col, ok, p.old_rows) if reuse_ok else ({}, {})
     ticked = 0
 
     def counted(n: int) -> None:
@@ -156,82 +139,154 @@ def commit_chunk(
         def embed(items, tick):
             return embed_loaded(encoder, items, options.batch_size, tick)
 
-    interrupted = False
-    try:
-        embedded = embed([ok[i] for i in first_of_hash.values()], counted)
-    except Interrupted as stop:  # Ctrl-C: what is embedded is committed, then we stop
-        embedded, interrupted = stop.partial, True
-    not_done = set()
-    for (digest, _i), result in zip(first_of_hash.items(), embedded, strict=True):
-        if result is None:
-            not_done.add(digest)
-        elif isinstance(result, str):
-            failed[_i] = result
-        else:
-            fresh[digest] = result
-    # 3. Write the chunk in one transaction, then mirror it in the vector index.
-    added_ids, removed_ids = [], []
-    with catalog.transaction():
+    done = _embed_once(ok, reuse.keys() | salvaged.keys(), embed, counted)
+    writer = _ChunkWriter(col, p, report, encoder.dim)
+    with col.catalog.transaction():
         for x in loaded:
-            old = old_rows.get(x.entry.path)
-            if x.error is None:
-                continue
-            if old is not None and old.needs_meta and same_stat(old, x.entry):
-                report.unchanged += 1  # only its meta was to be read: it keeps its vectors
-                continue
-            fail_file(catalog, x.entry, x.error, old, removed_ids, report)
+            if x.error is not None:
+                writer.not_loaded(x)
         for i, x in enumerate(ok):
-            e, old = x.entry, old_rows.get(x.entry.path)
-            if i not in reuse and x.hash in not_done:
-                continue  # interrupted before it was embedded: the next run does it
-            if i in failed or (i not in reuse and i not in salvaged and x.hash not in fresh):
-                reason = failed.get(i) or failed.get(first_of_hash.get(x.hash), "embedding failed")
-                fail_file(catalog, e, reason, old, removed_ids, report)
-                continue
-            catalog.clear_failure(e.path)
-            # indexed, but not all of it (a note over --max-note-bytes, a video damaged halfway)
-            warning = x.warning or (fresh[x.hash].warning if x.hash in fresh else None)
-            if warning:
-                catalog.record_failure(e, warning)
-                report.partial.append((show_path(e.path), warning))
-            src = reuse.get(i)
-            if src is not None and old is not None and src.id == old.id:
-                # touched, same content: nothing to embed (x.meta fills in what an index
-                # written by an older mmsearch lacks)
-                catalog.update_file(old.id, e, x.hash, x.meta)
-                report.unchanged += 1
-                continue
-            if src is not None and src.path in p.vanished and old is None:
-                # a move: the old row takes the new path and keeps its vectors and ids
-                catalog.update_file(src.id, e, x.hash, x.meta)
-                del p.vanished[src.path]
-                report.moved += 1
-                continue
-            meta = x.meta
-            if src is not None or i in salvaged:
-                source, source_id = (catalog, src.id) if src else (col.salvage, salvaged[i].id)
-                units = source.units_of(source_id)
-                segments = [s for s, _ in units]
-                vecs = np.stack([v for _, v in units]) if units else np.zeros((0, encoder.dim))
-                meta = meta or source.file_meta(source_id)  # same bytes, same meta
-            else:
-                segments, vecs = fresh[x.hash].segments, fresh[x.hash].vectors
-            if old is None:
-                file_id = catalog.add_file(e, x.hash, meta)
-                report.added += 1
-            else:
-                catalog.update_file(old.id, e, x.hash, meta)
-                file_id = old.id
-                report.updated += 1
-            gone, new = catalog.replace_units(file_id, segments, vecs)
-            removed_ids += gone
-            added_ids.append((new, vecs))
-    col.vectors.remove(removed_ids)
-    for ids, vecs in added_ids:
-        col.vectors.add(ids, vecs)
-    if interrupted:
+            writer.loaded(x, reuse.get(i), salvaged.get(i), done.outcome(i, x.hash))
+    writer.mirror()
+    if done.interrupted:
         raise KeyboardInterrupt
     return ticked
+
+
+def _reusable(col, ok, old_rows) -> tuple[dict[int, FileRow], dict[int, FileRow]]:
+    """Per position in `ok`: the catalog row whose vectors it can keep or share (same content,
+    same modality), and apart, the old generation's rows a same-model rebuild can copy."""
+    reuse: dict[int, FileRow] = {}
+    salvaged: dict[int, FileRow] = {}
+    for i, x in enumerate(ok):
+        old = old_rows.get(x.entry.path)
+        if old is not None and old.hash == x.hash:
+            reuse[i] = old
+            continue
+        src = col.catalog.file_with_hash(x.hash, x.entry.modality)
+        if src is not None:
+            reuse[i] = src
+        elif col.salvage is not None:
+            src = col.salvage.file_with_hash(x.hash, x.entry.modality)
+            if src is not None:
+                salvaged[i] = src
+    return reuse, salvaged
+
+
+@dataclass
+class _Embedding:
+    """What embedding a chunk gave, per content hash."""
+
+    first_of_hash: dict[str, int]  # hash -> the position in `ok` that was embedded for it
+    fresh: dict[str, Embedded] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)  # position -> reason
+    not_done: set[str] = field(default_factory=set)  # interrupted before they were embedded
+    interrupted: bool = False
+
+    def outcome(self, i: int, digest: str) -> Embedded | str | None:
+        """File i's vectors, or why it has none, or None: not embedded (reused, or stopped)."""
+        if i in self.failed:
+            return self.failed[i]
+        if digest in self.fresh:
+            return self.fresh[digest]
+        if digest in self.first_of_hash and digest not in self.not_done:
+            return self.failed.get(self.first_of_hash[digest], "embedding failed")
+        return None
+
+
+def _embed_once(ok, skip, embed, tick) -> _Embedding:
+    """Embed the files of `ok` not in `skip`, each content once."""
+    first_of_hash: dict[str, int] = {}
+    for i in range(len(ok)):
+        if i not in skip:
+            first_of_hash.setdefault(ok[i].hash, i)
+    done = _Embedding(first_of_hash)
+    try:
+        embedded = embed([ok[i] for i in first_of_hash.values()], tick)
+    except Interrupted as stop:  # Ctrl-C: what is embedded is committed, then we stop
+        embedded, done.interrupted = stop.partial, True
+    for (digest, i), result in zip(first_of_hash.items(), embedded, strict=True):
+        if result is None:
+            done.not_done.add(digest)
+        elif isinstance(result, str):
+            done.failed[i] = result
+        else:
+            done.fresh[digest] = result
+    return done
+
+
+class _ChunkWriter:
+    """Writes a chunk's files into the catalog (inside the caller's transaction), then mirrors
+    the units it added and removed in the vector index."""
+
+    def __init__(self, col, p: Plan, report, dim: int):
+        self.col, self.catalog, self.p, self.report, self.dim = col, col.catalog, p, report, dim
+        self.added: list[tuple[np.ndarray, np.ndarray]] = []
+        self.removed: list[int] = []
+
+    def not_loaded(self, x) -> None:
+        old = self.p.old_rows.get(x.entry.path)
+        if old is not None and old.needs_meta and same_stat(old, x.entry):
+            self.report.unchanged += 1  # only its meta was to be read: it keeps its vectors
+            return
+        fail_file(self.catalog, x.entry, x.error, old, self.removed, self.report)
+
+    def loaded(self, x, src: FileRow | None, salvaged: FileRow | None, outcome) -> None:
+        """File x, decoded: sharing `src`'s vectors, copying `salvaged`'s, or embedded
+        (`outcome`: its vectors, the reason it failed, or None when it was not reached)."""
+        catalog, report, e = self.catalog, self.report, x.entry
+        old = self.p.old_rows.get(e.path)
+        if src is None and salvaged is None:
+            if outcome is None:
+                return  # interrupted before it was embedded: the next run does it
+            if isinstance(outcome, str):
+                fail_file(catalog, e, outcome, old, self.removed, report)
+                return
+        catalog.clear_failure(e.path)
+        # indexed, but not all of it (a note over --max-note-bytes, a video damaged halfway)
+        warning = x.warning or (outcome.warning if isinstance(outcome, Embedded) else None)
+        if warning:
+            catalog.record_failure(e, warning)
+            report.partial.append((show_path(e.path), warning))
+        if src is not None and old is not None and src.id == old.id:
+            # touched, same content: nothing to embed (x.meta fills in what an index written by
+            # an older mmsearch lacks)
+            catalog.update_file(old.id, e, x.hash, x.meta)
+            report.unchanged += 1
+        elif src is not None and src.path in self.p.vanished and old is None:
+            # a move: the old row takes the new path and keeps its vectors and ids
+            catalog.update_file(src.id, e, x.hash, x.meta)
+            del self.p.vanished[src.path]
+            report.moved += 1
+        else:
+            self._store(x, old, *self._content(x, src, salvaged, outcome))
+
+    def _content(self, x, src, salvaged, outcome) -> tuple[list, np.ndarray, object]:
+        """(segments, vectors, meta) of file x: copied from a row holding the same bytes, or
+        as embedded."""
+        if src is None and salvaged is None:
+            return outcome.segments, outcome.vectors, x.meta
+        source, row = (self.catalog, src) if src is not None else (self.col.salvage, salvaged)
+        units = source.units_of(row.id)
+        vectors = np.stack([v for _, v in units]) if units else np.zeros((0, self.dim))
+        return [s for s, _ in units], vectors, x.meta or source.file_meta(row.id)
+
+    def _store(self, x, old: FileRow | None, segments, vectors, meta) -> None:
+        if old is None:
+            file_id = self.catalog.add_file(x.entry, x.hash, meta)
+            self.report.added += 1
+        else:
+            self.catalog.update_file(old.id, x.entry, x.hash, meta)
+            file_id = old.id
+            self.report.updated += 1
+        gone, new = self.catalog.replace_units(file_id, segments, vectors)
+        self.removed += gone
+        self.added.append((new, vectors))
+
+    def mirror(self) -> None:
+        self.col.vectors.remove(self.removed)
+        for ids, vectors in self.added:
+            self.col.vectors.add(ids, vectors)
 
 
 def fail_file(catalog, entry: FileEntry, reason: str, old: FileRow | None, removed_ids, report,

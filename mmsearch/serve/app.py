@@ -175,15 +175,18 @@ def _suffix(upload: UploadFile, kind: str) -> str:
     return guessed if guessed in extensions else ""
 
 
-def build_app(service: Service) -> Starlette:
-    """The app around a Service (which it closes on shutdown)."""
+class _Handlers:
+    """The routes' endpoints, over one Service."""
 
-    async def search(request: Request):
+    def __init__(self, service: Service):
+        self.service = service
+
+    async def search(self, request: Request):
         query = parse_query(request.query_params.multi_items())
-        return Json(await run_in_threadpool(service.search, query))
+        return Json(await run_in_threadpool(self.service.search, query))
 
-    async def search_by_example(request: Request):
-        limited = Request(request.scope, _Limited(request, service.options.max_upload))
+    async def search_by_example(self, request: Request):
+        limited = Request(request.scope, _Limited(request, self.service.options.max_upload))
         async with limited.form(max_files=len(UPLOAD_FIELDS), max_fields=100) as form:
             items = list(request.query_params.multi_items())
             files: dict[str, Path] = {}
@@ -195,29 +198,29 @@ def build_app(service: Service) -> Starlette:
                     elif name not in UPLOAD_FIELDS or name in files:
                         raise UsageError(f"upload field {name!r}: send one 'image' or 'audio'")
                     else:
-                        files[name] = await _keep(value, name, cleanup)
+                        files[name] = await self._keep(value, name, cleanup)
                         names[str(files[name])] = value.filename or f"the uploaded {name}"
                 query = parse_query(items)
                 try:
-                    return Json(await run_in_threadpool(service.search, query, **files))
+                    return Json(await run_in_threadpool(self.service.search, query, **files))
                 except UsageError as e:  # name the upload as the client did, not our copy
                     message = str(e)
                     for path, name in names.items():
                         message = message.replace(path, name)
                     raise UsageError(message) from None
 
-    async def _keep(upload: UploadFile, kind: str, cleanup: contextlib.ExitStack) -> Path:
+    async def _keep(self, upload: UploadFile, kind: str, cleanup: contextlib.ExitStack) -> Path:
         """The upload as a file in the private upload directory (removed after the query)."""
         handle = cleanup.enter_context(
-            tempfile.NamedTemporaryFile(dir=service.uploads, suffix=_suffix(upload, kind))
+            tempfile.NamedTemporaryFile(dir=self.service.uploads, suffix=_suffix(upload, kind))
         )
         while block := await upload.read(1 << 20):
             handle.write(block)
         handle.flush()
         return Path(handle.name)
 
-    def file(request: Request):
-        live = service.index(request.path_params["index"])
+    def file(self, request: Request):
+        live = self.service.index(request.path_params["index"])
         path, modality, st = find(live.searcher().col.catalog, request.path_params["id"])
         media = mimetypes.guess_type(os.fsdecode(path))[0] or "application/octet-stream"
         if modality == TEXT:
@@ -229,27 +232,32 @@ def build_app(service: Service) -> Starlette:
             headers={"content-security-policy": "sandbox", "cache-control": "private, no-cache"},
         )
 
-    def thumb(request: Request):
-        live = service.index(request.path_params["index"])
+    def thumb(self, request: Request):
+        live = self.service.index(request.path_params["index"])
         at = request.query_params.get("at")
         try:
             seconds = None if at is None else float(at)
         except ValueError:
             raise UsageError(f"at={at!r} is not a number of seconds") from None
         catalog = live.searcher().col.catalog
-        out = service.thumbs[live.name].get(catalog, request.path_params["id"], seconds)
+        out = self.service.thumbs[live.name].get(catalog, request.path_params["id"], seconds)
         # named by content: the same id is always the same picture
         cache = {"cache-control": "private, max-age=604800"}
         return FileResponse(out, media_type="image/jpeg", headers=cache)
 
-    def indexes(request: Request):
-        return Json({"indexes": [live.info() for live in service.indexes.values()]})
+    def indexes(self, request: Request):
+        return Json({"indexes": [live.info() for live in self.service.indexes.values()]})
 
-    async def info(request: Request):
-        return Json(service.info())
+    async def info(self, request: Request):
+        return Json(self.service.info())
 
-    async def page(request: Request):
+    async def page(self, request: Request):
         return FileResponse(STATIC / "index.html", headers={"content-security-policy": PAGE_POLICY})
+
+
+def build_app(service: Service) -> Starlette:
+    """The app around a Service (which it closes on shutdown)."""
+    h = _Handlers(service)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -259,13 +267,13 @@ def build_app(service: Service) -> Starlette:
             service.close()
 
     routes = [
-        Route("/", page),
-        Route("/api/search", search, methods=["GET"]),
-        Route("/api/search", search_by_example, methods=["POST"]),
-        Route("/api/info", info),
-        Route("/api/indexes", indexes),
-        Route("/file/{index}/{id}", file),
-        Route("/thumb/{index}/{id}", thumb),
+        Route("/", h.page),
+        Route("/api/search", h.search, methods=["GET"]),
+        Route("/api/search", h.search_by_example, methods=["POST"]),
+        Route("/api/info", h.info),
+        Route("/api/indexes", h.indexes),
+        Route("/file/{index}/{id}", h.file),
+        Route("/thumb/{index}/{id}", h.thumb),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
     opts = service.options

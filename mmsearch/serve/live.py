@@ -24,6 +24,7 @@ from ..errors import MMSearchError
 from ..records import Hit
 from ..search import Searcher, combine
 from ..storage.collection import MANIFEST
+from ..storage.vectors.faiss_index import search_on_one_thread
 from .encoder import EncoderThread
 
 POLL_S = 1.0  # how often the watcher looks at the manifest and the catalog's generation
@@ -60,16 +61,6 @@ class ServedSearcher(Searcher):
 
     def embed_audio(self, path: Path):
         return self.encoder.call(Searcher.embed_audio, self.model, path)
-
-
-def _one_faiss_thread() -> None:
-    """Let faiss search with one OpenMP thread in the calling thread (the setting is per thread).
-    A request searches one query, which gains nothing from a parallel region, and concurrent
-    requests are the parallelism; on a loaded 2-core machine the parallel region made a
-    single-query search of 10k vectors 60 ms instead of 7 (benchmarks/RESULTS.md)."""
-    import faiss
-
-    faiss.omp_set_num_threads(1)
 
 
 def _signature(searcher: Searcher) -> tuple:
@@ -129,7 +120,7 @@ class LiveIndex:
         """The calling thread's clone of the current snapshot's Searcher."""
         snap, local = self._snap, self._local
         if getattr(local, "snap", None) is not snap:
-            _one_faiss_thread()
+            search_on_one_thread()
             try:
                 searcher = snap.searcher.clone()
             except (sqlite3.Error, OSError):  # a rebuild just replaced the snapshot's files

@@ -51,6 +51,16 @@ def _faiss():
     return faiss
 
 
+def search_on_one_thread() -> None:
+    """Let faiss search with one OpenMP thread in the calling thread (the setting is per thread).
+    A search is one query, which gains nothing from a parallel region (faiss scans 1M vectors for
+    one query single-threaded anyway, MEASUREMENTS.md), while on a busy 2-core machine the region
+    waits for both threads to be scheduled: one query over 10k vectors took 60 ms instead of 7
+    (benchmarks/RESULTS.md, serve). The server's request threads and the CLI's call this; the
+    library leaves the process's threads to its caller."""
+    _faiss().omp_set_num_threads(1)
+
+
 def ivf_lists(n: int) -> int:
     """Number of inverted lists for n vectors: the power of two nearest 4*sqrt(n), as autofaiss
     picks, but never so many that a training sample lacks 40 points per list."""
