@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated
 
 import typer
@@ -21,6 +22,13 @@ from .pairs import (
     say_skipped_audio,
     skipped_line,
 )
+from .progress import Progress, mode_for
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 @app.command("eval")
@@ -41,6 +49,13 @@ def eval_(
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", min=1, help="Files embedded per model call.")
     ] = 64,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision",
+            help="fp32, or bf16 / fp16 (faster where the device has them; recall moves a little).",
+        ),
+    ] = Precision.fp32,
     allow_outside: AllowOutside = False,
     captions_from: CaptionsFrom = "sidecar",
     feature_cache: FeatureCacheDir = None,
@@ -53,36 +68,51 @@ def eval_(
     pairs, audio->text and text->audio for audio pairs (with the audio tower and projector that
     indexing with --model uses)."""
     from ..finetune import evaluate, read_pairs
+    from ..finetune.evaluate import small_split_warning
     from ..records import AUDIO, IMAGE
 
     sources = caption_sources(captions_from)
     pairs = read_pairs(source, allow_outside=allow_outside, captions_from=sources)
-    recall = audio = None
+    recall = audio = warning = None
     if pairs.of(IMAGE).pairs or not pairs.of(AUDIO).pairs:
-        recall = evaluate(
-            pairs, model, device=device, batch_size=batch_size,
-            feature_cache=feature_cache_dir(feature_cache, no_feature_cache),
-        )  # fmt: skip
+        with Progress(mode_for(as_json)) as progress:
+            recall = evaluate(
+                pairs, model, device=device, precision=precision.value, batch_size=batch_size,
+                progress=progress, feature_cache=feature_cache_dir(feature_cache, no_feature_cache),
+            )  # fmt: skip
+        warning = small_split_warning(recall)
     if pairs.of(AUDIO).pairs:
         from ..finetune.audio import evaluate_audio
 
         audio = evaluate_audio(
             pairs, model, audio_model, cache_dir=index_root() / ".models", device=device
         )
+    # what was left out: the pairs file's bad rows, and files that did not decode
+    skipped = recall.skipped if recall else pairs.skipped_counts()
     if as_json:
-        data = {"model": model, **(recall.to_dict() if recall else {})}
+        data = {
+            "model": model,
+            "precision": precision.value,
+            **(recall.to_dict() if recall else {}),
+        }
+        if warning:
+            data["warnings"] = [warning]
         if audio is not None:
             data["audio"] = audio.to_dict()
-        data["skipped"] = pairs.skipped_counts()
+        data["skipped"] = skipped
         data["outside"] = [str(p) for p in pairs.outside]
         emit_json(data)
         return
     if pairs_notes(pairs):
         say(pairs_notes(pairs), err=True)
-    if pairs.skipped:
-        say(skipped_line(pairs.skipped_counts()), err=True)
+    if skipped:
+        say(skipped_line(skipped), err=True)
+    if warning:
+        say(f"mmsearch: warning: {warning}", err=True)
     if recall is not None:
-        say(f"{model}: {recall.images} images, {recall.texts} captions")
+        say(
+            f"{model}: {recall.images} images, {recall.texts} distinct captions ({precision.value})"
+        )
         say(recall_table(recall))
     if audio is not None:
         say(f"{model}: {audio.images} audio files, {audio.texts} distinct captions")

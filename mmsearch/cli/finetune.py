@@ -6,7 +6,6 @@ its type and default taken from the config.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -29,25 +28,41 @@ from .pairs import (
     say_skipped_audio,
     skipped_line,
 )
-from .progress import TrainProgress
+from .progress import Progress, mode_for
 
 TRAINING = (
     flag("method", "head, lora, lock-image or full."),
     flag("epochs", "Passes over the pairs.", min=1),
     flag("batch_size", "Pairs per step; each pair's negatives are the others in the batch.",
          "--batch-size", "-b", min=2),
-    flag("lr", "Default depends on --method."),
-    flag("weight_decay", "AdamW weight decay (not on gains and biases)."),
-    flag("warmup_steps", "Learning-rate warmup (default: 10% of the steps)."),
     flag("grad_accum", "Batches per optimizer step (a larger contrastive batch).", min=1),
-    flag("val_fraction", "Files held out for evaluation."),
+    flag("one_caption_per_file", "Each epoch visits every file once with one of its captions "
+         "(a seeded draw) instead of every pair.", "--one-caption"),
+    flag("lr", "Peak learning rate (default depends on --method)."),
+    flag("weight_decay", "AdamW weight decay (not on gains and biases)."),
+    flag("warmup_steps", "Learning-rate warmup in optimizer steps (default: --warmup-fraction)."),
+    flag("warmup_fraction", "Share of all optimizer steps spent warming up."),
+    flag("min_lr_fraction", "The cosine schedule decays to --lr times this."),
+    flag("max_grad_norm", "Clip the gradient norm to this (0: no clipping)."),
+    flag("unlocked_text_layers", "--method lock-image: train only the text tower's last N blocks "
+         "(and its final norm and projection); default: all of it."),
+    flag("unlocked_image_layers", "--method lock-image: the image tower's last N layer groups "
+         "train too; 0 keeps it locked."),
     flag("lora_rank", "Rank of the LoRA adapters (--method lora).", min=1),
+    flag("lora_alpha", "LoRA scale numerator (default: 2 x --lora-rank)."),
+    flag("val_fraction", "Files held out for evaluation."),
+    flag("seed", "Seed of the split, the shuffles and the inits."),
     flag("grad_checkpointing", "Recompute activations: less memory, slower steps."),
     flag("precision", "auto (mixed precision on CUDA and on CPUs with native bf16, else fp32), "
          "fp32, bf16 or fp16 (autocast; fp16 adds loss scaling). Weights stay fp32."),
-    flag("seed", "Seed of the split, the shuffles and the inits."),
+    flag("workers", "Image decoding threads (default: the core count, at most 8)."),
+    flag("image_cache_mb", "Decoded images kept in memory up to this size; beyond it they are "
+         "decoded per batch."),
+    flag("checkpoint_every", "Optimizer steps between checkpoints (0: at each epoch end)."),
+    flag("keep_checkpoint", "Keep OUT/checkpoint after a finished run."),
     flag("max_forgetting", "With --retain: the largest relative drop of the retention pairs' "
          "mean recall the kept WiSE-FT mix of base and fine-tuned weights may cost."),
+    flag("plot", "Draw the loss and recall curve (OUT/curve.png).", "--plot/--no-plot"),
     flag("resume", "Continue an interrupted run."),
     flag("overwrite", "Replace --out."),
 )  # fmt: skip
@@ -117,6 +132,7 @@ def finetune(
     from ..finetune import finetune as run_finetune
     from ..finetune import read_pairs
     from ..finetune.audio import TOWERS
+    from ..finetune.evaluate import small_split_warning
 
     if audio_tower not in TOWERS:
         fail(f"unknown --audio-tower {audio_tower!r}; use one of: {', '.join(TOWERS)}")
@@ -136,7 +152,7 @@ def finetune(
     retain_pairs = read_pairs(retain, allow_outside=allow_outside) if retain is not None else None
     has_audio = bool(pairs.of(AUDIO).pairs)
     result = audio = None
-    with TrainProgress(not as_json and sys.stderr.isatty()) as progress:
+    with Progress(mode_for(as_json)) as progress:
         if pairs.of(IMAGE).pairs or not has_audio:
             result = run_finetune(
                 pairs, config, progress=progress, val_pairs=val_pairs, retain_pairs=retain_pairs,
@@ -168,10 +184,13 @@ def finetune(
     # With image pairs the image run reports the pairs left out (missing files, empty captions,
     # of any modality); with audio pairs only, they are reported here.
     unread = pairs.skipped_counts() if result is None else {}
+    warning = small_split_warning(result.after) if result is not None else None
     if as_json:
         data = result.to_dict() if result else {"out": str(config.out)}
         if unread:
             data["skipped"] = unread
+        if warning:
+            data["warnings"] = [warning]
         data["outside"] = [str(p) for p in pairs.outside]
         if audio is not None:
             data["audio"] = audio.to_dict()
@@ -181,6 +200,8 @@ def finetune(
         say(pairs_notes(pairs), err=True)
     if result is not None and result.note:
         say(result.note, err=True)
+    if warning:
+        say(f"mmsearch: warning: {warning}; hold out more (--val-fraction, --val)", err=True)
     if unread:
         say(skipped_line(unread), err=True)
     if audio is not None:
@@ -193,20 +214,30 @@ def finetune(
         f"{result.val_pairs} held out ({result.val_files} files); "
         f"{result.samples_per_s:.1f} samples/s"
     )
-    say(recall_table(result.before, result.after))
     kept = "the model before training" if result.best_epoch == 0 else f"epoch {result.best_epoch}"
-    if result.mix is not None and result.mix.measured:
-        _say_mix(result.mix)
-        kept = f"the WiSE-FT mix at {result.mix.alpha:g} of the base and {kept}"
-    elif result.mix is not None and result.mix.note:
-        say(result.mix.note, err=True)
+    say(
+        recall_table(
+            result.before,
+            result.after,
+            names=[
+                "before",
+                "kept" if result.best_epoch == 0 else f"kept: epoch {result.best_epoch}",
+            ],
+        )
+    )
+    kept = _say_mix(result.mix, kept)
     say(f"kept {kept}; wrote {result.out}" + (f" (curve: {result.curve})" if result.curve else ""))
     if result.skipped:
         say(skipped_line(result.skipped), err=True)
     say(f"re-index with it: mmsearch index PATH --model {result.out} --rebuild")
 
 
-def _say_mix(mix) -> None:
+def _say_mix(mix, kept: str) -> str:
+    """The WiSE-FT report (or why there is none); what was kept, in words."""
+    if mix is None or not mix.measured:
+        if mix is not None and mix.note:
+            say(mix.note, err=True)
+        return kept
     names = ["base", "fine-tuned", f"mix {mix.alpha:g}"]
     for what, label in (("target", "held-out pairs"), ("retention", f"retention: {mix.retention}")):
         say(f"{label}:")
@@ -214,6 +245,7 @@ def _say_mix(mix) -> None:
     row = mix.row(mix.alpha)
     say(f"retention recall lost by the mix: {row['forgetting']:.1%} "
         f"(--max-forgetting {mix.max_forgetting:g})")  # fmt: skip
+    return f"the WiSE-FT mix at {mix.alpha:g} of the base and {kept}"
 
 
 def _say_audio(audio) -> None:

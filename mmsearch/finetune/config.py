@@ -48,6 +48,7 @@ class FinetuneConfig:
     lora_alpha: float | None = None  # None: 2 * rank
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     unlocked_text_layers: int | None = None  # lock-image: train only the text tower's last N blocks
+    unlocked_image_layers: int = 0  # lock-image: the image tower's last N layer groups train too
     grad_checkpointing: bool = False
     # auto: mixed precision on CUDA (bf16 where supported, else fp16) and on CPUs with native
     # bf16, fp32 elsewhere; or fp32 | bf16 | fp16 (autocast; fp16 adds loss scaling). Master
@@ -95,6 +96,9 @@ class FinetuneConfig:
             (0 <= self.max_forgetting <= 1, "--max-forgetting must be in [0, 1]"),
             (self.unlocked_text_layers is None or self.method == "lock-image",
              "--unlocked-text-layers goes with --method lock-image"),
+            (self.unlocked_image_layers >= 0, "--unlocked-image-layers must not be negative"),
+            (self.unlocked_image_layers == 0 or self.method == "lock-image",
+             "--unlocked-image-layers goes with --method lock-image"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..encoders.text_parts import encode_text, split_text_tower
 from .data import Split
-from .evaluate import Recall, decode_images, recall_at_k
+from .evaluate import Recall, decode_images, recall_of_captions
 from .features import (
     FeatureCache,
     file_keys,
@@ -155,7 +155,8 @@ class TrainEncoder:
         img = []
         txt = torch.empty(0)
         known = self._known_text_prefix(split)
-        with torch.no_grad(), self.autocast():
+        # fp32, whatever the training precision: what `mmsearch eval` measures by default
+        with torch.no_grad():
             for s in range(0, len(split.files), bs):
                 x = self.image(split, np.arange(s, min(s + bs, len(split.files))))
                 img.append(F.normalize(x.float(), dim=-1))
@@ -170,7 +171,7 @@ class TrainEncoder:
                     txt = torch.empty(len(split.by_length), x.shape[1], device=x.device)
                 txt[torch.from_numpy(idx).to(x.device)] = x
         image_emb = torch.cat(img).cpu().numpy()
-        return recall_at_k(image_emb, txt.cpu().numpy(), split.file_of)
+        return recall_of_captions(image_emb, txt.cpu().numpy(), split.captions, split.file_of)
 
 
 def frozen_copy(model):

@@ -10,8 +10,9 @@ keys, so the saved model loads in plain open_clip.
   tower's last projection Linear for timm / Hugging Face towers).
 - lora: `W -> W + (alpha / rank) * B @ A` on the attention and MLP linears named by `targets`.
 - lock-image: the image tower is frozen (timm towers keep their projection head trainable, as in
-  open_clip's `lock_image_tower`); the text tower trains, all of it or its last
-  `unlocked_text_layers` blocks (plus final norm and projection).
+  open_clip's `lock_image_tower`) but its last `unlocked_image_layers` layer groups; the text
+  tower trains, all of it or its last `unlocked_text_layers` blocks (plus final norm and
+  projection).
 - full: everything trains.
 The learnable temperature (`logit_scale`) trains in every method.
 """
@@ -63,6 +64,7 @@ def apply_method(
     lora_alpha: float | None = None,
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     unlocked_text_layers: int | None = None,
+    unlocked_image_layers: int = 0,
 ) -> list[str]:
     """Freeze and adapt `model` in place for `method`; returns the names of what was adapted."""
     if method not in METHODS:
@@ -92,7 +94,9 @@ def apply_method(
         model.requires_grad_(True)
         if not hasattr(model, "lock_image_tower"):
             raise UsageError("this model has no image tower to lock")
-        model.lock_image_tower()
+        model.lock_image_tower(unlocked_groups=unlocked_image_layers)
+        if unlocked_image_layers:
+            adapted.append(f"image tower: last {unlocked_image_layers} layer groups")
         if unlocked_text_layers is not None:
             adapted.append(lock_text_bottom(model, unlocked_text_layers))
         else:

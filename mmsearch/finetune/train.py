@@ -161,7 +161,7 @@ def _setup(spec, config, pairs, val_pairs, retention, progress) -> _Run:
     plain = frozen_copy(model)  # no adapters yet: safe to deep-copy
     adapted = apply_method(
         model, config.method, config.lora_rank, config.lora_alpha, config.lora_targets,
-        config.unlocked_text_layers,
+        config.unlocked_text_layers, config.unlocked_image_layers,
     )  # fmt: skip
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -269,8 +269,9 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int, progress) -> tuple[fl
         state.loss_count += len(idx)
         state.step_losses.append(round(loss, 6))
         progress(
-            "step", epoch=epoch, step=state.global_step, steps=run.total_steps, loss=loss, lr=lr
-        )
+            "step", epoch=epoch, step=state.global_step, steps=run.total_steps, loss=loss, lr=lr,
+            samples=state.train_samples,
+        )  # fmt: skip
         since_ckpt += 1
         if (
             config.checkpoint_every
