@@ -112,7 +112,7 @@ def main() -> None:
     print(f"  two digit runs {time.perf_counter() - t:.1f} s; WiSE-FT alpha {wise.mix.alpha}",
           flush=True)  # fmt: skip
     for row in wise.mix.curve:
-        print(f"    alpha {row['alpha']:.1f}: held-out digits (instance protocol) mean "
+        print(f"    alpha {row['alpha']:.1f}: held-out digits mean "
               f"{row['target']['mean']:.4f}, retention mean {row['retention']['mean']:.4f}, "
               f"forgetting {row['forgetting']:.3f}")  # fmt: skip
     _, held = split_by_file(digits, 0.1, 0)  # the held-out digit files of both runs
