@@ -201,3 +201,23 @@ def test_progress_tells_a_stage_that_counts_again(capsys):
         "image features (frozen part, once): 4/4",
         "image features (frozen part, once): 1/2",
     ]
+
+
+def test_compose_takes_the_towers_of_open_clip_models(tiny_model, other_model, tmp_path):
+    """Image tower of one model, text tower of another (a CLIP keeps it at the top level, the
+    composed model under text.), everything but the projections copied."""
+    from safetensors.torch import load_file
+
+    r = cli("compose", "--image", f"open_clip:{tiny_model}:image", "--text",
+            f"open_clip:{other_model}:text", "--dim", "8", "--out", tmp_path / "m")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = load_file(str(tmp_path / "m" / "open_clip_model.safetensors"))
+    image = load_file(str(tiny_model / "open_clip_model.safetensors"))
+    text = load_file(str(other_model / "open_clip_model.safetensors"))
+    assert got["visual.proj"].shape == (64, 8) and got["text.text_projection"].shape == (64, 8)
+    for key, tensor in image.items():
+        if key.startswith("visual.") and key != "visual.proj":
+            assert got[key].equal(tensor), key
+    for key, tensor in text.items():
+        if not key.startswith(("visual.", "logit_")) and key != "text_projection":
+            assert got[f"text.{key}"].equal(tensor), key
