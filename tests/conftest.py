@@ -30,6 +30,23 @@ def write_tiny_model(out: Path, seed: int = 0, cfg: dict | None = None) -> Path:
     return save_model_dir(model, cfg, out, {"size": cfg["vision_cfg"]["image_size"]})
 
 
+def write_tiny_bert(out: Path, words, seed: int = 0) -> Path:
+    """A tiny random BERT (2 layers, width 32) with a word-piece tokenizer over `words`, saved as
+    a Hugging Face model directory: a text tower for composed models."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", ","] + sorted(set(words))
+    (out / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(out / "vocab.txt")).save_pretrained(str(out))
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=32),
+              add_pooling_layer=False).save_pretrained(str(out))  # fmt: skip
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")

@@ -184,3 +184,15 @@ def test_readme_filter_batch_result_and_duplicate_examples_run(user_files, tmp_p
     assert sorted(group["paths"]) == sorted(
         [str(pictures / "copy.jpg"), str(pictures / "photo0.jpg")]
     )
+
+
+def test_readme_composing_section_names_only_options_that_exist():
+    section = README[README.index("### Composing a model") : README.index("### Searching")]
+    helps = "".join(
+        runner.invoke(app, [c, "--help"]).stdout for c in ("compose", "finetune", "eval")
+    )
+    named = set(re.findall(r"--[a-z][a-z-]+", section))
+    assert {"--unlocked-text-layers", "--warmup-fraction", "--one-caption"} <= named
+    assert named <= set(re.findall(r"--[a-z][a-z-]+", helps)), named - set(
+        re.findall(r"--[a-z][a-z-]+", helps)
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_tiny_model
+from conftest import write_tiny_bert, write_tiny_model
 from PIL import Image, ImageDraw
 
 from mmsearch.errors import UsageError
@@ -305,28 +305,13 @@ def composed(tmp_path_factory) -> Path:
     """A timm image tower (BatchNorm included) and a Hugging Face BERT text tower with its own
     tokenizer, both tiny and random, composed as one open_clip config and saved as a model dir."""
     import open_clip
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertTokenizerFast
 
     from mmsearch.encoders.clip import save_model_dir
 
     root = tmp_path_factory.mktemp("composed")
-    words = sorted(
-        {
-            w
-            for c in ["a on the side"] + list(COLOURS) + list(SHAPES) + list(PLACES)
-            for w in c.split()
-        }
-    )
-    (root / "vocab.txt").write_text(
-        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", ","] + words)
-    )
-    bert = root / "bert"
-    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(str(bert))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=7 + len(words), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=32),
-              add_pooling_layer=False).save_pretrained(str(bert))  # fmt: skip
+    words = [w for c in ["a on the side", *COLOURS, *SHAPES, *PLACES] for w in c.split()]
+    bert = write_tiny_bert(root / "bert", words)
     cfg = {
         "embed_dim": 32, "custom_text": True,
         "vision_cfg": {"timm_model_name": "test_efficientnet", "timm_model_pretrained": False,
@@ -444,7 +429,9 @@ def test_feature_cache_and_one_caption_per_file(shapes, base, tmp_path):
     first = finetune(
         pairs, config(base, tmp_path / "a", "head", **kw), progress=lambda e, **i: events.append(e)
     )
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["text", "text"]  # train, val
+    # one namespace (the frozen text trunk), a shard per split (train, val)
+    assert [p.name.split("-")[0] for p in cache.iterdir()] == ["text"]
+    assert len(list(cache.glob("text-*/*.safetensors"))) == 2
     assert "features" in events
     events.clear()
     again = finetune(
@@ -460,11 +447,12 @@ def test_feature_cache_and_one_caption_per_file(shapes, base, tmp_path):
     # evaluation before training. Zeroed cache files make that visible (all scores tie: recall 0).
     from safetensors.torch import load_file, save_file
 
-    for f in cache.iterdir():
-        save_file({"features": torch.zeros_like(load_file(str(f))["features"])}, str(f))
+    for f in cache.glob("*/*.safetensors"):
+        shard = load_file(str(f))
+        save_file({"keys": shard["keys"], "features": torch.zeros_like(shard["features"])}, str(f))
     locked = finetune(pairs, config(base, tmp_path / "c", "lock-image", **kw))
     assert locked.before.mean == 0 and locked.history[-1]["recall"]["mean"] > 0
-    assert sum(p.name.startswith("image-") for p in cache.iterdir()) == 2
+    assert len(list(cache.glob("image-*/*.safetensors"))) == 2
 
 
 # --- training mechanics ----------------------------------------------------------------------------

@@ -100,14 +100,14 @@ def test_eval_keeps_pairs_in_their_folder_unless_allowed(tiny_model, tmp_path):
     r = cli("eval", pairs, "--model", tiny_model)
     assert r.exit_code == 0, r.output
     assert (
-        "skipped pairs: 1 missing file, 1 outside the pairs file's folder "
+        "skipped pairs: 1 missing file, 1 outside the pairs file's folder, 1 undecodable "
         "(--allow-outside reads them)" in r.stderr
     )
     r = cli("eval", pairs, "--model", tiny_model, "--allow-outside", "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["outside"] == [str(tmp_path / "set-outside.png")]
-    assert result["skipped"] == {"missing file": 1}
+    assert result["skipped"] == {"missing file": 1, "undecodable": 1}
     r = cli("eval", pairs, "--model", tiny_model, "--allow-outside")
     assert "read 1 files from outside the pairs file's folder: " in r.stderr
 

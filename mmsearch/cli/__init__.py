@@ -8,7 +8,7 @@ search starts in a fraction of a second.
 from __future__ import annotations
 
 # Imported for their side effect, in the order --help lists the commands.
-from . import indexing, searching, clipping, duplicates, serve, training, distill, manage  # noqa: F401  # isort: skip
+from . import indexing, searching, clipping, duplicates, serve, compose, finetune, evaluate, distill, manage  # noqa: F401  # isort: skip  # fmt: skip
 from .app import ERROR, EXIT_CODES, FOUND, INTERRUPTED, NOTHING_FOUND, app
 
 __all__ = ["ERROR", "EXIT_CODES", "FOUND", "INTERRUPTED", "NOTHING_FOUND", "app", "main"]

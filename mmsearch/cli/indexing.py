@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -26,15 +25,13 @@ from .app import (
     IndexType,
     Json,
     app,
-    emit_json,
     handle_errors,
     one_line,
     resolve_root,
     say,
     shown,
-    term_as_interrupt,
 )
-from .progress import Progress
+from .progress import run_reported
 
 
 @app.command()
@@ -163,13 +160,8 @@ def index(
         max_note_bytes=max_note_bytes,
         query_model=query_model,
     )
-    show_bar = not as_json and sys.stderr.isatty()
-    with Progress(show_bar) as progress, term_as_interrupt():
-        report = index_paths(options, progress=progress)
-    for note in report.notes:
-        say(f"mmsearch: {note}", err=True)
+    report = run_reported(index_paths, options, as_json)
     if as_json:
-        emit_json(report.to_dict())
         return
     for path, what in report.partial[:20]:
         say(f"indexed in part {shown(path)}: {one_line(what)}", err=True)
@@ -208,18 +200,9 @@ def align_audio(
         root_dir=resolve_root(index_dir),
         encoder=EncoderOptions(device=device, audio_model=audio_model),
     )
-    show_bar = not as_json and sys.stderr.isatty()
-    with Progress(show_bar) as progress, term_as_interrupt():
-        report = realign(options, progress=progress)
-    for note in report.notes:
-        say(f"mmsearch: {note}", err=True)
-    if as_json:
-        emit_json(report.to_dict())
-    else:
+    report = run_reported(realign, options, as_json)
+    if not as_json:
         say(
             f"index {index_name!r}: audio re-aligned; {report.updated} audio files re-embedded, "
             f"{report.removed} removed, {report.failed_now} failed ({report.seconds:.1f}s)"
         )
-
-
-# --- fine-tuning --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from .evaluate import KS, Recall, evaluate, recall_at_k
 from .pairs import Pair, PairSet, Skipped, read_pairs
 
 _EXPORTS = {
-    "DEFAULT_LORA_TARGETS": "methods", "DEFAULT_LR": "methods", "METHODS": "methods",
+    "DEFAULT_LORA_TARGETS": "config", "DEFAULT_LR": "config", "METHODS": "config",
     "FinetuneConfig": "config", "FinetuneResult": "config", "finetune": "train",
 }  # fmt: skip
 __all__ = [

@@ -10,13 +10,19 @@ from typing import Any
 from ..config import DEFAULT_MODEL
 from ..errors import UsageError
 from .evaluate import Recall
-from .methods import DEFAULT_LORA_TARGETS, DEFAULT_LR, METHODS
 
+METHODS = ("head", "lora", "lock-image", "full")
+DEFAULT_LR = {"head": 1e-3, "lora": 3e-4, "lock-image": 5e-5, "full": 1e-5}
+# open_clip transformer blocks (attn.in_proj_weight, attn.out_proj, mlp.c_fc, mlp.c_proj), Hugging
+# Face BERT-style towers (query/key/value/dense) and timm ViTs (qkv/proj/fc1/fc2).
+DEFAULT_LORA_TARGETS = (
+    "in_proj", "out_proj", "c_fc", "c_proj", "query", "key", "value", "dense", "qkv", "fc1", "fc2",
+)  # fmt: skip
 FORMAT_VERSION = 1  # of checkpoints, the training log and cached features
 # Fields that may differ between a run and its --resume (they do not change what is computed).
 RESUME_FREE = frozenset(
     {"resume", "overwrite", "device", "precision", "workers", "image_cache_mb", "plot",
-     "keep_checkpoint", "checkpoint_every", "out", "feature_cache"}
+     "keep_checkpoint", "checkpoint_every", "out", "feature_cache", "max_forgetting"}
 )  # fmt: skip
 
 
@@ -29,7 +35,7 @@ class FinetuneConfig:
     method: str = "head"  # head | lora | lock-image | full
     epochs: int = 5
     batch_size: int = 64  # per forward pass; the contrastive batch is batch_size * grad_accum
-    lr: float | None = None  # None: methods.DEFAULT_LR[method]
+    lr: float | None = None  # None: DEFAULT_LR[method]
     weight_decay: float = 0.1
     warmup_steps: int | None = None  # None: warmup_fraction of all optimizer steps
     warmup_fraction: float = 0.1
@@ -42,6 +48,7 @@ class FinetuneConfig:
     lora_alpha: float | None = None  # None: 2 * rank
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     unlocked_text_layers: int | None = None  # lock-image: train only the text tower's last N blocks
+    unlocked_image_layers: int = 0  # lock-image: the image tower's last N layer groups train too
     grad_checkpointing: bool = False
     # auto: mixed precision on CUDA (bf16 where supported, else fp16) and on CPUs with native
     # bf16, fp32 elsewhere; or fp32 | bf16 | fp16 (autocast; fp16 adds loss scaling). Master
@@ -61,6 +68,9 @@ class FinetuneConfig:
     # pair: epochs cost the same whatever the number of captions per file.
     one_caption_per_file: bool = False
     workers: int | None = None  # image decoding threads; None: the core count (at most 8)
+    # With retention pairs: the largest relative drop of their mean recall that the kept
+    # WiSE-FT mix of base and fine-tuned weights may cost (`finetune.wise`).
+    max_forgetting: float = 0.05
     plot: bool = True
 
     def __post_init__(self):
@@ -83,8 +93,12 @@ class FinetuneConfig:
             (bool(self.lora_targets), "--lora-targets must name at least one layer"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
             (self.checkpoint_every >= 0, "--checkpoint-every must not be negative"),
+            (0 <= self.max_forgetting <= 1, "--max-forgetting must be in [0, 1]"),
             (self.unlocked_text_layers is None or self.method == "lock-image",
              "--unlocked-text-layers goes with --method lock-image"),
+            (self.unlocked_image_layers >= 0, "--unlocked-image-layers must not be negative"),
+            (self.unlocked_image_layers == 0 or self.method == "lock-image",
+             "--unlocked-image-layers goes with --method lock-image"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -124,6 +138,9 @@ class FinetuneResult:
     curve: Path | None = None
     model: Any = field(default=None, repr=False, compare=False)
     note: str | None = None  # e.g. --resume found no checkpoint and started from the beginning
+    # features of frozen parts read from the feature cache and computed, per tower
+    feature_cache: dict = field(default_factory=dict)
+    mix: Any = None  # wise.MixReport: the WiSE-FT mix kept, and what it was chosen from
 
     def to_dict(self) -> dict:
         return {
@@ -142,5 +159,7 @@ class FinetuneResult:
             "train_seconds": round(self.train_seconds, 2),
             "curve": str(self.curve) if self.curve else None,
             "history": self.history,
+            "feature_cache": self.feature_cache,
+            **({"wise": self.mix.to_dict()} if self.mix is not None else {}),
             **({"note": self.note} if self.note else {}),
         }

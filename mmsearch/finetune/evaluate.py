@@ -1,8 +1,10 @@
 """Retrieval recall@1/5/10 in both directions on a set of (file, caption) pairs.
 
-Protocol (Flickr/COCO style): the gallery is the distinct files and all captions. text->image is a
-hit when the caption's own file ranks in the top k; image->text is a hit when any of the file's
-captions does. Ties count against the model (a collapsed model scores zero, not one).
+Protocol (Flickr/COCO style): the gallery is the distinct files and the distinct captions.
+text->image is a hit when one of the caption's files ranks in the top k (a caption shared by
+several files, such as a class word or a tag, is one query any of them answers); image->text is a
+hit when any of the file's captions does. Ties count against the model (a collapsed model scores
+zero, not one).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..records import IMAGE
 from .pairs import UNDECODABLE, PairSet, Skipped
 
 KS = (1, 5, 10)
+MIN_QUERIES = 50  # fewer distinct captions than this: a warning that recall is noisy
 Progress = Callable[..., None]
 
 
@@ -113,29 +116,73 @@ def recall_shared_captions(
     text_emb: np.ndarray,
     relevant: Sequence[tuple[int, int]],
     ks: Sequence[int] = KS,
+    chunk: int = 4096,
 ) -> Recall:
     """Recall when a caption may describe several items (tags, class words): `relevant` lists the
     (text row, item row) pairs that match; texts should be distinct. item->text is a hit when any
     of the item's texts ranks in the top k among all texts; text->item when any of the text's items
     does among all items. Ties count against the model. With one item per text this is
-    `recall_at_k`'s protocol."""
+    `recall_at_k`'s protocol. Texts are scored in chunks: memory stays chunk x items."""
     item_emb = np.asarray(item_emb, dtype=np.float32)
     text_emb = np.asarray(text_emb, dtype=np.float32)
-    if len(item_emb) == 0 or len(text_emb) == 0 or not relevant:
+    if len(item_emb) == 0 or len(text_emb) == 0 or not len(relevant):
         raise UsageError("no pairs to evaluate")
-    sims = text_emb @ item_emb.T  # (texts, items)
-    match = np.zeros(sims.shape, dtype=bool)
-    t, i = np.asarray(relevant, dtype=np.int64).T
-    match[t, i] = True
-    pos = np.where(match, sims, -np.inf)
-    t_best = pos.max(1)  # each text's best matching item
-    i_best = pos.max(0)  # each item's best matching text
-    t_rank = ((sims >= t_best[:, None]) & ~match).sum(1)
-    i_rank = ((sims >= i_best[None, :]) & ~match).sum(0)
-    has_t, has_i = match.any(1), match.any(0)
+    t_all, i_all = np.asarray(relevant, dtype=np.int64).T
+    order = np.argsort(t_all, kind="stable")
+    t_all, i_all = t_all[order], i_all[order]
+    n_txt, n_item = len(text_emb), len(item_emb)
+
+    def chunks():
+        """(slice, sims, match) per chunk of texts."""
+        for s in range(0, n_txt, chunk):
+            sims = text_emb[s : s + chunk] @ item_emb.T
+            lo, hi = np.searchsorted(t_all, [s, s + len(sims)])
+            match = np.zeros(sims.shape, dtype=bool)
+            match[t_all[lo:hi] - s, i_all[lo:hi]] = True
+            yield slice(s, s + len(sims)), sims, match
+
+    # Pass 1: each text's best matching item, each item's best matching text.
+    t_best = np.full(n_txt, -np.inf, dtype=np.float32)
+    i_best = np.full(n_item, -np.inf, dtype=np.float32)
+    for rows, sims, match in chunks():
+        pos = np.where(match, sims, -np.inf)
+        t_best[rows] = pos.max(1)
+        i_best = np.maximum(i_best, pos.max(0))
+    # Pass 2: ranks = the non-matching ones scoring at least as high.
+    t_rank = np.empty(n_txt, dtype=np.int64)
+    i_rank = np.zeros(n_item, dtype=np.int64)
+    for rows, sims, match in chunks():
+        t_rank[rows] = ((sims >= t_best[rows, None]) & ~match).sum(1)
+        i_rank += ((sims >= i_best[None, :]) & ~match).sum(0)
+    has_t, has_i = np.isfinite(t_best), np.isfinite(i_best)
     i2t = {k: float((i_rank[has_i] < k).mean()) for k in ks}
     t2i = {k: float((t_rank[has_t] < k).mean()) for k in ks}
     return Recall(i2t, t2i, int(has_i.sum()), int(has_t.sum()))
+
+
+def recall_of_captions(
+    image_emb: np.ndarray, text_emb: np.ndarray, captions: Sequence[str], text_image: Sequence[int]
+) -> Recall:
+    """Recall of image pairs where a caption shared by several images (a class word, a tag, a
+    folder name) is one query that any of them answers (`recall_shared_captions`); `text_emb[t]`
+    embeds `captions[t]`, which describes image `text_image[t]`."""
+    first: dict[str, int] = {}  # each distinct caption's first row
+    for t, c in enumerate(captions):
+        first.setdefault(c, t)
+    row_of = {c: r for r, c in enumerate(first)}
+    relevant = sorted({(row_of[c], int(i)) for c, i in zip(captions, text_image, strict=True)})
+    return recall_shared_captions(image_emb, np.asarray(text_emb)[list(first.values())], relevant)
+
+
+def small_split_warning(recall: Recall) -> str | None:
+    """A warning when too few queries were measured for recall to mean much."""
+    if recall.texts >= MIN_QUERIES:
+        return None
+    trivial = "; with 10 images or fewer every R@10 is 1.0" if recall.images <= 10 else ""
+    return (
+        f"only {recall.texts} distinct captions over {recall.images} images: too few for "
+        f"recall to mean much{trivial}"
+    )
 
 
 def decode_images(
@@ -160,14 +207,20 @@ def evaluate(
     pairs: PairSet,
     model_spec: str | ModelSpec,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     batch_size: int = 64,
     progress: Progress | None = None,
+    feature_cache: Path | None = None,
 ) -> Recall:
-    """Recall@1/5/10 both ways of `model_spec` (a name, hf-hub id or model directory) on `pairs`.
+    """Recall@1/5/10 both ways of `model_spec` (a name, hf-hub id or model directory) on `pairs`,
+    a caption shared by several images being one query (`recall_of_captions`). `precision` fp32
+    (the default), bf16 or fp16, or auto (mixed precision where the device has it).
 
     Uses the same encoder path as indexing (`load_clip`). Undecodable files are left out and
-    counted in `Recall.skipped`. Audio pairs are left to `finetune.audio.evaluate_audio`.
+    counted in `Recall.skipped`. Audio pairs are left to `finetune.audio.evaluate_audio`. With
+    `feature_cache` (a folder), the image trunk's and text trunk's features are read from and
+    kept in it (`finetune.features`): models that share a frozen tower (the runs of one
+    fine-tuning recipe) compute it once.
     """
     from ..encoders.clip import load_clip
 
@@ -179,29 +232,41 @@ def evaluate(
         raise UsageError("no image pairs to evaluate")
     progress("load_model", model=str(spec))
     encoder = load_clip(spec, EncoderOptions(device=device, precision=precision))
-    prep = encoder.prep
-    files = images.files()
+    cached = None
+    if feature_cache is not None:
+        from .features import CachedEncoder
+
+        cached = CachedEncoder(encoder, feature_cache, batch_size, decode_images, progress)
     index_of, image_emb, failed = {}, [], []
+    files = images.files()
     for s in range(0, len(files), 512):  # decode and embed in slices to bound memory
         part = files[s : s + 512]
-        decoded = decode_images(part, prep)
-        good = []
-        for path, arr in zip(part, decoded, strict=True):
-            if isinstance(arr, LoadError):
-                failed.append(Skipped(str(path), f"{UNDECODABLE}: {arr.reason}"))
-            else:
-                good.append((path, arr))
+        good, emb, bad = cached.images(part) if cached else _embed_images(encoder, part, batch_size)
+        failed += [Skipped(str(path), f"{UNDECODABLE}: {e.reason}") for path, e in bad]
+        for p in good:
+            index_of[p] = len(index_of)
         if good:
-            for p, _ in good:
-                index_of[p] = len(index_of)
-            image_emb.append(encoder.image.embed([a for _, a in good], batch_size))
+            image_emb.append(emb)
         progress("embed_images", done=min(s + 512, len(files)), total=len(files))
     if failed:
         skipped[UNDECODABLE] = len(failed)
     kept = [p for p in images.pairs if p.path in index_of]
     if not kept:
         raise UsageError("no decodable images to evaluate")
-    text_emb = encoder.text.embed([p.caption for p in kept], batch_size)
+    captions = [p.caption for p in kept]
+    text_emb = cached.texts(captions) if cached else encoder.text.embed(captions, batch_size)
     progress("embed_texts", done=len(kept), total=len(kept))
-    r = recall_at_k(np.concatenate(image_emb), text_emb, [index_of[p.path] for p in kept])
+    r = recall_of_captions(
+        np.concatenate(image_emb), text_emb, [p.caption for p in kept],
+        [index_of[p.path] for p in kept],
+    )  # fmt: skip
     return Recall(r.image_to_text, r.text_to_image, r.images, r.texts, skipped)
+
+
+def _embed_images(encoder, paths, batch_size: int):
+    """(the paths that decoded, their embeddings, (path, LoadError) of the others)."""
+    good, bad = [], []
+    for path, arr in zip(paths, decode_images(paths, encoder.prep), strict=True):
+        (bad if isinstance(arr, LoadError) else good).append((path, arr))
+    emb = encoder.image.embed([a for _, a in good], batch_size) if good else None
+    return [p for p, _ in good], emb, bad

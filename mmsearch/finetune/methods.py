@@ -10,8 +10,9 @@ keys, so the saved model loads in plain open_clip.
   tower's last projection Linear for timm / Hugging Face towers).
 - lora: `W -> W + (alpha / rank) * B @ A` on the attention and MLP linears named by `targets`.
 - lock-image: the image tower is frozen (timm towers keep their projection head trainable, as in
-  open_clip's `lock_image_tower`); the text tower trains, all of it or its last
-  `unlocked_text_layers` blocks (plus final norm and projection).
+  open_clip's `lock_image_tower`) but its last `unlocked_image_layers` layer groups; the text
+  tower trains, all of it or its last `unlocked_text_layers` blocks (plus final norm and
+  projection).
 - full: everything trains.
 The learnable temperature (`logit_scale`) trains in every method.
 """
@@ -26,14 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import UsageError
-
-METHODS = ("head", "lora", "lock-image", "full")
-DEFAULT_LR = {"head": 1e-3, "lora": 3e-4, "lock-image": 5e-5, "full": 1e-5}
-# open_clip transformer blocks (attn.in_proj_weight, attn.out_proj, mlp.c_fc, mlp.c_proj), Hugging
-# Face BERT-style towers (query/key/value/dense) and timm ViTs (qkv/proj/fc1/fc2).
-DEFAULT_LORA_TARGETS = (
-    "in_proj", "out_proj", "c_fc", "c_proj", "query", "key", "value", "dense", "qkv", "fc1", "fc2",
-)  # fmt: skip
+from .config import DEFAULT_LORA_TARGETS, METHODS
 
 
 class ResidualAdapter(nn.Module):
@@ -70,6 +64,7 @@ def apply_method(
     lora_alpha: float | None = None,
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     unlocked_text_layers: int | None = None,
+    unlocked_image_layers: int = 0,
 ) -> list[str]:
     """Freeze and adapt `model` in place for `method`; returns the names of what was adapted."""
     if method not in METHODS:
@@ -99,7 +94,9 @@ def apply_method(
         model.requires_grad_(True)
         if not hasattr(model, "lock_image_tower"):
             raise UsageError("this model has no image tower to lock")
-        model.lock_image_tower()
+        model.lock_image_tower(unlocked_groups=unlocked_image_layers)
+        if unlocked_image_layers:
+            adapted.append(f"image tower: last {unlocked_image_layers} layer groups")
         if unlocked_text_layers is not None:
             adapted.append(lock_text_bottom(model, unlocked_text_layers))
         else:
