@@ -185,6 +185,14 @@ def test_translated_queries_find_what_the_original_finds(distilled, notes_index)
     info = json.loads(runner.invoke(app, ["info", "--json"]).stdout)
     assert info["query_model"] == str(out.resolve())
     assert _found(german, notes) == same
+    # ... through its torch-free copy, exported by `index` and checked against the torch model
+    from mmsearch.config import SearchOptions
+    from mmsearch.encoders.query_tower import SentenceTransformerTower
+    from mmsearch.search import Searcher
+
+    with Searcher(SearchOptions()) as s:
+        assert not isinstance(s._text_tower(), SentenceTransformerTower)
+        assert s._text_tower().dim == s.identity["dim"]
 
 
 def test_a_tower_for_another_model_is_refused(distilled, tmp_path, other_model):

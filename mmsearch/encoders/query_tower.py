@@ -13,6 +13,7 @@ Two kinds of source, told apart by `resolve`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,17 +128,57 @@ def check_alignment(source: str, identity: dict) -> dict:
     return {"source": source, "aligned_to": aligned}
 
 
-def load(source: str, identity: dict, device: str = "cpu") -> Tower:
-    """The query tower `source` (checked against `identity`) as a Tower of the index's space."""
+def load(source: str, identity: dict, device: str = "cpu", cache_dir: Path | None = None) -> Tower:
+    """The query tower `source` (checked against `identity`) as a Tower of the index's space:
+    its torch-free copy when `export` wrote one in `cache_dir`, else the torch model."""
     check_alignment(source, identity)
-    return exported_tower(source) or SentenceTransformerTower.load(source, device)
+    target = None if cache_dir is None else export_dir(cache_dir, source)
+    if target is not None and (target / "config.json").is_file():
+        from .query_text import load_fast_text
+
+        return load_fast_text(target)
+    return SentenceTransformerTower.load(source, device)
 
 
-def exported_tower(source: str) -> Tower | None:
-    """The seam for a torch-free copy of the tower (BERT-family encoders in numpy, as
-    `query_text` does for CLIP's own text tower): None until one is exported, and then the torch
-    path below loads it."""
-    return None
+def export_dir(cache_dir: Path, source: str) -> Path:
+    """Where the torch-free copy of `source` lives in the index model's cache: named for the
+    source and its stamp's time, so a tower distilled again is exported again."""
+    stamp = Path(source) / STAMP
+    made = stamp.stat().st_mtime_ns if source not in PUBLISHED and stamp.is_file() else 0
+    digest = hashlib.sha256(json.dumps([source, made]).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "query" / digest
+
+
+# sentence-transformers' pooling modes -> query_text.hf_export's
+_POOLING = {"mean": "mean", "cls": "cls", "max": "max", "lasttoken": "last"}
+
+
+def export(source: str, cache_dir: Path) -> bool:
+    """Write the torch-free copy of query tower `source` (query_text.hf_export, verified against
+    the sentence-transformers model); False when its architecture is not supported (searches then
+    run it on torch)."""
+    target = export_dir(cache_dir, source)
+    if (target / "config.json").is_file():
+        return True
+    from .query_text.hf_export import export_hf_text_tower
+
+    tower = SentenceTransformerTower.load(source, "cpu")
+    modules = list(tower.model)
+    if len(modules) < 2 or not hasattr(modules[0], "auto_model"):
+        return False
+    pool = modules[1]
+    mode = getattr(pool, "pooling_mode", None) or pool.get_pooling_mode_str()
+    if mode not in _POOLING:
+        return False
+    return export_hf_text_tower(
+        modules[0].auto_model.float(),
+        modules[0].tokenizer,
+        target,
+        pooling=_POOLING[mode],
+        projection=modules[2:] or None,
+        context_length=int(tower.model.max_seq_length),
+        reference_embed=tower.embed_batch,
+    )
 
 
 def embedding_dimension(model) -> int:

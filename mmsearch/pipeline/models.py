@@ -138,11 +138,17 @@ def query_tower_record(source: str | None, identity: dict) -> dict | None:
 
 
 def keep_query_tower(col: Collection, record: dict | None, notes: list[str]) -> None:
-    """Record the run's query tower; drop the index's one when a rebuild with another model
-    left it aligned to the old model."""
+    """Record the run's query tower, with its torch-free copy exported beside the model's (when
+    its architecture allows); drop the index's one when a rebuild with another model left it
+    aligned to the old model."""
     from ..encoders import query_tower
 
     if record is not None:
+        cache = model_cache_dir(col.root_dir, col.encoder_identity["key"])
+        try:
+            query_tower.export(record["source"], cache)
+        except OSError as e:
+            raise write_error(cache, e) from None
         col.write_manifest(query_tower=record)
         return
     old = col.manifest.query_tower

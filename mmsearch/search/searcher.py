@@ -124,20 +124,21 @@ class Searcher:
 
     def _text_tower(self):
         """The one place the tower for text queries is chosen: the query tower (another
-        language's, `encoders.query_tower`) when there is one, else the torch-free export of the
-        model's text tower, else the model's own (already loaded for an image or sound query)."""
+        language's, `encoders.query_tower`; its torch-free copy once `index --query-model` exported
+        it) when there is one, else the torch-free export of the model's text tower, else the
+        model's own (already loaded for an image or sound query)."""
         if self._text is None:
             source = self._query_source()
+            cache = model_cache_dir(self.col.root_dir, self.identity["key"])
             if source is not None:
                 from ..encoders import query_tower
 
                 self._text = query_tower.load(
-                    query_tower.resolve(source), self.identity, self.options.device
+                    query_tower.resolve(source), self.identity, self.options.device, cache
                 )
             elif self._full is None:
                 from ..encoders import query_text_tower
 
-                cache = model_cache_dir(self.col.root_dir, self.identity["key"])
                 self._text = query_text_tower(cache)
         return self._text or self._full_encoder().text
 
