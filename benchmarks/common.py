@@ -53,11 +53,11 @@ def random_model_dir(arch: str = "ViT-B-32", seed: int = 0) -> Path:
     return out
 
 
-def padded_index(work: Path, items: int, photos: int = 20) -> Path:
-    """An index root under `work` whose 'default' index holds `photos` real photos embedded by a
-    random-weight ViT-B-32 (through index_paths, so the text tower is exported too), padded to
-    `items` vectors with synthetic catalog rows: a search's cost depends on the number of
-    vectors, not on where they came from. Returns the index root."""
+def padded_index(work: Path, items: int, photos: int = 20, model: str | None = None) -> Path:
+    """An index root under `work` whose 'default' index holds `photos` real photos embedded by
+    `model` (default a random-weight ViT-B-32; through index_paths, so the text tower is exported
+    too), padded to `items` vectors with synthetic catalog rows: a search's cost depends on the
+    number of vectors, not on where they came from. Returns the index root."""
     import os
 
     import numpy as np
@@ -72,7 +72,7 @@ def padded_index(work: Path, items: int, photos: int = 20) -> Path:
     for p in sorted((DATASETS / "flickr8k_val1k" / "images").glob("*.jpg"))[:photos]:
         os.symlink(p, folder / p.name)
     root = work / "indexes"
-    spec = ModelSpec.parse(str(random_model_dir("ViT-B-32")))
+    spec = ModelSpec.parse(model or str(random_model_dir("ViT-B-32")))
     index_paths(IndexOptions(roots=(folder,), root_dir=root, encoder=EncoderOptions(model=spec)))
     rng = np.random.default_rng(0)
     with Collection.open_writer(root, "default") as col:

@@ -80,13 +80,30 @@ def _embedder(modality: Modality) -> EmbedFn:
 def embed_images(
     encoder: Encoder, items: list[Loaded], batch_size: int, tick: Tick, out: list
 ) -> None:
-    """One vector per image, in batches of `batch_size`."""
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        vecs = encoder.image.embed([x.payload for x in batch], batch_size)
-        for j in range(len(batch)):
-            out[start + j] = Embedded([Segment()], vecs[j : j + 1])
+    """One vector per image, in batches of `batch_size`. JPEGs left as their bytes (the image
+    tower is on a GPU) are decoded there, a batch ahead (loaders.gpu_jpeg); one that cannot be
+    decoded fails alone, with its reason."""
+    batches = [items[s : s + batch_size] for s in range(0, len(items), batch_size)]
+    start = 0
+    for batch, pictures in zip(batches, _pictures(encoder, batches), strict=True):
+        ok = [j for j, p in enumerate(pictures) if not isinstance(p, str)]
+        vecs = encoder.image.embed([pictures[j] for j in ok], batch_size) if ok else None
+        for j in set(range(len(batch))) - set(ok):
+            out[start + j] = pictures[j]  # why it could not be decoded
+        for n, j in enumerate(ok):
+            out[start + j] = Embedded([Segment()], vecs[n : n + 1])
         tick(len(batch))
+        start += len(batch)
+
+
+def _pictures(encoder: Encoder, batches: list[list[Loaded]]) -> Iterator[list]:
+    from .loaders.image import JpegBytes
+
+    if not any(isinstance(x.payload, JpegBytes) for b in batches for x in b):
+        return ([x.payload for x in b] for b in batches)
+    from .loaders.gpu_jpeg import pictures
+
+    return pictures(batches, encoder.prep, str(getattr(encoder.image, "device", "cpu")))
 
 
 def embed_notes(

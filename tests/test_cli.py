@@ -84,6 +84,13 @@ def test_info_failures_list(indexed, tiny_model):
     assert info["files"] == 6 and info["failures"] == 1 and info["dim"] == 32
     assert info["model"] == f"local-dir:{tiny_model}"
     assert info["modalities"]["image"]["files"] == 5
+    # which engine answers: this machine's faiss-cpu without a GPU, for a CLI search and a server
+    assert {u: e["name"] for u, e in info["engine"].items()} == {
+        "search": "faiss-cpu",
+        "serve": "faiss-cpu",
+    }
+    assert "one-shot" in info["engine"]["search"]["reason"]
+    assert "serve engine:  faiss-cpu (no GPU" in cli("info").stdout
     fails = json_lines(cli("failures", "--json").stdout)
     assert [Path(f["path"]).name for f in fails] == ["broken.jpg"] and fails[0]["reason"]
     names = [x["name"] for x in json_lines(cli("list", "--json").stdout)]

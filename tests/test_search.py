@@ -117,10 +117,18 @@ def test_search_errors(indexed, tmp_path):
         Searcher(SearchOptions(name="other"))
 
 
+def _use_engine(monkeypatch, device: str | None) -> None:
+    """Searches answered by the torch engine on `device` (None: faiss on the CPU)."""
+    from mmsearch.storage.vectors import engine
+
+    chosen = engine.Engine() if device is None else engine.Engine(engine.TORCH, device=device)
+    monkeypatch.setattr(engine, "choose", lambda *a: chosen)
+
+
 def _torch_answers(monkeypatch, device: str, options: SearchOptions, queries) -> list:
     import mmsearch.storage.vectors.torch_exact
 
-    monkeypatch.setattr(mmsearch.storage.vectors.torch_exact, "wanted", lambda _device: device)
+    _use_engine(monkeypatch, device)
     with Searcher(options) as s:
         out = [s.search(q, k=k, modality=m) for q, k, m in queries]
         assert isinstance(s._vectors(), mmsearch.storage.vectors.torch_exact.TorchExactIndex)
@@ -146,10 +154,9 @@ def test_torch_search_on_cuda_gives_the_faiss_answers(indexed, monkeypatch):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from mmsearch.storage.vectors.torch_exact import wanted
-
-    assert wanted("cuda") == "cuda"
-    with Searcher(SearchOptions()) as s:
+    with Searcher(SearchOptions(device="cuda")) as s:
+        assert s.engine.name in ("faiss-gpu", "torch"), s.engine
+    with Searcher(SearchOptions(device="cpu")) as s:
         expected = [s.search(q, k=k, modality=m) for q, k, m in QUERIES]
     got = _torch_answers(monkeypatch, "cuda", SearchOptions(device="cuda"), QUERIES)
     for want, have in zip(expected, got, strict=True):
@@ -163,9 +170,7 @@ def test_a_clone_answers_in_another_thread(indexed, monkeypatch, device):
     thread that opened them): the same hits as the Searcher they were cloned from."""
     import threading
 
-    import mmsearch.storage.vectors.torch_exact
-
-    monkeypatch.setattr(mmsearch.storage.vectors.torch_exact, "wanted", lambda _device: device)
+    _use_engine(monkeypatch, device)
     with Searcher(SearchOptions()) as s:
         s.warm()
         expected = [s.search(q, k=k, modality=m) for q, k, m in QUERIES]
@@ -206,13 +211,14 @@ def test_a_reopened_searcher_keeps_the_towers_of_the_same_model(indexed, other_m
 
 
 def test_cold_search_does_not_pick_torch():
-    """In a fresh process (a CLI search), auto neither imports torch nor searches with it."""
+    """In a fresh process (a CLI search), auto neither imports torch nor searches with a GPU."""
     import subprocess
     import sys
 
     code = (
-        "import sys; from mmsearch.storage.vectors.torch_exact import wanted; "
-        "assert wanted('auto') is None and wanted('cpu') is None; "
+        "import sys; from mmsearch.storage.vectors.engine import choose, probe, FAISS_CPU; "
+        "assert choose('auto', 'IDMap2,FlatIP', 10, 4, probe('auto', False)).name == FAISS_CPU; "
+        "assert choose('cpu', 'IDMap2,FlatIP', 10, 4, probe('cpu', True)).name == FAISS_CPU; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

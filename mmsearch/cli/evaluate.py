@@ -9,7 +9,19 @@ import typer
 
 from ..config import index_root
 from .app import Debug, Device, Json, app, emit_json, handle_errors, say
-from .pairs import AllowOutside, Pairs, pairs_notes, recall_table, say_skipped_audio, skipped_line
+from .pairs import (
+    AllowOutside,
+    CaptionsFrom,
+    FeatureCacheDir,
+    NoFeatureCache,
+    Pairs,
+    caption_sources,
+    feature_cache_dir,
+    pairs_notes,
+    recall_table,
+    say_skipped_audio,
+    skipped_line,
+)
 from .progress import Progress, mode_for
 
 
@@ -45,6 +57,9 @@ def eval_(
         ),
     ] = Precision.fp32,
     allow_outside: AllowOutside = False,
+    captions_from: CaptionsFrom = "sidecar",
+    feature_cache: FeatureCacheDir = None,
+    no_feature_cache: NoFeatureCache = False,
     device: Device = "auto",
     as_json: Json = False,
     debug: Debug = False,
@@ -56,13 +71,14 @@ def eval_(
     from ..finetune.evaluate import small_split_warning
     from ..records import AUDIO, IMAGE
 
-    pairs = read_pairs(source, allow_outside=allow_outside)
+    sources = caption_sources(captions_from)
+    pairs = read_pairs(source, allow_outside=allow_outside, captions_from=sources)
     recall = audio = warning = None
     if pairs.of(IMAGE).pairs or not pairs.of(AUDIO).pairs:
         with Progress(mode_for(as_json)) as progress:
             recall = evaluate(
                 pairs, model, device=device, precision=precision.value, batch_size=batch_size,
-                progress=progress,
+                progress=progress, feature_cache=feature_cache_dir(feature_cache, no_feature_cache),
             )  # fmt: skip
         warning = small_split_warning(recall)
     if pairs.of(AUDIO).pairs:

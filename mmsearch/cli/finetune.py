@@ -15,7 +15,19 @@ from ..config import ModelSpec, index_root
 from ..finetune.config import FinetuneConfig
 from .app import Debug, Device, Json, app, emit_json, fail, handle_errors, say
 from .flags import flag, with_flags
-from .pairs import AllowOutside, Pairs, pairs_notes, recall_table, say_skipped_audio, skipped_line
+from .pairs import (
+    AllowOutside,
+    CaptionsFrom,
+    FeatureCacheDir,
+    NoFeatureCache,
+    Pairs,
+    caption_sources,
+    feature_cache_dir,
+    pairs_notes,
+    recall_table,
+    say_skipped_audio,
+    skipped_line,
+)
 from .progress import Progress, mode_for
 
 TRAINING = (
@@ -48,6 +60,8 @@ TRAINING = (
          "decoded per batch."),
     flag("checkpoint_every", "Optimizer steps between checkpoints (0: at each epoch end)."),
     flag("keep_checkpoint", "Keep OUT/checkpoint after a finished run."),
+    flag("max_forgetting", "With --retain: the largest relative drop of the retention pairs' "
+         "mean recall the kept WiSE-FT mix of base and fine-tuned weights may cost."),
     flag("plot", "Draw the loss and recall curve (OUT/curve.png).", "--plot/--no-plot"),
     flag("resume", "Continue an interrupted run."),
     flag("overwrite", "Replace --out."),
@@ -67,6 +81,20 @@ def finetune(
         Path | None,
         typer.Option("--val", help="Separate held-out pairs (instead of --val-fraction)."),
     ] = None,
+    retain: Annotated[
+        Path | None,
+        typer.Option(
+            "--retain",
+            help="General pairs whose retrieval must not degrade: the model kept is the mix of "
+            "the base and fine-tuned weights (WiSE-FT) with the best held-out recall among those "
+            "within --max-forgetting on these. Default: pairs built from the photos of --index "
+            "(each generic query's best photo under the base model) when it exists.",
+        ),
+    ] = None,
+    index: Annotated[
+        str,
+        typer.Option("--index", "-i", help="Index whose photos give the default retention set."),
+    ] = "default",
     lora_targets: Annotated[
         str | None, typer.Option("--lora-targets", help="Comma-separated layer names.")
     ] = None,
@@ -92,6 +120,9 @@ def finetune(
         typer.Option("--audio-steps", min=1, help="Training steps of --audio-tower head."),
     ] = 300,
     allow_outside: AllowOutside = False,
+    captions_from: CaptionsFrom = "sidecar",
+    feature_cache: FeatureCacheDir = None,
+    no_feature_cache: NoFeatureCache = False,
     device: Device = "auto",
     as_json: Json = False,
     debug: Debug = False,
@@ -107,16 +138,26 @@ def finetune(
         fail(f"unknown --audio-tower {audio_tower!r}; use one of: {', '.join(TOWERS)}")
     if lora_targets:
         training["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    training["feature_cache"] = feature_cache_dir(feature_cache, no_feature_cache)
     config = FinetuneConfig(model=model, out=out, device=device, **training)
     from ..records import AUDIO, IMAGE
 
-    pairs = read_pairs(source, allow_outside=allow_outside)
-    val_pairs = read_pairs(val, allow_outside=allow_outside) if val is not None else None
+    sources = caption_sources(captions_from)
+    pairs = read_pairs(source, allow_outside=allow_outside, captions_from=sources)
+    val_pairs = (
+        read_pairs(val, allow_outside=allow_outside, captions_from=sources)
+        if val is not None
+        else None
+    )
+    retain_pairs = read_pairs(retain, allow_outside=allow_outside) if retain is not None else None
     has_audio = bool(pairs.of(AUDIO).pairs)
     result = audio = None
     with Progress(mode_for(as_json)) as progress:
         if pairs.of(IMAGE).pairs or not has_audio:
-            result = run_finetune(pairs, config, progress=progress, val_pairs=val_pairs)
+            result = run_finetune(
+                pairs, config, progress=progress, val_pairs=val_pairs, retain_pairs=retain_pairs,
+                retain_index=(index_root(), index),
+            )  # fmt: skip
         if has_audio:
             # Audio pairs train the audio projector against the (tuned) CLIP text tower; it is
             # saved in the model directory, where indexing with --model picks it up.
@@ -184,10 +225,27 @@ def finetune(
             ],
         )
     )
+    kept = _say_mix(result.mix, kept)
     say(f"kept {kept}; wrote {result.out}" + (f" (curve: {result.curve})" if result.curve else ""))
     if result.skipped:
         say(skipped_line(result.skipped), err=True)
     say(f"re-index with it: mmsearch index PATH --model {result.out} --rebuild")
+
+
+def _say_mix(mix, kept: str) -> str:
+    """The WiSE-FT report (or why there is none); what was kept, in words."""
+    if mix is None or not mix.measured:
+        if mix is not None and mix.note:
+            say(mix.note, err=True)
+        return kept
+    names = ["base", "fine-tuned", f"mix {mix.alpha:g}"]
+    for what, label in (("target", "held-out pairs"), ("retention", f"retention: {mix.retention}")):
+        say(f"{label}:")
+        say(recall_table(*mix.recalls(what).values(), names=names))
+    row = mix.row(mix.alpha)
+    say(f"retention recall lost by the mix: {row['forgetting']:.1%} "
+        f"(--max-forgetting {mix.max_forgetting:g})")  # fmt: skip
+    return f"the WiSE-FT mix at {mix.alpha:g} of the base and {kept}"
 
 
 def _say_audio(audio) -> None:

@@ -27,6 +27,16 @@ def _vector_index_info(vi) -> dict:
     return {k: getattr(vi, k) for k in keys if getattr(vi, k) is not None}
 
 
+def _engines(col, vectors: int) -> dict | None:
+    """Which engine answers a CLI search and a server (storage.vectors.engine), as dicts."""
+    if not col.encoder_identity:
+        return None
+    from ..storage.vectors.engine import describe_engines
+
+    found = describe_engines(col.manifest.index_type, vectors, col.dim)
+    return {use: engine.as_dict() for use, engine in found.items()}
+
+
 @app.command()
 @handle_errors
 def info(
@@ -58,6 +68,7 @@ def info(
             "modalities": counts["by_modality"],
             "index_type": col.manifest.index_type,
             **_vector_index_info(col.manifest.vector_index),
+            "engine": _engines(col, counts["vectors"]),
             "created": col.manifest.created,
             "updated": col.manifest.updated,
             "format_version": FORMAT_VERSION,
@@ -71,6 +82,11 @@ def info(
         if key == "modalities":
             for m, c in value.items():
                 say(f"{m + ':':<15}{c['files']} files, {c['vectors']} vectors")
+        elif key == "engine" and value:
+            from ..storage.vectors.engine import Engine
+
+            for use, engine in value.items():
+                say(f"{f'{use} engine:':<15}{Engine(**engine)}")
         elif value is not None:
             say(f"{key + ':':<15}{shown(str(value)) if key in ('path', 'model') else value}")
 

@@ -27,6 +27,44 @@ AllowOutside = Annotated[
     ),
 ]
 
+FeatureCacheDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--feature-cache",
+        help="Folder where features of frozen tower parts are kept between runs and "
+        "evaluations (default: INDEX_ROOT/.models/features, at most 4 GiB, safe to delete).",
+        show_default=False,
+    ),
+]
+NoFeatureCache = Annotated[
+    bool, typer.Option("--no-feature-cache", help="Compute frozen features afresh; keep none.")
+]
+
+CaptionsFrom = Annotated[
+    str,
+    typer.Option(
+        "--captions-from",
+        help="For a folder: where captions come from, any of sidecar (a.jpg + a.txt), xmp "
+        "(descriptions, titles and keywords embedded in photos as XMP or IPTC), folders (the "
+        "folder's name); every distinct caption found is a pair.",
+    ),
+]
+
+
+def caption_sources(text: str) -> tuple[str, ...]:
+    from ..finetune.captions import parse_sources
+
+    try:
+        return parse_sources(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--captions-from") from None
+
+
+def feature_cache_dir(folder: Path | None, off: bool) -> Path | None:
+    from ..finetune.features import default_dir
+
+    return None if off else (folder or default_dir())
+
 
 def pairs_notes(pairs) -> str | None:
     """The files a pairs file pulled in from outside its folder, for stderr."""

@@ -31,11 +31,12 @@ def create_encoder(
 
 
 def export_query_tower(encoder: Encoder, cache_dir: Path) -> bool:
-    """Write the torch-free text tower searches use; False when the architecture is unsupported."""
+    """Write the torch-free text tower searches use (open_clip's CLIP text transformer or a
+    Hugging Face encoder); False when the architecture is unsupported or the copy disagrees."""
     target = Path(cache_dir) / "text"
     if (target / "config.json").is_file():
         return True
-    from .query_text import export_fast_text
+    from .query_text.open_clip_export import export_open_clip_text
 
     model, tokenizer = encoder.model, encoder.tokenizer
     if next(model.parameters()).dtype != _float32() or encoder.device != "cpu":
@@ -44,7 +45,7 @@ def export_query_tower(encoder: Encoder, cache_dir: Path) -> bool:
             encoder.identity["spec"], EncoderOptions(device="cpu", precision="fp32")
         )
         model, tokenizer = fp32.model, fp32.tokenizer
-    return export_fast_text(model, tokenizer, target)
+    return export_open_clip_text(model, tokenizer, target)
 
 
 def _float32():
@@ -58,9 +59,9 @@ def query_text_tower(cache_dir: Path) -> Tower | None:
     target = Path(cache_dir) / "text"
     if not (target / "config.json").is_file():
         return None
-    from .query_text import FastTextTower
+    from .query_text import load_fast_text
 
-    return FastTextTower.load(target)
+    return load_fast_text(target)
 
 
 def attach_audio(

@@ -15,11 +15,17 @@ from ..errors import ModelError
 from .base import Encoder, Tower
 
 
+def device_type(device: str) -> str:
+    """The device's kind ("cuda" for "cuda:1"): what autocast, GradScaler and the precision
+    defaults go by."""
+    return device.partition(":")[0]
+
+
 def pick_device(device: str) -> str:
     import torch
 
     if device != "auto":
-        if device == "cuda" and not torch.cuda.is_available():
+        if device_type(device) == "cuda" and not torch.cuda.is_available():
             raise ModelError("--device cuda was asked for, but torch sees no CUDA device")
         if device == "mps" and not torch.backends.mps.is_available():
             raise ModelError("--device mps was asked for, but torch sees no MPS device")
@@ -43,7 +49,7 @@ def pick_dtype(device: str, precision: str):
     import torch
 
     if precision == "auto":
-        if device == "cuda":
+        if device_type(device) == "cuda":
             precision = "fp16"
         elif device == "cpu" and cpu_has_native_bf16():
             precision = "bf16"
@@ -234,10 +240,16 @@ class ClipImageTower(Tower):
         self.mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1) * 255
 
-    def embed_batch(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+    def embed_batch(self, batch: Sequence) -> np.ndarray:
+        """uint8 (H, W, 3) pictures: numpy arrays, or tensors already on the device (JPEGs
+        decoded there, loaders.gpu_jpeg)."""
         import torch
 
-        x = torch.from_numpy(np.stack(batch)).to(self.device).permute(0, 3, 1, 2).float()
+        if all(isinstance(b, np.ndarray) for b in batch):  # one copy to the device
+            x = torch.from_numpy(np.stack(batch)).to(self.device)
+        else:
+            x = torch.stack([torch.as_tensor(b).to(self.device) for b in batch])
+        x = x.permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).to(self.dtype)
         with torch.inference_mode():
             y = self.model.encode_image(x)

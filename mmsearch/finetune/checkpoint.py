@@ -30,6 +30,7 @@ from .data import counts
 LOG_NAME = "training_log.json"
 CURVE_NAME = "curve.png"
 CHECKPOINT_DIR = "checkpoint"
+BEST_NAME = "best.safetensors"
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainState:
     before: dict | None = None  # and of the model before training
     train_time: float = 0.0
     train_samples: int = 0
+    wise: dict | None = None  # the WiSE-FT mix kept at the end (wise.MixReport.to_dict())
 
     @property
     def samples_per_s(self) -> float:
@@ -175,7 +177,11 @@ def _latest_checkpoint(ckpt_root: Path) -> Path | None:
     return folder if (folder / "state.json").is_file() else None
 
 
-def save_checkpoint(ckpt_root, model, optimizer, scaler, config, fingerprint, state) -> Path:
+def save_checkpoint(
+    ckpt_root, model, optimizer, scaler, config, fingerprint, state, best=None
+) -> Path:
+    """A new checkpoint folder; `best`: the best epoch's trainable tensors, when they are
+    neither the current ones nor the starting ones (for the WiSE-FT mix after a resume)."""
     import torch
     from safetensors.torch import save_file
 
@@ -199,6 +205,9 @@ def save_checkpoint(ckpt_root, model, optimizer, scaler, config, fingerprint, st
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    if best is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in best.items()},
+                  str(tmp / BEST_NAME))  # fmt: skip
     state = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -217,6 +226,11 @@ def save_checkpoint(ckpt_root, model, optimizer, scaler, config, fingerprint, st
         if old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return ckpt_root / name
+
+
+def load_best(folder: Path) -> dict:
+    """The best epoch's trainable tensors saved with the checkpoint in `folder`."""
+    return load_weights(folder / BEST_NAME)
 
 
 def load_checkpoint(
@@ -281,6 +295,7 @@ def write_log(out, config, spec, adapted, train, val, skipped, state, finished: 
         "samples_per_s": state.samples_per_s,
         "history": state.history,
         "step_losses": state.step_losses,
+        "wise": state.wise,
     }
     _write_json_atomic(out / LOG_NAME, log)
 

@@ -22,7 +22,7 @@ FORMAT_VERSION = 1  # of checkpoints, the training log and cached features
 # Fields that may differ between a run and its --resume (they do not change what is computed).
 RESUME_FREE = frozenset(
     {"resume", "overwrite", "device", "precision", "workers", "image_cache_mb", "plot",
-     "keep_checkpoint", "checkpoint_every", "out", "feature_cache"}
+     "keep_checkpoint", "checkpoint_every", "out", "feature_cache", "max_forgetting"}
 )  # fmt: skip
 
 
@@ -68,6 +68,9 @@ class FinetuneConfig:
     # pair: epochs cost the same whatever the number of captions per file.
     one_caption_per_file: bool = False
     workers: int | None = None  # image decoding threads; None: the core count (at most 8)
+    # With retention pairs: the largest relative drop of their mean recall that the kept
+    # WiSE-FT mix of base and fine-tuned weights may cost (`finetune.wise`).
+    max_forgetting: float = 0.05
     plot: bool = True
 
     def __post_init__(self):
@@ -90,6 +93,7 @@ class FinetuneConfig:
             (bool(self.lora_targets), "--lora-targets must name at least one layer"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
             (self.checkpoint_every >= 0, "--checkpoint-every must not be negative"),
+            (0 <= self.max_forgetting <= 1, "--max-forgetting must be in [0, 1]"),
             (self.unlocked_text_layers is None or self.method == "lock-image",
              "--unlocked-text-layers goes with --method lock-image"),
             (self.unlocked_image_layers >= 0, "--unlocked-image-layers must not be negative"),
@@ -134,6 +138,9 @@ class FinetuneResult:
     curve: Path | None = None
     model: Any = field(default=None, repr=False, compare=False)
     note: str | None = None  # e.g. --resume found no checkpoint and started from the beginning
+    # features of frozen parts read from the feature cache and computed, per tower
+    feature_cache: dict = field(default_factory=dict)
+    mix: Any = None  # wise.MixReport: the WiSE-FT mix kept, and what it was chosen from
 
     def to_dict(self) -> dict:
         return {
@@ -152,5 +159,7 @@ class FinetuneResult:
             "train_seconds": round(self.train_seconds, 2),
             "curve": str(self.curve) if self.curve else None,
             "history": self.history,
+            "feature_cache": self.feature_cache,
+            **({"wise": self.mix.to_dict()} if self.mix is not None else {}),
             **({"note": self.note} if self.note else {}),
         }

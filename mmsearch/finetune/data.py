@@ -68,6 +68,21 @@ def prepare_data(pairs, val_pairs, prep, tokenizer, config, progress):
     return train, val, skipped
 
 
+def retention_split(retain, exclude: set, prep, tokenizer, config, progress):
+    """The image pairs of `retain` (general pairs whose recall must not degrade) whose files are
+    not in `exclude` (trained or held out), decoded and tokenized; None without such pairs (or
+    with fewer than two decodable files)."""
+    if retain is None:
+        return None
+    image_pairs = [p for p in retain.of(IMAGE).pairs if p.path not in exclude]
+    files = list(dict.fromkeys(p.path for p in image_pairs))
+    decoded, bad, keep_pixels = _decode_all(files, prep, config, progress)
+    image_pairs = [p for p in image_pairs if p.path not in bad]
+    if len({p.path for p in image_pairs}) < 2:
+        return None
+    return _split(image_pairs, tokenizer, decoded if keep_pixels else None)
+
+
 def _decode_all(files, prep, config, progress):
     """Decode every file once: bad ones are found before training, and the pixels are kept in
     memory while they fit the budget (else they are decoded again per batch).

@@ -4,29 +4,35 @@ forward passes."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import secrets
-from pathlib import Path
-
 import numpy as np
 
 from ..encoders.text_parts import encode_text, split_text_tower
-from .config import FORMAT_VERSION
 from .data import Split
 from .evaluate import Recall, decode_images, recall_of_captions
+from .features import (
+    FeatureCache,
+    file_keys,
+    image_extra,
+    module_hash,
+    run_image_prefix,
+    run_text_trunk,
+    text_extra,
+    token_keys,
+)
 
 
 class TrainEncoder:
     """Image and text features of the model being trained, from cached pixels, cached frozen
     prefixes, or full forward passes."""
 
-    def __init__(self, model, device, prep, autocast, config, amp_dtype=None):
+    def __init__(self, model, device, prep, autocast, config, amp_dtype=None,
+                 progress=None):  # fmt: skip
         import torch
 
         self.model, self.device, self.prep = model, device, prep
-        self.autocast, self.config, self.amp = autocast, config, str(amp_dtype)
+        self.autocast, self.config = autocast, config
+        self.precision = "fp32" if amp_dtype is None else f"autocast-{amp_dtype}"
+        self.cache = FeatureCache(config.feature_cache, progress=progress)
         self.mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1) * 255
         self.image_suffix = self.text_suffix = None
@@ -64,53 +70,40 @@ class TrainEncoder:
     def features(self, split: Split, caption_idx: np.ndarray):
         return self.image(split, split.file_of[caption_idx]), self.text(split, caption_idx)
 
-    def cache_frozen_prefixes(self, train: Split, val: Split, progress) -> None:
-        """Frozen tower parts run once per file / caption instead of every step."""
-        for split in (train, val):
+    def cache_frozen_prefixes(self, *splits: Split, progress) -> None:
+        """Frozen tower parts run once per file / caption instead of every step, and once across
+        runs through `config.feature_cache`."""
+        for split in splits:
             split.tokens = split.tokens.to(self.device)
             # shortest first, so each batch is cut to similar lengths (no-grad passes only)
             split.by_length = np.argsort(
                 (split.tokens != self.pad_id).sum(1).cpu().numpy(), kind="stable"
             )
-        self._cache_image_prefix(train, val, progress)
-        self._cache_text_prefix(train, val, progress)
+        self._cache_image_prefix(splits, progress)
+        self._cache_text_prefix(splits, progress)
 
-    def _cache_image_prefix(self, train: Split, val: Split, progress) -> None:
-        import torch
-
+    def _cache_image_prefix(self, splits, progress) -> None:
         from .methods import frozen_image_stage
 
         stage = frozen_image_stage(self.model)
         if stage is None:
             return
-        bs = max(self.config.batch_size, 64)
         prefix, self.image_suffix = stage
         prefix.eval()
-        # channels-last runs CPU convolution trunks ~1.4x faster; the layout is restored after
-        fmt = torch.channels_last if self.device == "cpu" else torch.contiguous_format
-        for split in (train, val):
-
-            def compute(split=split):
-                parts = []
-                prefix.to(memory_format=fmt)
-                for s in range(0, len(split.files), bs):
-                    x = self.pixels(split, np.arange(s, min(s + bs, len(split.files))))
-                    with torch.no_grad(), self.autocast():
-                        parts.append(prefix(x.contiguous(memory_format=fmt)).float())
-                    progress("features", tower="image", done=min(s + bs, len(split.files)),
-                             total=len(split.files))  # fmt: skip
-                prefix.to(memory_format=torch.contiguous_format)
-                return torch.cat(parts)
-
-            key = [
-                ("files", [(str(f), _stat(f)) for f in split.files]),
-                ("prep", self.prep.to_dict()),
-            ]
-            split.image_prefix = self._persisted("image", prefix, key, compute)
+        namespace = module_hash(prefix, image_extra(self.prep, self.precision))
+        for split in splits:
+            split.image_prefix = self.cache.features(
+                "image", namespace, file_keys(split.files),
+                lambda rows, split=split: run_image_prefix(
+                    prefix, lambda idx: self.pixels(split, idx), rows, self._batch, self.device,
+                    self.autocast, progress,
+                ),
+                self.device,
+            )  # fmt: skip
             split.pixels = None  # the prefix features replace the pixels
         self.image_cached = True
 
-    def _cache_text_prefix(self, train: Split, val: Split, progress) -> None:
+    def _cache_text_prefix(self, splits, progress) -> None:
         import torch
 
         trunk_frozen = self.text_parts is not None and not any(
@@ -118,68 +111,37 @@ class TrainEncoder:
         )
         if not trunk_frozen:
             return
-        bs = max(self.config.batch_size, 64)
-        pooled, self.text_suffix, trunk, _ = self.text_parts
-        for m in trunk:
+        self.text_suffix = self.text_parts.project
+        for m in self.text_parts.trunk:
             if isinstance(m, torch.nn.Module):
                 m.eval()  # no dropout in features computed once
-        for split in (train, val):
-
-            def compute(split=split):
-                out = torch.empty(0)
-                for s in range(0, len(split.by_length), bs):
-                    idx = torch.from_numpy(split.by_length[s : s + bs]).to(self.device)
-                    with torch.no_grad(), self.autocast():
-                        x = pooled(split.tokens[idx]).float()
-                    if s == 0:
-                        out = torch.empty(len(split.by_length), x.shape[1], device=self.device)
-                    out[idx] = x
-                    progress("features", tower="text", done=min(s + bs, len(split.by_length)),
-                             total=len(split.by_length))  # fmt: skip
-                return out
-
-            split.text_prefix = self._persisted("text", trunk, self._text_key(split), compute)
+        for split in splits:
+            split.text_prefix = self.cache.features(
+                "text", self._text_namespace(), token_keys(split.tokens),
+                lambda rows, split=split: run_text_trunk(
+                    self.text_parts, split.tokens, rows, self.pad_id, self._batch, self.autocast,
+                    progress,
+                ),
+                self.device,
+            )  # fmt: skip
         self.text_cached = True
 
-    def _text_key(self, split: Split) -> list:
-        return [("tokens", hashlib.sha256(split.tokens.cpu().numpy().tobytes()).hexdigest())]
+    @property
+    def _batch(self) -> int:
+        return max(self.config.batch_size, 64)
 
-    def _cache_path(self, kind: str, modules, key: list) -> Path:
-        """Named by everything the features depend on: weights, inputs, precision."""
-        h = hashlib.sha256(json.dumps([FORMAT_VERSION, kind, self.amp, key]).encode())
-        for m in modules if isinstance(modules, (list, tuple)) else [modules]:
-            for name, t in m.state_dict().items():
-                h.update(name.encode())
-                h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
-        return Path(self.config.feature_cache) / f"{kind}-{h.hexdigest()[:32]}.safetensors"
-
-    def _persisted(self, kind: str, modules, key: list, compute):
-        """compute(), or its result from `config.feature_cache` when the same frozen weights
-        already ran on the same inputs."""
-        from safetensors.torch import load_file, save_file
-
-        if self.config.feature_cache is None:
-            return compute()
-        path = self._cache_path(kind, modules, key)
-        if path.is_file():
-            return load_file(str(path))["features"].to(self.device)
-        feats = compute().float()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{secrets.token_hex(3)}.tmp")
-        save_file({"features": feats.detach().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, path)
-        return feats
+    def _text_namespace(self) -> str:
+        return module_hash(self.text_parts.trunk, text_extra(self.precision))
 
     def _known_text_prefix(self, split: Split):
         """Text-trunk features of `split` from the feature cache when the (trainable) trunk is
         still bit-identical to one that ran on these captions, as before the first step of a
         run that starts from a model whose frozen text trunk was cached."""
-        from safetensors.torch import load_file
-
-        if self.text_cached or self.text_parts is None or self.config.feature_cache is None:
+        if self.text_cached or self.text_parts is None or self.cache.root is None:
             return None
-        path = self._cache_path("text", self.text_parts.trunk, self._text_key(split))
-        return load_file(str(path))["features"].to(self.device) if path.is_file() else None
+        return self.cache.features(
+            "text", self._text_namespace(), token_keys(split.tokens), None, self.device
+        )
 
     def text_suffix_of(self, x):
         return self.text_parts.project(x)
@@ -210,11 +172,6 @@ class TrainEncoder:
                 txt[torch.from_numpy(idx).to(x.device)] = x
         image_emb = torch.cat(img).cpu().numpy()
         return recall_of_captions(image_emb, txt.cpu().numpy(), split.captions, split.file_of)
-
-
-def _stat(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
 
 
 def frozen_copy(model):

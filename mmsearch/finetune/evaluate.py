@@ -210,13 +210,17 @@ def evaluate(
     precision: str = "fp32",
     batch_size: int = 64,
     progress: Progress | None = None,
+    feature_cache: Path | None = None,
 ) -> Recall:
     """Recall@1/5/10 both ways of `model_spec` (a name, hf-hub id or model directory) on `pairs`,
     a caption shared by several images being one query (`recall_of_captions`). `precision` fp32
     (the default), bf16 or fp16, or auto (mixed precision where the device has it).
 
     Uses the same encoder path as indexing (`load_clip`). Undecodable files are left out and
-    counted in `Recall.skipped`. Audio pairs are left to `finetune.audio.evaluate_audio`.
+    counted in `Recall.skipped`. Audio pairs are left to `finetune.audio.evaluate_audio`. With
+    `feature_cache` (a folder), the image trunk's and text trunk's features are read from and
+    kept in it (`finetune.features`): models that share a frozen tower (the runs of one
+    fine-tuning recipe) compute it once.
     """
     from ..encoders.clip import load_clip
 
@@ -228,32 +232,41 @@ def evaluate(
         raise UsageError("no image pairs to evaluate")
     progress("load_model", model=str(spec))
     encoder = load_clip(spec, EncoderOptions(device=device, precision=precision))
-    prep = encoder.prep
-    files = images.files()
+    cached = None
+    if feature_cache is not None:
+        from .features import CachedEncoder
+
+        cached = CachedEncoder(encoder, feature_cache, batch_size, decode_images, progress)
     index_of, image_emb, failed = {}, [], []
+    files = images.files()
     for s in range(0, len(files), 512):  # decode and embed in slices to bound memory
         part = files[s : s + 512]
-        decoded = decode_images(part, prep)
-        good = []
-        for path, arr in zip(part, decoded, strict=True):
-            if isinstance(arr, LoadError):
-                failed.append(Skipped(str(path), f"{UNDECODABLE}: {arr.reason}"))
-            else:
-                good.append((path, arr))
+        good, emb, bad = cached.images(part) if cached else _embed_images(encoder, part, batch_size)
+        failed += [Skipped(str(path), f"{UNDECODABLE}: {e.reason}") for path, e in bad]
+        for p in good:
+            index_of[p] = len(index_of)
         if good:
-            for p, _ in good:
-                index_of[p] = len(index_of)
-            image_emb.append(encoder.image.embed([a for _, a in good], batch_size))
+            image_emb.append(emb)
         progress("embed_images", done=min(s + 512, len(files)), total=len(files))
     if failed:
         skipped[UNDECODABLE] = len(failed)
     kept = [p for p in images.pairs if p.path in index_of]
     if not kept:
         raise UsageError("no decodable images to evaluate")
-    text_emb = encoder.text.embed([p.caption for p in kept], batch_size)
+    captions = [p.caption for p in kept]
+    text_emb = cached.texts(captions) if cached else encoder.text.embed(captions, batch_size)
     progress("embed_texts", done=len(kept), total=len(kept))
     r = recall_of_captions(
         np.concatenate(image_emb), text_emb, [p.caption for p in kept],
         [index_of[p.path] for p in kept],
     )  # fmt: skip
     return Recall(r.image_to_text, r.text_to_image, r.images, r.texts, skipped)
+
+
+def _embed_images(encoder, paths, batch_size: int):
+    """(the paths that decoded, their embeddings, (path, LoadError) of the others)."""
+    good, bad = [], []
+    for path, arr in zip(paths, decode_images(paths, encoder.prep), strict=True):
+        (bad if isinstance(arr, LoadError) else good).append((path, arr))
+    emb = encoder.image.embed([a for _, a in good], batch_size) if good else None
+    return [p for p, _ in good], emb, bad

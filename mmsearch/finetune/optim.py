@@ -17,14 +17,17 @@ def make_optimizer(params, config, device, amp_dtype):
     """(AdamW, a loss scaler for fp16 or None, the autocast context factory)."""
     import torch
 
+    from ..encoders.clip import device_type
+
+    kind = device_type(device)  # autocast and GradScaler take "cuda", not "cuda:1"
     optimizer = torch.optim.AdamW(
         _param_groups(params, config.weight_decay), lr=config.learning_rate,
-        betas=(0.9, 0.98), eps=1e-6, fused=device in ("cpu", "cuda"),  # fused: ~7x faster on CPU
+        betas=(0.9, 0.98), eps=1e-6, fused=kind in ("cpu", "cuda"),  # fused: ~7x faster on CPU
     )  # fmt: skip
     # fp16 needs loss scaling against gradient underflow; bf16 has fp32's exponent range
-    scaler = torch.amp.GradScaler(device) if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(kind) if amp_dtype == torch.float16 else None
     autocast = (
-        (lambda: torch.autocast(device, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        (lambda: torch.autocast(kind, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     )
     return optimizer, scaler, autocast
 
@@ -105,10 +108,10 @@ def autocast_dtype(device: str, precision: str):
     than fp32. Explicit bf16/fp16 run on any device torch autocasts on (cuda, cpu, mps)."""
     import torch
 
-    from ..encoders.clip import cpu_has_native_bf16
+    from ..encoders.clip import cpu_has_native_bf16, device_type
 
     if precision == "auto":
-        if device == "cuda":
+        if device_type(device) == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device == "cpu" and cpu_has_native_bf16() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

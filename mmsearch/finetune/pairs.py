@@ -40,6 +40,7 @@ NO_PATH = "no path"
 UNSUPPORTED = "unsupported file type"
 BAD_ROW = "unreadable row"
 NO_CAPTION_FILE = "no caption file"
+NO_CAPTION = "no caption"
 UNDECODABLE = "undecodable"
 OUTSIDE = "outside the pairs file's folder"
 
@@ -105,8 +106,12 @@ def read_pairs(
     path_key: str | None = None,
     caption_key: str | None = None,
     allow_outside: bool = False,
+    captions_from: tuple[str, ...] = ("sidecar",),
 ) -> PairSet:
-    """Pairs from a .csv/.tsv (header row), a .jsonl file, or a folder of `a.jpg` + `a.txt`.
+    """Pairs from a .csv/.tsv (header row), a .jsonl file, or a folder whose files' captions come
+    from `captions_from` (any of `captions.SOURCES`: sidecar .txt files, XMP/IPTC descriptions and
+    keywords embedded in photos, folder names; every distinct caption found is a pair; a pairs
+    file names its captions itself).
 
     Column names are guessed (path/file/image..., caption/text/...) unless given. Relative paths are
     resolved against the folder of the pairs file and must stay inside it unless `allow_outside`;
@@ -115,7 +120,7 @@ def read_pairs(
     """
     source = Path(source).expanduser()
     if source.is_dir():
-        return _read_folder(source)
+        return _read_folder(source, tuple(captions_from))
     if not source.is_file():
         raise UsageError(f"pairs file or folder not found: {source}")
     suffix = source.suffix.lower()
@@ -268,27 +273,51 @@ def _read_jsonl(
     return b.set
 
 
-def _read_folder(root: Path) -> PairSet:
-    """Every image/audio file with a same-stem .txt beside it; the whole .txt is one caption."""
+def _read_folder(root: Path, sources: tuple[str, ...]) -> PairSet:
+    """Every image/audio file under `root` with the captions its `sources` give it."""
+    from .captions import embedded_captions, folder_captions
+
     b = _Builder(root)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         names = set(filenames)
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if name.startswith(".") or modality_of(path) is None:
+            modality = modality_of(path)
+            if name.startswith(".") or modality is None:
                 continue
             where = str(path.relative_to(root))
-            sidecar = path.stem + ".txt"
-            if sidecar not in names:
-                b.set.skipped.append(Skipped(where, f"{NO_CAPTION_FILE}: {sidecar}"))
-                continue
-            try:
-                caption = (Path(dirpath) / sidecar).read_text(encoding="utf-8", errors="replace")
-            except OSError as e:
-                b.set.skipped.append(
-                    Skipped(where, f"{BAD_ROW}: cannot read {sidecar}: {e.strerror}")
-                )
-                continue
-            b.add(where, path, caption)
+            captions: list[str] = []
+            for source in sources:
+                if source == "sidecar":
+                    captions += _sidecar(b, path, names, where, only=sources == ("sidecar",))
+                elif source == "xmp" and modality == IMAGE:
+                    captions += embedded_captions(path)
+                elif source == "folders":
+                    captions += folder_captions(path, root)
+            distinct = list(dict.fromkeys(c for c in map(clean_caption, captions) if c))
+            if not distinct and sources == ("sidecar",):
+                if captions:  # an empty sidecar: recorded as an empty caption
+                    b.add(where, path, captions[0])
+            elif not distinct:
+                tried = ", ".join(sources)
+                b.set.skipped.append(Skipped(where, f"{NO_CAPTION}: none from {tried}"))
+            for caption in distinct:
+                b.add(where, path, caption)
     return b.set
+
+
+def _sidecar(b: _Builder, path: Path, names: set, where: str, only: bool) -> list[str]:
+    """The same-stem .txt beside `path` as one caption. When it is the only source, its absence
+    or a read error is recorded as the file's reason."""
+    sidecar = path.stem + ".txt"
+    if sidecar not in names:
+        if only:
+            b.set.skipped.append(Skipped(where, f"{NO_CAPTION_FILE}: {sidecar}"))
+        return []
+    try:
+        return [(path.parent / sidecar).read_text(encoding="utf-8", errors="replace")]
+    except OSError as e:
+        if only:
+            b.set.skipped.append(Skipped(where, f"{BAD_ROW}: cannot read {sidecar}: {e.strerror}"))
+        return []

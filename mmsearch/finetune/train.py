@@ -25,6 +25,7 @@ from .checkpoint import (
     TrainState,
     check_out_dir,
     install_best,
+    load_best,
     load_checkpoint,
     load_weights,
     output_model_cfg,
@@ -48,19 +49,25 @@ def finetune(
     config: FinetuneConfig,
     progress: Progress | None = None,
     val_pairs: PairSet | None = None,
+    retain_pairs: PairSet | None = None,
+    retain_index: tuple[Path, str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `config.model` on the image pairs of `pairs`; evaluate on `val_pairs` or on
     held-out files of `pairs`. Audio pairs are left to `finetune.audio.train_audio_projector`.
+    With `retain_pairs` (general pairs whose retrieval must not degrade), the saved model is the
+    WiSE-FT mix of base and fine-tuned weights chosen under `config.max_forgetting` (`wise`).
+    Without them, `retain_index` ((index root, name)) gives retention pairs from the photos of
+    that index where it exists (`retention.index_retention`).
 
     `progress(event, **info)` is called with events: "load_model", "data", "decode", "features",
-    "resume", "eval", "step", "epoch", "checkpoint", "warning", "done".
+    "resume", "eval", "step", "epoch", "checkpoint", "mix", "feature_cache", "warning", "done".
     """
     progress = progress or _quiet
     spec = ModelSpec.parse(config.model)
     resume_from, note = check_out_dir(spec, config, config.out / CHECKPOINT_DIR)
     if note:
         progress("warning", message=note)
-    run = _setup(spec, config, pairs, val_pairs, progress)
+    run = _setup(spec, config, pairs, val_pairs, (retain_pairs, retain_index), progress)
     if resume_from is not None:
         state = _resume(run, resume_from, progress)
     else:
@@ -98,6 +105,10 @@ class _Run:
     warmup: int
     groups: Any  # per training caption, its file (torch, on `device`): no negatives within a file
     captions_of: list  # per training file, the indices of its captions
+    retain: Split | None  # general pairs whose recall the WiSE-FT mix must keep
+    retain_source: str | None  # where they came from, for the report
+    start_state: dict  # the trainable tensors before training (the base model)
+    best_state: dict | None = None  # and at the best epoch so far
 
     @property
     def out(self) -> Path:
@@ -108,9 +119,11 @@ class _Run:
         return self.config.out / CHECKPOINT_DIR
 
     def checkpoint(self, state: TrainState) -> Path:
+        # the best epoch's trainable tensors, unless they are the current or the starting ones
+        best = self.best_state if state.best_epoch not in (0, state.epoch) else None
         return save_checkpoint(
             self.ckpt_root, self.model, self.optimizer, self.scaler, self.config,
-            self.fingerprint, state,
+            self.fingerprint, state, best=best,
         )  # fmt: skip
 
     def write_log(self, state: TrainState, finished: bool = False) -> None:
@@ -126,11 +139,12 @@ class _Run:
 # --- setting up -------------------------------------------------------------------------------
 
 
-def _setup(spec, config, pairs, val_pairs, progress) -> _Run:
+def _setup(spec, config, pairs, val_pairs, retention, progress) -> _Run:
     """Load the base model, prepare the data, adapt the model for the method, build the optimizer
     and cache what frozen parts compute."""
     from ..encoders.clip import _prep_from, pick_device
-    from .methods import apply_method
+    from .methods import apply_method, trainable_state
+    from .retention import retention_set
 
     device = pick_device(config.device)
     amp_dtype = autocast_dtype(device, config.precision)
@@ -154,8 +168,10 @@ def _setup(spec, config, pairs, val_pairs, progress) -> _Run:
     model.to(device)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, scaler, autocast = make_optimizer(params, config, device, amp_dtype)
-    encode = TrainEncoder(model, device, prep, autocast, config, amp_dtype)
-    encode.cache_frozen_prefixes(train, val, progress)
+    encode = TrainEncoder(model, device, prep, autocast, config, amp_dtype, progress)
+    retain, retain_source = retention_set(*retention, train, val, encode, prep, tokenizer,
+                                          progress)  # fmt: skip
+    encode.cache_frozen_prefixes(train, val, *([retain] if retain else []), progress=progress)
     steps_per_epoch, total_steps, warmup = schedule(config, train)
     return _Run(
         config=config, spec=spec, device=device, model=model, tokenizer=tokenizer, plain=plain,
@@ -163,7 +179,8 @@ def _setup(spec, config, pairs, val_pairs, progress) -> _Run:
         train=train, val=val, skipped=skipped, fingerprint=data_fingerprint,
         params=params, optimizer=optimizer, scaler=scaler, autocast=autocast, encode=encode,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup,
-        groups=_groups(train, device), captions_of=captions_by_file(train),
+        groups=_groups(train, device), captions_of=captions_by_file(train), retain=retain,
+        retain_source=retain_source, start_state=_clone(trainable_state(model)),
     )  # fmt: skip
 
 
@@ -180,6 +197,10 @@ def _load_base(spec, config, device, progress):
     return model, tokenizer, output_model_cfg(spec, model)
 
 
+def _clone(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
 def _groups(train: Split, device: str):
     import torch
 
@@ -189,6 +210,7 @@ def _groups(train: Split, device: str):
 def _start(run: _Run, progress) -> TrainState:
     """A fresh run: evaluate the base model, write it as the best so far, and the log."""
     state = TrainState()
+    run.best_state = run.start_state
     before = run.encode.recall(run.val)
     state.before = state.best = before.to_dict()
     state.history.append({"epoch": 0, "train_loss": None, "recall": before.to_dict()})
@@ -206,7 +228,15 @@ def _resume(run: _Run, folder: Path, progress) -> TrainState:
     state = load_checkpoint(
         folder, run.model, run.optimizer, run.scaler, run.config, run.fingerprint, run.device
     )
+    from .methods import trainable_state
+
     run.plain.load_state_dict(load_weights(run.out / "open_clip_model.safetensors"))
+    if state.best_epoch == 0:
+        run.best_state = run.start_state
+    elif state.best_epoch == state.epoch:
+        run.best_state = _clone(trainable_state(run.model))
+    else:
+        run.best_state = {k: v.to(run.device) for k, v in load_best(folder).items()}
     progress("resume", epoch=state.epoch, step=state.global_step)
     return state
 
@@ -287,7 +317,7 @@ def _optimizer_step(run: _Run, idx: np.ndarray, lr: float) -> float:
     if logit_scale is not None:
         with torch.no_grad():
             logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    if run.device == "cuda":
+    if run.device.startswith("cuda"):
         torch.cuda.synchronize()
     return loss
 
@@ -301,7 +331,10 @@ def _end_epoch(run: _Run, state: TrainState, epoch: int, lr: float, seconds: flo
         "seconds": round(seconds, 3),
     })  # fmt: skip
     if recall.mean > Recall.from_dict(state.best).mean:
+        from .methods import trainable_state
+
         state.best, state.best_epoch = recall.to_dict(), epoch
+        run.best_state = _clone(trainable_state(run.model))
         run.install_best()
     state.epoch, state.step_in_epoch, state.loss_sum, state.loss_count = epoch, 0, 0.0, 0
     path = run.checkpoint(state)
@@ -315,7 +348,15 @@ def _end_epoch(run: _Run, state: TrainState, epoch: int, lr: float, seconds: flo
 
 def _finish(run: _Run, state: TrainState, note: str | None, progress) -> FinetuneResult:
     """Draw the curve, write the final log, drop the checkpoint; what the run did."""
+    from .wise import wise_ft
+
     config = run.config
+    mix = wise_ft(run.encode, run.model, run.start_state, run.best_state, run.val, run.retain,
+                  config.max_forgetting, progress)  # fmt: skip
+    mix.retention = run.retain_source
+    state.wise = mix.to_dict()
+    if mix.alpha != 1.0:
+        run.install_best()  # the model now holds the chosen mix
     curve = plot_curve(state, run.out / CURVE_NAME) if config.plot else None
     if config.plot and curve is None:
         note = f"{note}; {PLOT_HINT}" if note else PLOT_HINT
@@ -341,4 +382,6 @@ def _finish(run: _Run, state: TrainState, note: str | None, progress) -> Finetun
         curve=curve,
         model=run.plain,
         note=note,
+        feature_cache=run.encode.cache.stats.to_dict(),
+        mix=mix,
     )

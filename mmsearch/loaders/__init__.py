@@ -48,13 +48,16 @@ class LoadSettings:
     # Enforced with SIGALRM, so only where load_file runs in a process's main thread (decode
     # workers, the in-process path); elsewhere (threads) decoding is not timed.
     decode_budget_s: float | None = DEFAULT_DECODE_BUDGET_S
+    # The image tower runs on a GPU: JPEGs nvjpeg can decode are passed on as their bytes
+    # (image.JpegBytes), decoded in batches on the device (gpu_jpeg.py); the rest decode here.
+    jpeg_bytes: bool = False
 
 
 @dataclass
 class Loaded:
     entry: FileEntry
     hash: str | None
-    payload: Any = None  # image: uint8 array; text: str; audio: windows
+    payload: Any = None  # image: uint8 array (or JpegBytes); text: str; audio: windows
     error: str | None = None
     # Something the user should know about a file that was loaded (e.g. a note cut at
     # max_note_bytes): the file is indexed; for the indexer to report beside the failures.
@@ -67,11 +70,17 @@ Decoded = tuple[str, Any, str | None, FileMeta | None]
 
 
 def _load_image(f: BinaryIO, settings: LoadSettings) -> Decoded:
-    from .image import decode_photo, open_image
+    from . import image
 
-    with open_image(f) as img:  # the header only: a non-image is refused before reading more
+    with image.open_image(f) as img:  # the header only: a non-image is refused before reading on
         digest = hash_open_file(f)
-        payload, meta = decode_photo(img, settings.image_prep)
+        if settings.jpeg_bytes and image.device_decodable(img):
+            f.seek(0)
+            data = f.read()
+            if image.ends_whole(data):  # for the GPU (gpu_jpeg.py), once its header is read
+                meta, orientation = image.photo_header(img)
+                return digest, image.JpegBytes(data, orientation), None, meta
+        payload, meta = image.decode_photo(img, settings.image_prep)
         return digest, payload, None, meta
 
 

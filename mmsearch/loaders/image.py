@@ -9,7 +9,8 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from dataclasses import replace
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -105,13 +106,41 @@ def decode_photo(img: Image.Image, prep: ImagePrep) -> tuple[np.ndarray, FileMet
     """`decode_image`, and what is recorded about the photo besides its vector: when it was
     taken (EXIF DateTimeOriginal), its size in pixels as shown (orientation applied) and the
     perceptual hash of the oriented picture."""
+    meta, _ = photo_header(img)
+    rgb = _oriented_rgb(img, prep)
+    return resize_crop(rgb, prep), replace(meta, phash=phash(rgb))
+
+
+def photo_header(img: Image.Image) -> tuple[FileMeta, int]:
+    """What a photo's header says (read before any pixel): when it was taken, its size as shown
+    (no phash: that needs the pixels), and its EXIF orientation (1: as stored)."""
     width, height = img.size  # before draft mode shrinks it
     exif = _exif(img)
-    if exif.get(_ORIENTATION) in (5, 6, 7, 8):  # turned a quarter: shown the other way round
+    orientation = exif.get(_ORIENTATION)
+    orientation = orientation if orientation in range(1, 9) else 1
+    if orientation in (5, 6, 7, 8):  # turned a quarter: shown the other way round
         width, height = height, width
-    rgb = _oriented_rgb(img, prep)
-    meta = FileMeta(taken=taken_time(exif), phash=phash(rgb), width=width, height=height)
-    return resize_crop(rgb, prep), meta
+    return FileMeta(taken=taken_time(exif), width=width, height=height), orientation
+
+
+class JpegBytes(NamedTuple):
+    """A JPEG file's bytes, left for the encoder's GPU to decode (loaders/gpu_jpeg.py)."""
+
+    data: bytes
+    orientation: int = 1  # EXIF orientation
+
+
+def device_decodable(img: Image.Image) -> bool:
+    """Whether nvjpeg can decode this JPEG in a batch (from its header): baseline, RGB or grey.
+    Progressive and CMYK files, and multi-picture ones (MPO), are decoded here instead."""
+    progressive = img.info.get("progressive") or img.info.get("progression")
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and not progressive
+
+
+def ends_whole(data: bytes) -> bool:
+    """Whether JPEG bytes end with the end-of-image marker: a file cut short is decoded here,
+    where it fails with its reason, rather than handed to a GPU decoder that may not say so."""
+    return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
 
 _ORIENTATION, _EXIF_IFD, _DATE_TAKEN, _OFFSET_TAKEN = 0x0112, 0x8769, 0x9003, 0x9011
@@ -190,11 +219,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def resize_crop(img: Image.Image, prep: ImagePrep) -> np.ndarray:
     """open_clip's eval transform (resize_mode shortest/longest/squash, then centre crop or pad)."""
-    th, tw = prep.size
-    w, h = img.size
     resample = _RESAMPLE.get(prep.interpolation, Image.Resampling.BICUBIC)
+    size = resized_size(*img.size, prep)
+    if size != img.size:
+        img = img.resize(size, resample)
+    a = center_crop_or_pad(np.asarray(img, dtype=np.uint8), *prep.size, prep.fill_color)
+    return np.ascontiguousarray(a)
+
+
+def resized_size(w: int, h: int, prep: ImagePrep) -> tuple[int, int]:
+    """The (width, height) open_clip resizes a w x h picture to before cropping or padding."""
+    th, tw = prep.size
     if prep.resize_mode == "squash":
-        return np.asarray(img.resize((tw, th), resample), dtype=np.uint8)
+        return tw, th
     if prep.resize_mode == "longest":
         ratio = max(h / th, w / tw)
         nh, nw = round(h / ratio), round(w / ratio)
@@ -206,21 +243,22 @@ def resize_crop(img: Image.Image, prep: ImagePrep) -> np.ndarray:
     else:
         ratio = min(h / th, w / tw)
         nh, nw = round(h / ratio), round(w / ratio)
-    if (nw, nh) != (w, h):
-        img = img.resize((max(nw, 1), max(nh, 1)), resample)
-    return _center_crop_or_pad(np.asarray(img, dtype=np.uint8), th, tw, prep.fill_color)
+    return max(nw, 1), max(nh, 1)
 
 
-def _center_crop_or_pad(a: np.ndarray, th: int, tw: int, fill: int) -> np.ndarray:
+def center_crop_or_pad(a, th: int, tw: int, fill: int, full=None):
+    """The centre th x tw of an (H, W, 3) array, padded with `fill` where it is smaller. Works
+    on torch tensors too, given `full(shape)` making a filled one (loaders/gpu_jpeg.py)."""
     h, w = a.shape[:2]
     if h < th or w < tw:
-        out = np.full((max(h, th), max(w, tw), 3), fill, dtype=np.uint8)
+        shape = (max(h, th), max(w, tw), 3)
+        out = full(shape) if full else np.full(shape, fill, dtype=np.uint8)
         top, left = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
         out[top : top + h, left : left + w] = a
         a, h, w = out, out.shape[0], out.shape[1]
     top = int(round((h - th) / 2.0))
     left = int(round((w - tw) / 2.0))
-    return np.ascontiguousarray(a[top : top + th, left : left + tw])
+    return a[top : top + th, left : left + tw]
 
 
 def load_thumbnail(path, side: int) -> Image.Image:

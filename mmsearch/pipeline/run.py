@@ -82,9 +82,17 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, types, progress
         image_prep=encoder.prep,
         modalities=frozenset(m.name for m in TABLE if getattr(encoder, m.tower) is not None),
         max_note_bytes=options.max_note_bytes,
+        jpeg_bytes=decodes_on_gpu(encoder, options),
     )
     _apply(col, encoder, p, settings, options, report, progress)
     return _totals(col, report)
+
+
+def decodes_on_gpu(encoder: Encoder, options: IndexOptions) -> bool:
+    """Whether JPEGs are decoded on the image tower's GPU (loaders.gpu_jpeg): when it runs on
+    CUDA on this machine. Ray actors decode on their CPUs, as before."""
+    device = str(getattr(encoder.image, "device", "cpu"))
+    return options.ray is None and device.startswith("cuda")
 
 
 def _fail_model(col: Collection, todo, reason: str, report: IndexReport) -> None:

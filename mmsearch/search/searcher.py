@@ -35,7 +35,9 @@ class Searcher:
         self.identity = identity
         self._text = None
         self._full = None
-        self._gpu_vectors = None
+        self._engine = None  # which engine answers (storage.vectors.engine), once chosen
+        self._answerer = None  # its search object; None: the collection's faiss index
+        self._resident = False  # warmed: a long-lived process, worth a GPU's start-up
         self._calibration = None
         self._embedded: dict[str, np.ndarray] = {}  # query text -> vector
         self._allowed: dict[tuple, np.ndarray] = {}  # (type, filters) -> ids they let through
@@ -52,8 +54,8 @@ class Searcher:
         first, in this Searcher's thread, or each clone loads the vectors again."""
         other = self.with_options(self.options)
         other.col = self.col.clone()
-        if other._gpu_vectors:
-            other._gpu_vectors = other._gpu_vectors.for_catalog(other.col.catalog)
+        if other._answerer is not None:
+            other._answerer = other._answerer.for_catalog(other.col.catalog)
         return other
 
     def with_options(self, options: SearchOptions) -> Searcher:
@@ -66,7 +68,9 @@ class Searcher:
         return other
 
     def warm(self) -> None:
-        """Load the index's vectors now, not at the first query."""
+        """Load the index's vectors now, not at the first query, where they are searched from:
+        a warmed Searcher is a long-lived one, which a GPU pays off for (engine.choose)."""
+        self._resident = True
         self._vectors()
 
     def close(self) -> None:
@@ -198,7 +202,6 @@ class Searcher:
             raise UsageError(f"--min-relevance must be between 0 and 1, not {min_relevance}")
         terms = check_query(query, image, audio)  # before a model loads
         q = self.query_vector(query, image, audio)
-        q = self.query_vector(query, image, audio)
         exclude = None
         if self.options.exclude_self and (image is not None or audio is not None):
             exclude = self._copies_of([p for p in (image, audio) if p is not None])
@@ -218,16 +221,20 @@ class Searcher:
         return np.unique(np.concatenate(found))
 
     def _vectors(self):
-        """The index's FAISS vectors, or all of them on the GPU through torch when this process
-        has a GPU to search on (see torch_search.wanted)."""
-        from ..storage.vectors.torch_exact import TorchExactIndex, wanted
+        """What answers vector searches: the engine chosen once per Searcher (faiss on the CPU or
+        GPUs, or torch on a GPU; see storage.vectors.engine)."""
+        if self._engine is None:
+            from ..storage.vectors.engine import FAISS_CPU, open_engine
 
-        if self._gpu_vectors is None:
-            device = wanted(self.options.device)
-            self._gpu_vectors = (
-                False if device is None else TorchExactIndex(self.col.catalog, self.col.dim, device)
-            )
-        return self._gpu_vectors or self.col.vectors
+            self._engine, answerer = open_engine(self.col, self.options.device, self._resident)
+            self._answerer = None if self._engine.name == FAISS_CPU else answerer
+        return self.col.vectors if self._answerer is None else self._answerer
+
+    @property
+    def engine(self):
+        """The engine that answers this Searcher's vector searches (an engine.Engine)."""
+        self._vectors()
+        return self._engine
 
     def calibration(self, modalities) -> Calibration:
         """The index's relevance calibration, covering `modalities` (calibration.covering)."""

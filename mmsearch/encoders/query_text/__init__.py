@@ -9,12 +9,20 @@ agrees with the torch tower before it is used.
 - numpy_ops.py  activations, layer norm, one BLAS thread for small batches (shared by towers)
 - tower.py      FastTextTower: open_clip's CLIP text transformer, loaded from an export
 - export.py     the torch side: read the tower and tokenizer, write, verify against open_clip
+- hf_tokenizer.py, hf_tower.py, hf_export.py  the same for encoder-only Hugging Face text towers
+  (BERT, RoBERTa, XLM-R, MiniLM...), tokenized by the `tokenizers` library
+- open_clip_export.py  an open_clip model's text tower through whichever exporter fits it
+- torch_parts.py  the torch side both exporters share (layers to numpy, verify, publish)
 
-Importing this package imports no torch. Another kind of text tower (e.g. a BERT-family encoder)
-is a tower module and an export module of its own beside these, writing its own `format`.
+Importing this package imports no torch. Each kind of tower writes its own `format` in
+config.json; `load_fast_text` opens either.
 """
 
+import json
+from pathlib import Path
+
 from .export import EMBED_SAMPLES, SAMPLE_TEXTS, export_fast_text, unsupported_reason
+from .hf_tower import HF_FORMAT, HFFastTextTower
 from .tokenizer import ClipBpeTokenizer
 from .tower import FORMAT, FORMAT_VERSION, FastTextTower
 
@@ -25,6 +33,19 @@ __all__ = [
     "SAMPLE_TEXTS",
     "ClipBpeTokenizer",
     "FastTextTower",
+    "HF_FORMAT",
+    "HFFastTextTower",
+    "load_fast_text",
     "export_fast_text",
     "unsupported_reason",
 ]
+
+
+def load_fast_text(out_dir: Path) -> FastTextTower | HFFastTextTower:
+    """Open an export of either kind (by the `format` its config.json names); ModelError if it
+    is missing, incomplete or of an unknown format."""
+    try:
+        fmt = json.loads((Path(out_dir) / "config.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    return (HFFastTextTower if fmt == HF_FORMAT else FastTextTower).load(out_dir)

@@ -7,17 +7,14 @@ stays torch-free.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..base import l2_normalize
 from ..text_parts import clip_text_tower
 from .tokenizer import UNICODE_SPLIT_TAIL, byte_char, byte_order, pair_key
+from .torch_parts import act_name, agrees, f32, layer_norm_params, open_clip_reference, publish
 from .tower import BLOCK_KEYS, FORMAT, FORMAT_VERSION, OPTIONAL_BLOCK_KEYS, FastTextTower
 
 # Verification texts: long (> 77 tokens, so truncation keeps EOT last), unicode, html entities,
@@ -56,34 +53,6 @@ EMBED_SAMPLES = (
 )
 
 
-def _layer_norm_params(ln, width: int):
-    import torch
-
-    if not isinstance(ln, torch.nn.LayerNorm) or tuple(ln.normalized_shape) != (width,):
-        return None
-    if ln.weight is None:
-        return None
-    bias = ln.bias if ln.bias is not None else torch.zeros(width)
-    return ln.weight, bias, float(ln.eps)
-
-
-def _act_name(act) -> str | None:
-    import torch
-    from open_clip.transformer import QuickGELU
-
-    if type(act) is QuickGELU:
-        return "quick_gelu"
-    if type(act) is torch.nn.GELU:
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
-    return None
-
-
-def _f32(t) -> np.ndarray:
-    import torch
-
-    return t.detach().to("cpu", torch.float32).numpy().copy()
-
-
 def _collect(model) -> tuple[dict | None, dict | None, str | None]:
     """(config, float32 numpy weights, None) or (None, None, reason)."""
     import torch
@@ -105,17 +74,17 @@ def _collect(model) -> tuple[dict | None, dict | None, str | None]:
     stacks, shape, why = _stacked_blocks(blocks, width)
     if stacks is None:
         return None, None, why
-    lnf = _layer_norm_params(src.ln_final, width)
+    lnf = layer_norm_params(src.ln_final, width)
     if lnf is None:
         return None, None, "unsupported final normalisation layer"
     eps = shape["eps"] | {lnf[2]}
     if len(eps) != 1:
         return None, None, "layer norms differ in eps"
     weights = {k: np.ascontiguousarray(np.stack(v)) for k, v in stacks.items() if v}
-    weights["token_embedding"] = _f32(src.token_embedding.weight)
-    weights["positional_embedding"] = _f32(src.positional_embedding)
-    weights["ln_final_w"] = _f32(lnf[0])
-    weights["ln_final_b"] = _f32(lnf[1])
+    weights["token_embedding"] = f32(src.token_embedding.weight)
+    weights["positional_embedding"] = f32(src.positional_embedding)
+    weights["ln_final_w"] = f32(lnf[0])
+    weights["ln_final_b"] = f32(lnf[1])
     dim, why = _projection(src.text_projection, width, weights)
     if dim is None:
         return None, None, why
@@ -184,34 +153,34 @@ def _block_weights(blk, width: int) -> tuple[dict | None, dict | None, str | Non
     c_fc, act, c_proj = (m for _, m in mlp)
     if not isinstance(c_fc, torch.nn.Linear) or not isinstance(c_proj, torch.nn.Linear):
         return None, None, "unexpected MLP layers in the text tower"
-    ln1, ln2 = _layer_norm_params(blk.ln_1, width), _layer_norm_params(blk.ln_2, width)
+    ln1, ln2 = layer_norm_params(blk.ln_1, width), layer_norm_params(blk.ln_2, width)
     if ln1 is None or ln2 is None:
         return None, None, "unsupported normalisation layer in the text tower"
     arrays = {}
     for key, ls in (("ls_1", blk.ls_1), ("ls_2", blk.ls_2)):
         if isinstance(ls, LayerScale):
-            arrays[key] = _f32(ls.gamma)
+            arrays[key] = f32(ls.gamma)
         elif not isinstance(ls, torch.nn.Identity):
             return None, None, f"unsupported {key} layer {type(ls).__name__}"
 
     def bias(linear_bias, size):
-        return _f32(linear_bias) if linear_bias is not None else np.zeros(size, np.float32)
+        return f32(linear_bias) if linear_bias is not None else np.zeros(size, np.float32)
 
     arrays.update(
-        ln_1_w=_f32(ln1[0]),
-        ln_1_b=_f32(ln1[1]),
-        qkv_w=_f32(attn.in_proj_weight).T,
+        ln_1_w=f32(ln1[0]),
+        ln_1_b=f32(ln1[1]),
+        qkv_w=f32(attn.in_proj_weight).T,
         qkv_b=bias(attn.in_proj_bias, 3 * width),
-        out_w=_f32(attn.out_proj.weight).T,
+        out_w=f32(attn.out_proj.weight).T,
         out_b=bias(attn.out_proj.bias, width),
-        ln_2_w=_f32(ln2[0]),
-        ln_2_b=_f32(ln2[1]),
-        fc_w=_f32(c_fc.weight).T,
+        ln_2_w=f32(ln2[0]),
+        ln_2_b=f32(ln2[1]),
+        fc_w=f32(c_fc.weight).T,
         fc_b=bias(c_fc.bias, c_fc.out_features),
-        proj_w=_f32(c_proj.weight).T,
+        proj_w=f32(c_proj.weight).T,
         proj_b=bias(c_proj.bias, width),
     )
-    shape = {"heads": attn.num_heads, "act": _act_name(act), "eps": (ln1[2], ln2[2])}
+    shape = {"heads": attn.num_heads, "act": act_name(act), "eps": (ln1[2], ln2[2])}
     return arrays, shape, None
 
 
@@ -220,14 +189,14 @@ def _projection(proj, width: int, weights: dict) -> tuple[int | None, str | None
     import torch
 
     if isinstance(proj, torch.nn.Linear):
-        weights["text_projection"] = np.ascontiguousarray(_f32(proj.weight).T)
+        weights["text_projection"] = np.ascontiguousarray(f32(proj.weight).T)
         if proj.bias is not None:
-            weights["text_projection_b"] = _f32(proj.bias)
+            weights["text_projection_b"] = f32(proj.bias)
         return proj.out_features, None
     if isinstance(proj, torch.Tensor) and proj.ndim == 2:
         if proj.dtype != torch.float32:
             return None, "text projection is not float32"
-        weights["text_projection"] = _f32(proj)
+        weights["text_projection"] = f32(proj)
         return proj.shape[1], None
     if proj is None:
         return width, None
@@ -321,26 +290,8 @@ def unsupported_reason(model, tokenizer) -> str | None:
 
 
 def _verify(model, tokenizer, out_dir: Path) -> bool:
-    import torch
-
-    tower = FastTextTower.load(out_dir)
-    ref_tokens = tokenizer(list(SAMPLE_TEXTS))
-    if not np.array_equal(ref_tokens.cpu().numpy(), tower.tokenizer(SAMPLE_TEXTS)):
-        return False
-    texts = list(EMBED_SAMPLES)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        ref = model.encode_text(tokenizer(texts).to(device), normalize=True)
-    ref = ref.float().cpu().numpy()
-    got = l2_normalize(tower.embed_batch(texts))
-    # One at a time too: a single query (no padding in the batch) is the common case.
-    one = l2_normalize(np.concatenate([tower.embed_batch([t]) for t in texts[:-1]]))
-    return (
-        got.shape == ref.shape
-        and bool(np.isfinite(got).all())
-        and float(np.abs(got - ref).max()) <= 1e-4
-        and float(np.abs(one - ref[:-1]).max()) <= 1e-4
-    )
+    tokens, embed = open_clip_reference(model, tokenizer)
+    return agrees(FastTextTower.load(out_dir), SAMPLE_TEXTS, EMBED_SAMPLES, tokens, embed)
 
 
 def export_fast_text(model, tokenizer, out_dir: Path) -> bool:
@@ -352,41 +303,14 @@ def export_fast_text(model, tokenizer, out_dir: Path) -> bool:
     or verification fails; out_dir then does not exist (a stale earlier export is removed so it is
     never used). Written to a temp dir beside out_dir and renamed into place.
     """
-    out_dir = Path(out_dir)
     config, weights, why = _collect(model)
     tok_cfg, pairs, why = _tokenizer_tables(tokenizer, config) if config else (None, None, why)
     if config is None or tok_cfg is None:
         shutil.rmtree(out_dir, ignore_errors=True)
         return False
     config["tokenizer"] = tok_cfg
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is an ordinary directory
-    try:
-        for name, arr in weights.items():
-            np.save(tmp / f"{name}.npy", arr)
-        keys = pair_key(pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64))
-        order = np.argsort(keys, kind="stable")
-        np.save(tmp / "bpe_pair_keys.npy", keys[order])
-        np.save(tmp / "bpe_pair_ranks.npy", order.astype(np.int32))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-        try:
-            ok = _verify(model, tokenizer, tmp)
-        except Exception:  # an export that cannot even run the samples is a failed export
-            ok = False
-        if not ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            return False
-        # A directory cannot be atomically replaced by rename, so move the old one aside first.
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return True
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    keys = pair_key(pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64))
+    order = np.argsort(keys, kind="stable")
+    weights["bpe_pair_keys"] = keys[order]
+    weights["bpe_pair_ranks"] = order.astype(np.int32)
+    return publish(out_dir, config, weights, {}, lambda tmp: _verify(model, tokenizer, tmp))

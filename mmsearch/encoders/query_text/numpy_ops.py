@@ -1,5 +1,5 @@
-"""numpy building blocks shared by the query-text towers: activations, layer norm, and running
-small batches on one BLAS thread. Only stdlib and numpy are imported."""
+"""numpy building blocks shared by the query-text towers: activations, layer norm, multi-head
+attention, and running small batches on one BLAS thread. Only stdlib and numpy are imported."""
 
 from __future__ import annotations
 
@@ -51,7 +51,22 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return np.float32(0.5) * x * (1 + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
 
 
-ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, np.float32(0))
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+ACTIVATIONS = {
+    "gelu": gelu,
+    "quick_gelu": quick_gelu,
+    "gelu_tanh": gelu_tanh,
+    "relu": relu,
+    "tanh": np.tanh,
+    "identity": identity,
+}
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
@@ -62,6 +77,32 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     d *= w
     d += b
     return d
+
+
+def split_heads(t: np.ndarray, n: int, heads: int) -> np.ndarray:
+    """(n*L, W) or (n, L, W) -> (n, heads, L, W // heads)."""
+    return t.reshape(n, -1, heads, t.shape[-1] // heads).transpose(0, 2, 1, 3)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Scaled dot-product attention over split heads, (n, H, Lq, hd) each; `bias` is added to
+    the scores (a causal or padding mask: 0 or -inf / a very negative number). Returns
+    (n * Lq, H * hd), heads merged back."""
+    s = (q * np.float32(1 / math.sqrt(q.shape[-1]))) @ k.transpose(0, 1, 3, 2)
+    s += bias
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    a = (s @ v).transpose(0, 2, 1, 3)
+    return a.reshape(a.shape[0] * a.shape[1], -1)
+
+
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """x @ w (+ b), w stored (in, out)."""
+    y = x @ w
+    if b is not None:
+        y += b
+    return y
 
 
 # Batches up to this many tokens (a few queries) run BLAS on one thread. OpenBLAS threads spin

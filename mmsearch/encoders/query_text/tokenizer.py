@@ -33,6 +33,24 @@ _ASCII_SPLIT_TAIL = r"|'s|'t|'re|'ve|'m|'ll|'d|[a-zA-Z]+|[0-9]|[^\sa-zA-Z0-9]+"
 UNICODE_SPLIT_TAIL = r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+def clean_text(text: str, mode: str) -> str:
+    """open_clip's text cleaning (`get_clean_fn(mode)`: ftfy, html unescape, then "lower",
+    "whitespace" or "canonicalize"), skipping ftfy for plain ASCII, which it leaves unchanged."""
+    if not _PLAIN.fullmatch(text):
+        import html
+
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if mode == "canonicalize":
+        import string
+
+        text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation))
+        return " ".join(text.lower().split())
+    text = " ".join(text.split())
+    return text.lower() if mode == "lower" else text
+
+
 def pair_key(left, right):
     """One integer per BPE merge pair (token ids are < 65536)."""
     return left * 65536 + right
@@ -81,19 +99,7 @@ class ClipBpeTokenizer:
         self.cache: dict[str, list[int]] = {}
 
     def clean_text(self, text: str) -> str:
-        if not _PLAIN.fullmatch(text):
-            import html
-
-            import ftfy
-
-            text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-        if self.clean == "canonicalize":
-            import string
-
-            text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation))
-            return " ".join(text.lower().split())
-        text = " ".join(text.split())
-        return text.lower() if self.clean == "lower" else text
+        return clean_text(text, self.clean)
 
     def _split(self, text: str) -> list[str]:
         if text.isascii():

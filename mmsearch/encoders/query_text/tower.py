@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +15,14 @@ import numpy as np
 
 from ...errors import ModelError
 from ..base import Tower
-from .numpy_ops import ACTIVATIONS, SMALL_BATCH_TOKENS, layer_norm, one_blas_thread
+from .numpy_ops import (
+    ACTIVATIONS,
+    SMALL_BATCH_TOKENS,
+    attend,
+    layer_norm,
+    one_blas_thread,
+    split_heads,
+)
 from .tokenizer import ClipBpeTokenizer
 
 FORMAT = "mmsearch-fast-text"
@@ -60,15 +66,7 @@ class FastTextTower(Tower):
     def load(cls, out_dir: Path) -> FastTextTower:
         """Open an export written by `export_fast_text` (memory-mapped; imports no torch)."""
         out_dir = Path(out_dir)
-        try:
-            config = json.loads((out_dir / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise ModelError(f"no fast text tower in {out_dir}: {e}") from e
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-            raise ModelError(
-                f"{out_dir} holds fast-text format {config.get('format')!r} "
-                f"v{config.get('format_version')}, expected {FORMAT!r} v{FORMAT_VERSION}"
-            )
+        config = read_config(out_dir, FORMAT, FORMAT_VERSION)
         try:
             weights = {
                 name: np.asarray(np.load(out_dir / f"{name}.npy", mmap_mode="r"))
@@ -114,37 +112,26 @@ class FastTextTower(Tower):
         w, eps, act = self.w, self.eps, self.act
         n, length = ids.shape
         width, heads = self.width, self.heads
-        hd = width // heads
         rows = np.arange(n)
         x = w["token_embedding"][ids] + w["positional_embedding"][:length]
         x = x.reshape(n * length, width).astype(np.float32, copy=False)
         mask = np.triu(np.full((length, length), -np.inf, dtype=np.float32), 1)
-        scale = np.float32(1 / math.sqrt(hd))
-
-        def split_heads(t: np.ndarray) -> np.ndarray:  # (n*L, W) -> (n, H, L, hd)
-            return t.reshape(n, -1, heads, hd).transpose(0, 2, 1, 3)
-
         for i in range(self.layers):
             h = layer_norm(x, w["ln_1_w"][i], w["ln_1_b"][i], eps)
             qkv_w, qkv_b = w["qkv_w"][i], w["qkv_b"][i]
             kv = h @ qkv_w[:, width:]
             kv += qkv_b[width:]
-            k, v = split_heads(kv[:, :width]), split_heads(kv[:, width:])
+            k, v = split_heads(kv[:, :width], n, heads), split_heads(kv[:, width:], n, heads)
             if i < self.layers - 1:
-                q, m = split_heads(h @ qkv_w[:, :width] + qkv_b[:width]), mask
+                q, m = split_heads(h @ qkv_w[:, :width] + qkv_b[:width], n, heads), mask
             else:
                 # Only the pooled token reaches the output, so the last layer runs its query,
                 # residual stream and MLP for that row alone (attending to all keys before it).
                 h = h.reshape(n, length, width)[rows, pool]
-                q = (h @ qkv_w[:, :width] + qkv_b[:width]).reshape(n, heads, 1, hd)
+                q = split_heads(h @ qkv_w[:, :width] + qkv_b[:width], n, heads)
                 m = mask[pool][:, None, None, :]
                 x = x.reshape(n, length, width)[rows, pool]
-            s = (q * scale) @ k.transpose(0, 1, 3, 2)
-            s += m
-            s -= s.max(axis=-1, keepdims=True)
-            np.exp(s, out=s)
-            s /= s.sum(axis=-1, keepdims=True)
-            a = (s @ v).transpose(0, 2, 1, 3).reshape(x.shape)
+            a = attend(q, k, v, m)
             a = a @ w["out_w"][i]
             a += w["out_b"][i]
             if "ls_1" in w:
@@ -166,3 +153,17 @@ class FastTextTower(Tower):
             if "text_projection_b" in w:
                 x = x + w["text_projection_b"]
         return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def read_config(out_dir: Path, fmt: str, version: int) -> dict:
+    """config.json of an export, checked to be `fmt` version `version`."""
+    try:
+        config = json.loads((Path(out_dir) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"no fast text tower in {out_dir}: {e}") from e
+    if config.get("format") != fmt or config.get("format_version") != version:
+        raise ModelError(
+            f"{out_dir} holds fast-text format {config.get('format')!r} "
+            f"v{config.get('format_version')}, expected {fmt!r} v{version}"
+        )
+    return config

@@ -4,9 +4,10 @@
   policy that picks its kind (`choose_type`) and its on-disk format.
 - build.py: an IVF index built and tuned in one pass over the catalog's vectors.
 - torch_exact.py: exact search with torch on a GPU that the installed faiss cannot use.
+- engine.py: which of them answers (the one choice point), and faiss indexes copied onto GPUs.
 
 A new backend is a new module here with `VectorIndex`'s `search(queries, k, allowed)` contract,
-picked where `Searcher` picks the torch one.
+picked in engine.choose.
 """
 
 from .build import ExactNeighbours, build_ivf, from_catalog, tuning_sample

@@ -1,4 +1,5 @@
-"""Exact vector search through torch, for GPUs that the installed faiss cannot use.
+"""Exact vector search through torch, for GPUs that the installed faiss cannot use (engine.py
+decides when).
 
 Most users with a GPU have a CUDA torch and faiss-cpu (pip's default). For them a resident search
 (the Python library answering many queries) keeps the index's vectors on the GPU in fp16 and
@@ -71,18 +72,3 @@ class TorchExactIndex:
         exact = self.catalog.vectors_of(ids, self.dim) @ np.asarray(query, np.float32).reshape(-1)
         order = np.argsort(-exact, kind="stable")[:k]
         return exact[order].astype(np.float32), ids[order]
-
-
-def wanted(device: str) -> str | None:
-    """The torch device to search on, or None for faiss on the CPU: "cuda" when asked for
-    explicitly, or with "auto" when torch is already loaded (a resident process; a cold CLI
-    search never imports torch for this) and sees a GPU."""
-    import sys
-
-    if device not in ("auto", "cuda"):
-        return None
-    if device == "auto" and "torch" not in sys.modules:
-        return None
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else None
