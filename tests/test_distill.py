@@ -37,10 +37,11 @@ MONOLINGUAL = ["a horse in a green field", "a plate of pasta", "a crowded train 
 
 
 def write_student(out: Path, texts: list[str]) -> Path:
-    """A tiny random BERT student (sentence-transformers: Transformer + mean Pooling) whose
-    WordPiece vocabulary is trained on `texts`."""
+    """A tiny random BERT student (sentence-transformers: Transformer + mean Pooling) with a
+    WordPiece vocabulary of `texts`' words and characters (built, not trained: the same ids on
+    every run)."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     try:
@@ -50,12 +51,13 @@ def write_student(out: Path, texts: list[str]) -> Path:
     from sentence_transformers import SentenceTransformer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(
-        texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
-    )
+    norm = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))})
+    chars = sorted({c for w in words for c in w})
+    pieces = list(dict.fromkeys(specials + chars + [f"##{c}" for c in chars] + words))
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = norm, pre
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
