@@ -559,3 +559,17 @@ def test_min_relevance_filters_as_the_cli_does(client, library):
     assert [h["relevance"] for h in hits] == [x for x in rels if x >= cut]
     r = client.get("/api/search", params={"q": "beach", "min_relevance": 2})
     assert r.status_code == 400 and "between 0 and 1" in r.json()["error"]
+
+
+def test_the_calibration_is_read_once_not_per_request(library, monkeypatch):
+    """Each request searches through a copy of the served Searcher: the relevance calibration is
+    read from the index once and shared, not re-read (or re-fitted) for every request."""
+    from mmsearch.storage import calibration
+
+    reads = []
+    real = calibration.load
+    monkeypatch.setattr(calibration, "load", lambda col: reads.append(1) or real(col))
+    with serve(library[1]) as c:
+        for q in ("beach", "a dog", "sunset", "beach"):
+            assert c.get("/api/search", params={"q": q}).status_code == 200
+    assert len(reads) == 1

@@ -38,7 +38,8 @@ class Searcher:
         self._engine = None  # which engine answers (storage.vectors.engine), once chosen
         self._answerer = None  # its search object; None: the collection's faiss index
         self._resident = False  # warmed: a long-lived process, worth a GPU's start-up
-        self._calibration = None
+        # Shared by this Searcher's copies (with_options, clone): what they all read alike.
+        self._shared: dict[str, object] = {}  # "calibration" -> the index's Calibration
         self._embedded: dict[str, np.ndarray] = {}  # query text -> vector
         self._allowed: dict[tuple, np.ndarray] = {}  # (type, filters) -> ids they let through
         if towers_from is not None and self._same_model(towers_from):
@@ -261,10 +262,13 @@ class Searcher:
         """The index's relevance calibration, covering `modalities` (calibration.covering)."""
         from ..storage import calibration
 
-        self._calibration = calibration.covering(
-            self.col, modalities, self._calibration, self.embed_texts
+        # Kept where every copy finds it: a server makes a copy per request, and loading (or,
+        # for an index without one, fitting) it each time cost more than the search.
+        cal = calibration.covering(
+            self.col, modalities, self._shared.get("calibration"), self.embed_texts
         )
-        return self._calibration
+        self._shared["calibration"] = cal
+        return cal
 
     def allowed(self, modality: str = "any") -> np.ndarray | None:
         """The unit ids a search of `modality` may return (its type and the options' filters),
