@@ -41,7 +41,8 @@ class Searcher:
         # Shared by this Searcher's copies (with_options, clone): what they all read alike.
         self._shared: dict[str, object] = {}  # "calibration" -> the index's Calibration
         self._embedded: dict[str, np.ndarray] = {}  # query text -> vector
-        self._allowed: dict[tuple, np.ndarray] = {}  # (type, filters) -> ids they let through
+        # (type, filters) -> ids they let through; shared by copies (a server's per-request ones)
+        self._allowed: dict[tuple, object] = {}
         if towers_from is not None and self._same_model(towers_from):
             self._text, self._full = towers_from._text, towers_from._full
 
@@ -62,11 +63,11 @@ class Searcher:
 
     def with_options(self, options: SearchOptions) -> Searcher:
         """This Searcher with other search options (k, type, filters, ...): the same index, catalog
-        connection (so: for this thread), towers and vectors, and caches of its own, as what the
-        filters let through depends on the options. Cheap: a server makes one per request."""
+        connection (so: for this thread), towers and vectors; what filters let through is kept
+        per (type, filters) and shared with it. Cheap: a server makes one per request."""
         other = copy.copy(self)
         other.options = options
-        other._embedded, other._allowed = {}, {}
+        other._embedded = {}
         if options.query_model != self.options.query_model:
             other._text = None
         return other
@@ -289,7 +290,7 @@ class Searcher:
     def _searched(self, modality: str) -> dict[str, np.ndarray | None]:
         """For each modality the index holds that a search of `modality` asks for: the ids it
         may return (None: every vector, when it is the only modality and nothing is filtered)."""
-        key = f"kinds:{modality}"
+        key = ("kinds", modality, self.options.filters)
         if key not in self._allowed:
             kinds = {m: self.allowed(m) for m in (MODALITIES if modality == "any" else [modality])}
             kinds = {m: ids for m, ids in kinds.items() if len(ids)}
