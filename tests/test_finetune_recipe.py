@@ -105,7 +105,8 @@ def test_every_flag_an_error_names_exists():
     for f in Path("mmsearch/finetune").glob("*.py"):
         for text in re.findall(r'"[^"\n]*"', f.read_text()):
             named |= set(re.findall(r"--[a-z][a-z-]+", text))
-    helps = "".join(cli(c, "--help").stdout for c in ("finetune", "compose", "eval", "index"))
+    commands = ("finetune", "compose", "eval", "index", "distill-text")
+    helps = "".join(cli(c, "--help").stdout for c in commands)
     offered = set(re.findall(r"--[a-z][a-z-]+", helps))
     assert named and named <= offered, named - offered
 
@@ -190,10 +191,11 @@ def test_options_reach_the_config(tiny_model, tmp_path):
 
 
 def test_progress_tells_a_stage_that_counts_again(capsys):
-    """The held-out files' features after the training files': a new line, a new rate and ETA."""
+    """The held-out files' features after the training files': a new stage, counted from its own
+    start (no rate or ETA carried over from the training files)."""
     from mmsearch.cli.progress import Progress
 
-    with Progress("lines", every=60) as progress:
+    with Progress("lines", every=0) as progress:  # a line per report
         progress("features", done=4, total=4, tower="image")
         progress("features", done=1, total=2, tower="image")
     lines = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines()]
@@ -221,3 +223,14 @@ def test_compose_takes_the_towers_of_open_clip_models(tiny_model, other_model, t
     for key, tensor in text.items():
         if not key.startswith(("visual.", "logit_")) and key != "text_projection":
             assert got[f"text.{key}"].equal(tensor), key
+
+
+def test_a_short_run_without_a_terminal_prints_no_progress(capsys):
+    """Lines come every `every` seconds of a stage, not at its start: a command that ends (or
+    fails) sooner prints only its own output."""
+    from mmsearch.cli.progress import Progress
+
+    with Progress("lines", every=30) as progress:
+        progress("scan", done=0, total=None)
+        progress("features", done=3, total=4, tower="image")
+    assert capsys.readouterr().err == ""

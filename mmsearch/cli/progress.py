@@ -130,8 +130,10 @@ class Progress:
             self.state = {"stage": label, "done": done, "total": total or None, **info}
         if self.bar is not None:
             self._draw(new)
-        elif new or self.every <= 0:
+        elif self.every <= 0:
             self._emit()
+        # else the ticker writes a line once the stage has gone on for `every` seconds: a run
+        # that ends sooner (or fails at once) prints no progress at all
 
     def _report(self) -> dict:
         """The latest state with its rate and ETA (under the lock)."""

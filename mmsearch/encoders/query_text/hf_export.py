@@ -76,26 +76,38 @@ def _layer_parts(layer, width: int) -> tuple[dict | None, str | None]:
     return parts, None
 
 
-def _encoder_weights(hf_model) -> tuple[dict | None, dict | None, str | None]:
-    """(config, float32 weights, None) for the transformer, or (None, None, why)."""
+def _not_bert_style(hf_model) -> str | None:
+    """Why the model's layout is not the encoder this exporter reads, or None when it is."""
     import torch
 
     cfg = getattr(hf_model, "config", None)
     emb, enc = getattr(hf_model, "embeddings", None), getattr(hf_model, "encoder", None)
-    layers = list(getattr(enc, "layer", None) or [])
-    if cfg is None or emb is None or not layers:
-        return None, None, f"{type(hf_model).__name__} is not a BERT-style encoder"
+    if cfg is None or emb is None or not list(getattr(enc, "layer", None) or []):
+        return f"{type(hf_model).__name__} is not a BERT-style encoder"
     if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
-        return None, None, "the text transformer is a decoder"
+        return "the text transformer is a decoder"
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
-        return None, None, f"position embeddings {cfg.position_embedding_type!r}"
-    if hasattr(hf_model, "embeddings_project") or getattr(cfg, "embedding_size", None) not in (
+        return f"position embeddings {cfg.position_embedding_type!r}"
+    size = getattr(cfg, "embedding_size", None)
+    if hasattr(hf_model, "embeddings_project") or size not in (
         None,
         getattr(cfg, "hidden_size", None),
     ):
-        return None, None, "factorised embeddings (ELECTRA/ALBERT style)"
+        return "factorised embeddings (ELECTRA/ALBERT style)"
     if any(p.dtype != torch.float32 for p in hf_model.parameters()):
-        return None, None, "text tower weights are not float32 (export from an fp32 model)"
+        return "text tower weights are not float32 (export from an fp32 model)"
+    return None
+
+
+def _encoder_weights(hf_model) -> tuple[dict | None, dict | None, str | None]:
+    """(config, float32 weights, None) for the transformer, or (None, None, why)."""
+    import torch
+
+    why = _not_bert_style(hf_model)
+    if why is not None:
+        return None, None, why
+    cfg, emb = hf_model.config, hf_model.embeddings
+    layers = list(hf_model.encoder.layer)
     word, pos = emb.word_embeddings, getattr(emb, "position_embeddings", None)
     if not isinstance(word, torch.nn.Embedding) or not isinstance(pos, torch.nn.Embedding):
         return None, None, "unsupported text embeddings"

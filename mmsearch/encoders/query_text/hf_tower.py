@@ -8,25 +8,20 @@ Only stdlib and numpy are imported here; `tokenizers` when the tokenizer is load
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import ModelError
-from ..base import Tower
 from .hf_tokenizer import HFTextTokenizer
 from .numpy_ops import (
     ACTIVATIONS,
-    SMALL_BATCH_TOKENS,
     attend,
     layer_norm,
     linear,
-    one_blas_thread,
     split_heads,
 )
-from .tower import read_config
+from .tower import NumpyTextTower, read_config
 
 HF_FORMAT = "mmsearch-fast-text-hf"
 HF_FORMAT_VERSION = 1
@@ -52,7 +47,7 @@ POOLS = ("mean", "cls", "max", "last")
 _MASKED = np.finfo(np.float32).min  # what transformers adds to the scores of padding keys
 
 
-class HFFastTextTower(Tower):
+class HFFastTextTower(NumpyTextTower):
     """The numpy copy of a Hugging Face encoder text tower; load with `HFFastTextTower.load(dir)`.
 
     config: width, heads, layers, dim, act, ln_eps, norm ("post" | "pre"), positions
@@ -107,23 +102,16 @@ class HFFastTextTower(Tower):
             raise ModelError(f"fast text tower in {out_dir} has a bad tokenizer: {e}") from e
         return cls(config, weights, tokenizer)
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens the text occupies, without special tokens."""
-        return len(self.tokenizer.encode(text))
-
-    def embed_batch(self, batch: Sequence[str]) -> np.ndarray:
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        rows = self.tokenizer.token_rows(list(batch))
+    def _token_batch(self, rows: list) -> tuple[np.ndarray]:
         # Padding keys are masked and pooling skips them, so the batch is cut to its longest row;
         # unless the tokenizer pads with an id the model does not mask, which the model then sees.
         length = max(len(r) for r in rows)
         if self.tokenizer.pad_id != self.pad_token_id:
             length = self.context_length
-        ids = self.tokenizer.pad(rows, length)
-        limit = one_blas_thread() if ids.size <= SMALL_BATCH_TOKENS else contextlib.nullcontext()
-        with limit:
-            return self.forward(ids)
+        return (self.tokenizer.pad(rows, length),)
+
+    def _forward(self, ids: np.ndarray) -> np.ndarray:
+        return self.forward(ids)
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
         """(n, L) token ids -> (n, dim) unnormalised embeddings, as the torch tower computes them."""

@@ -47,7 +47,34 @@ BLOCK_KEYS = (
 OPTIONAL_BLOCK_KEYS = ("ls_1", "ls_2")
 
 
-class FastTextTower(Tower):
+class NumpyTextTower(Tower):
+    """What the numpy text towers share: a tokenizer with `encode` and `token_rows`, and a
+    forward pass over a batch of token ids made by `_token_batch`."""
+
+    tokenizer = None
+    dim = 0
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the text occupies, without the special tokens around it."""
+        return len(self.tokenizer.encode(text))
+
+    def embed_batch(self, batch: Sequence[str]) -> np.ndarray:
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        ids, *rest = self._token_batch(self.tokenizer.token_rows(list(batch)))
+        limit = one_blas_thread() if ids.size <= SMALL_BATCH_TOKENS else contextlib.nullcontext()
+        with limit:
+            return self._forward(ids, *rest)
+
+    def _token_batch(self, rows: list) -> tuple:
+        """(ids, *what else the forward pass takes) for these token rows."""
+        raise NotImplementedError
+
+    def _forward(self, ids: np.ndarray, *rest) -> np.ndarray:
+        raise NotImplementedError
+
+
+class FastTextTower(NumpyTextTower):
     """The open_clip text tower in numpy; load with `FastTextTower.load(dir)`."""
 
     def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer: ClipBpeTokenizer):
@@ -88,14 +115,7 @@ class FastTextTower(Tower):
         )
         return cls(config, weights, tokenizer)
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens the text occupies, without start/end tokens."""
-        return len(self.tokenizer.encode(text))
-
-    def embed_batch(self, batch: Sequence[str]) -> np.ndarray:
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        rows = self.tokenizer.token_rows(list(batch))
+    def _token_batch(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
         # Causal attention plus pooling at the EOT position make every position after the pooled
         # one irrelevant, so the batch is cut to its longest row instead of the full context.
         length = max(len(r) for r in rows)
@@ -104,9 +124,7 @@ class FastTextTower(Tower):
             ids[i, : len(row)] = row
         # open_clip pools at argmax(token id) (first maximum), which is EOT unless the text holds a
         # literal special token; numpy's argmax also returns the first maximum.
-        limit = one_blas_thread() if ids.size <= SMALL_BATCH_TOKENS else contextlib.nullcontext()
-        with limit:
-            return self._forward(ids, ids.argmax(axis=1))
+        return ids, ids.argmax(axis=1)
 
     def _forward(self, ids: np.ndarray, pool: np.ndarray) -> np.ndarray:
         w, eps, act = self.w, self.eps, self.act
