@@ -106,6 +106,9 @@ def padded_index(work: Path, items: int, photos: int = 20, model: str | None = N
                 entry = FileEntry(f"/synthetic/{i:07}.jpg".encode(), "image", 1000, i)
                 fid = col.catalog.add_file(entry, f"h{i}")
                 col.catalog.replace_units(fid, [Segment()], v[None])
+        # Rows added straight to the catalog leave vectors.faiss behind it: load it (rebuilt
+        # from the catalog) and save it, or every search would rebuild it from SQLite first.
+        assert col.vectors.ntotal == items
         col.save_vectors(options)
     return root
 
