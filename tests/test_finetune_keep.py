@@ -362,9 +362,16 @@ def test_cli_folder_captions_retention_and_default_feature_cache(base, tmp_path,
     r = cli("index", tmp_path / "g", "--model", base)
     assert r.exit_code == 0, r.output
     r = cli(*args, "--out", tmp_path / "m5", "--json")
-    wise = json.loads(r.stdout.strip().splitlines()[-1])["wise"]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    wise = report["wise"]
     assert "of index 'default'" in wise["retention_pairs"] and "note" not in wise
     assert wise["retention"]["base"]["images"] >= 2
+    # what the built set cost and what of it was replayed (half its photos, by the default)
+    built = report["retention"]
+    assert built["source"] == wise["retention_pairs"] and built["seconds"] > 0
+    assert built["files"] == built["measured"]["files"] + built["replayed"]["files"]
+    assert built["replayed"]["files"] >= 2 and built["replayed"]["samples"] > 0
+    assert wise["retention"]["base"]["images"] == built["measured"]["files"]
 
 
 def test_index_retention_pairs_each_query_with_its_best_photo_once():

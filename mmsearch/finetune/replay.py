@@ -4,7 +4,10 @@ for CLIP fine-tuning e.g. ZSCL, Zheng et al., ICCV 2023, and the rehearsal basel
 
 The retention pairs (`--retain`, or the set `retention` builds from the index) are split by file:
 `REPLAY_SHARE` of the files are replayed, the others only measure forgetting and choose the WiSE-FT
-mix, so the forgetting figure is measured on pairs the model never trained on. With
+mix, so the forgetting figure is measured on pairs the model never trained on. The split draws
+runs of up to `BLOCK` consecutive files (in the order the pairs list them), not single files:
+neighbours in a folder or a photo list are often one burst or one event, and one shot of a burst
+on each side would make the measured forgetting look smaller than it is. With
 `config.replay` = f > 0, each optimizer step takes round(f x batch) retention captions (at least
 one) and fills the rest of the batch with the user's pairs: an epoch is still one pass over the
 user's pairs, in more steps, and the retention captions are drawn in a seeded order per epoch,
@@ -21,9 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .data import Split, retention_split
-from .pairs import split_by_file
+from .pairs import PairSet
 
 REPLAY_SHARE = 0.5  # of the retention files, replayed when config.replay > 0
+BLOCK = 10  # consecutive retention files that stay on one side of the split
 
 
 @dataclass
@@ -57,9 +61,9 @@ class Retention:
         """One line for the report: the set, its cost, what measured and what was replayed."""
         d = self.to_dict()
         if self.source is None:
-            return "retention: none" + ("; nothing replayed" if self.fraction else "")
+            return "retention set: none" + ("; nothing replayed" if self.fraction else "")
         m, r = d["measured"], d["replayed"]
-        text = (f"retention: {d['pairs']} pairs ({d['files']} files) from {self.source}, "
+        text = (f"retention set: {d['pairs']} pairs ({d['files']} files) from {self.source}, "
                 f"{d['seconds']:.1f} s to prepare and {d['mix_seconds']:.1f} s to choose the mix; "
                 f"{m['pairs']} pairs ({m['files']} files) measured")  # fmt: skip
         if not self.replay:
@@ -76,7 +80,7 @@ def prepare(pairs, source, train: Split, val: Split, encode, prep, tokenizer, pr
     config = encode.config
     measure_pairs, replay_pairs = pairs, None
     if pairs is not None and config.replay > 0 and len(pairs.files()) >= 4:
-        measure_pairs, replay_pairs = split_by_file(pairs, REPLAY_SHARE, config.seed)
+        measure_pairs, replay_pairs = split_in_runs(pairs, REPLAY_SHARE, config.seed)
     used = set(train.files) | set(val.files)
     measure = retention_split(measure_pairs, used, prep, tokenizer, config, progress)
     replay = retention_split(replay_pairs, used, prep, tokenizer, config, progress)
@@ -86,6 +90,18 @@ def prepare(pairs, source, train: Split, val: Split, encode, prep, tokenizer, pr
     if splits:
         encode.cache_frozen_prefixes(*splits, progress=progress)
     return Retention(source, measure, replay, config.replay, time.perf_counter() - started)
+
+
+def split_in_runs(pairs: PairSet, share: float, seed: int) -> tuple[PairSet, PairSet]:
+    """(the rest, `share` of the files): runs of consecutive files (up to `BLOCK`, and at least
+    four runs) drawn at random, each run wholly on one side."""
+    files = list(dict.fromkeys(p.path for p in pairs.pairs))
+    size = max(1, min(BLOCK, len(files) // 4))
+    runs = [files[i : i + size] for i in range(0, len(files), size)]
+    n = min(len(runs) - 1, max(1, round(share * len(runs))))
+    drawn = {f for r in np.random.default_rng(seed).permutation(len(runs))[:n] for f in runs[r]}
+    return (PairSet([p for p in pairs.pairs if p.path not in drawn]),
+            PairSet([p for p in pairs.pairs if p.path in drawn]))  # fmt: skip
 
 
 def per_step(fraction: float, step_size: int, replay: Split | None) -> int:
