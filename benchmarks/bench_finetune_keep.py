@@ -74,6 +74,10 @@ def main() -> None:
                     help="(b)'s retention slice starts after this many photos (default: --train-files)")  # fmt: skip
     ap.add_argument("--replay", type=lambda v: [float(x) for x in v.split(",")], default=[0, 0.25],
                     help="--replay fractions of (b), comma-separated; 0 is plain fine-tuning")  # fmt: skip
+    ap.add_argument("--decay", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                    help="(b): also plain runs with these --weight-decay values (an L2 pull of "
+                    "the head adapters towards the base weights, as L2-SP)")  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="of the fine-tuning runs")
     ap.add_argument("--val-curve", action="store_true",
                     help="(b): flickr val recall of every mix (alpha 0, 0.1, ... 1) of every run")  # fmt: skip
     ap.add_argument("--val-files", type=int, default=300, help="flickr8k_val1k slice for (b)")
@@ -94,7 +98,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"{machine()}; torch threads {args.threads}; load average {load:.1f}", flush=True)
     common = dict(model=str(LIT), method="head", batch_size=128, lr=1e-3, weight_decay=0.0,
-                  device="cpu", precision="fp32", seed=0, feature_cache=cache, plot=False,
+                  device="cpu", precision="fp32", seed=args.seed, feature_cache=cache, plot=False,
                   overwrite=True)  # fmt: skip
 
     # (a) the same head run twice, cold then warm
@@ -115,18 +119,23 @@ def main() -> None:
     skip = args.train_files if args.retain_skip is None else args.retain_skip
     retain = manifest_pairs(args.retain_set, args.retain_files, skip_files=skip)
     flickr_val = manifest_pairs("flickr8k_val1k", args.val_files)
-    _, held = split_by_file(digits, 0.1, 0)  # the held-out digit files of every run
+    _, held = split_by_file(digits, 0.1, args.seed)  # the held-out digit files of every run
     t = time.perf_counter()
     models = {"base": (str(LIT), None)}
-    for fraction in args.replay:
-        out, alpha, curve = endpoint_run(digits, retain, fraction, work, common)
+    # --decay: plain runs whose weight decay pulls the head adapters (zero: the base) to the base
+    for fraction, decay in [(f, None) for f in args.replay] + [(0, d) for d in args.decay]:
+        out, alpha, curve = endpoint_run(digits, retain, fraction, work, common, decay)
         name = "plain" if fraction == 0 else f"replay {fraction:g}"
+        name += "" if decay is None else f", weight decay {decay:g}"
         models[f"{name} fine-tuned"] = (str(out), curve[-1]["target"]["mean"])
         mixed = mix_dir(LIT, out, alpha, work / f"{out.name}_mix{alpha:g}")
         models[f"{name} + WiSE-FT {alpha:g}"] = (str(mixed), row_at(curve, alpha)["target"]["mean"])
         if args.val_curve:
             val_curve(out, curve, flickr_val, work, cache)
-    print(f"  {len(args.replay)} digit runs {time.perf_counter() - t:.1f} s", flush=True)
+    print(
+        f"  {len(args.replay) + len(args.decay)} digit runs {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
     out = {}
     print(
         "| model | digits t→i R@1 | R@5 | R@10 | i→t R@1 | R@5 | R@10 | mean || flickr val "
@@ -150,7 +159,7 @@ def main() -> None:
     print(f"{time.perf_counter() - t:.0f} s for (b); load average now {os.getloadavg()[0]:.1f}")
 
 
-def endpoint_run(digits, retain, fraction: float, work: Path, common: dict):
+def endpoint_run(digits, retain, fraction: float, work: Path, common: dict, decay=None):
     """Fine-tune on the digits with `retain` and --replay `fraction`, saving the fine-tuned
     endpoint (alpha 1) instead of the mix; (its folder, the alpha the library would keep, the
     curve). For --method head the mix of merged weights is the mix of the adapters (linear in
@@ -159,13 +168,16 @@ def endpoint_run(digits, retain, fraction: float, work: Path, common: dict):
 
     real = wise.choose
     wise.choose = lambda curve, max_forgetting: 1.0
+    tag, kw = f"{fraction:g}", dict(common)
+    if decay is not None:
+        tag, kw["weight_decay"] = f"{tag}_decay{decay:g}", decay
     try:
-        r = finetune(digits, FinetuneConfig(out=work / f"digits_replay{fraction:g}", epochs=2,
-                                            replay=fraction, **common), retain_pairs=retain)  # fmt: skip
+        r = finetune(digits, FinetuneConfig(out=work / f"digits_replay{tag}", epochs=2,
+                                            replay=fraction, **kw), retain_pairs=retain)  # fmt: skip
     finally:
         wise.choose = real
     alpha = real(r.mix.curve, r.mix.max_forgetting)
-    print(f"  replay {fraction:g}: {r.train_seconds:.1f} s training, {r.samples_per_s:.1f} "
+    print(f"  replay {tag}: {r.train_seconds:.1f} s training, {r.samples_per_s:.1f} "
           f"samples/s; {r.retention.line()}; kept alpha {alpha:g}", flush=True)  # fmt: skip
     for row in r.mix.curve:
         print(f"    alpha {row['alpha']:.1f}: held-out digits mean {row['target']['mean']:.4f}, "
