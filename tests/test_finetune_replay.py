@@ -138,18 +138,18 @@ def test_cli_replay_flag_and_report(base, data, tmp_path, home):
         r = cli(*args, "--out", tmp_path / "x", "--replay", bad)
         assert r.exit_code == 2, r.output
         assert r.stderr.strip().splitlines() == ["mmsearch: error: --replay must be in [0, 1)"]
-    r = cli(*args, "--out", tmp_path / "m", "--replay", "0.5", "--json")
+    r = cli(*args, "--out", tmp_path / "m", "--replay", "0.25", "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)["retention"]
     assert report["source"] == "--retain pairs" and report["files"] == 16
     assert report["measured"]["files"] == report["replayed"]["files"] == 8
-    assert report["replayed"]["per_step"] == 4 and report["replayed"]["samples"] > 0
+    assert report["replayed"]["per_step"] == 2 and report["replayed"]["samples"] > 0
     assert {"seconds", "mix_seconds", "pairs"} <= set(report)
     r = cli(*args, "--out", tmp_path / "t")  # the default --replay, as text
     assert r.exit_code == 0, r.output
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("retention set: ")]
     assert "from --retain pairs" in line and " s to prepare" in line
-    assert "(8 files) measured" in line and "replayed as 0.25 of each batch (2 a step" in line
+    assert "(8 files) measured" in line and "replayed as 0.5 of each batch (4 a step" in line
 
 
 def test_readme_replay_example_runs(base, data, tmp_path, monkeypatch, home):
@@ -166,5 +166,5 @@ def test_readme_replay_example_runs(base, data, tmp_path, monkeypatch, home):
     for line in block.splitlines():
         r = cli(*_shell_words(line, tmp_path)[1:])
         assert r.exit_code == 0, (line, r.output)
-        assert "replayed as 0.25 of each batch" in r.stdout
+        assert "replayed as 0.5 of each batch" in r.stdout
     assert (tmp_path / "models" / "shop" / "open_clip_config.json").is_file()

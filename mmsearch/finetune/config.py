@@ -73,7 +73,7 @@ class FinetuneConfig:
     max_forgetting: float = 0.05
     # With retention pairs: the share of each training batch taken from them (half of their
     # files are replayed, the other half measure forgetting; `finetune.replay`). 0: none.
-    replay: float = 0.25
+    replay: float = 0.5
     plot: bool = True
 
     def __post_init__(self):

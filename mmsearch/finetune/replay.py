@@ -114,7 +114,9 @@ def per_step(fraction: float, step_size: int, replay: Split | None) -> int:
 
 def join(train: Split, replay: Split | None) -> Split:
     """What the training loop draws from: the user's captions, then the replayed ones (their
-    files after the user's). `train` itself without replay."""
+    files after the user's). `train` itself without replay; with it, `train` and `replay` hand
+    their pixels and features over (one copy in memory: the training loop reads the joined
+    split only)."""
     import torch
 
     if replay is None:
@@ -125,7 +127,7 @@ def join(train: Split, replay: Split | None) -> Split:
             return None
         return np.concatenate([a, b]) if isinstance(a, np.ndarray) else torch.cat([a, b])
 
-    return Split(
+    joined = Split(
         files=train.files + replay.files,
         file_of=np.concatenate([train.file_of, replay.file_of + len(train.files)]),
         captions=train.captions + replay.captions,
@@ -134,6 +136,9 @@ def join(train: Split, replay: Split | None) -> Split:
         image_prefix=cat(train.image_prefix, replay.image_prefix),
         text_prefix=cat(train.text_prefix, replay.text_prefix),
     )
+    for split in (train, replay):
+        split.pixels = split.image_prefix = split.text_prefix = None
+    return joined
 
 
 @dataclass
