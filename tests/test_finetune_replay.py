@@ -168,3 +168,34 @@ def test_readme_replay_example_runs(base, data, tmp_path, monkeypatch, home):
         assert r.exit_code == 0, (line, r.output)
         assert "replayed as 0.5 of each batch" in r.stdout
     assert (tmp_path / "models" / "shop" / "open_clip_config.json").is_file()
+
+
+def test_interrupted_replay_run_resumes_to_the_same_model(base, data, tmp_path):
+    import torch
+
+    from mmsearch.errors import UsageError
+    from mmsearch.finetune import finetune
+
+    user, general = (read_pairs(p) for p in data)
+
+    def go(out, progress=None, replay=0.5, **kw):
+        cfg = config(base, out, "head", epochs=2, batch_size=8, replay=replay, **kw)
+        return finetune(user, cfg, progress=progress, retain_pairs=general)
+
+    straight = go(tmp_path / "straight")
+    steps = json.loads((straight.out / "training_log.json").read_text())["step_losses"]
+
+    def ctrl_c(event, **info):
+        if event == "step" and info["step"] == len(steps) // 2 + 1:  # mid epoch 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path / "r", ctrl_c, checkpoint_every=1)
+    with pytest.raises(UsageError, match="different settings"):
+        go(tmp_path / "r", resume=True, replay=0.25)
+    resumed = go(tmp_path / "r", resume=True)
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    timeless = [{k: v for k, v in r.to_dict()["retention"].items() if "seconds" not in k}
+                for r in (straight, resumed)]  # fmt: skip
+    assert timeless[0] == timeless[1] and timeless[0]["replayed"]["samples"] == 4 * len(steps)
