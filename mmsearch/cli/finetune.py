@@ -199,6 +199,11 @@ def finetune(
             data["audio"] = audio.to_dict()
         emit_json(data)
         return
+    _say_result(pairs, result, audio, warning, unread, config.out)
+
+
+def _say_result(pairs, result, audio, warning, unread, out) -> None:
+    """The text report of a run: notes and warnings on stderr, what was trained and kept."""
     if pairs_notes(pairs):
         say(pairs_notes(pairs), err=True)
     if result is not None and result.note:
@@ -210,7 +215,7 @@ def finetune(
     if audio is not None:
         _say_audio(audio)
     if result is None:
-        say(f"re-index with it: mmsearch index PATH --model {config.out} --rebuild")
+        say(f"re-index with it: mmsearch index PATH --model {out} --rebuild")
         return
     say(
         f"{result.method}: {result.train_pairs} training pairs ({result.train_files} files), "
