@@ -13,15 +13,7 @@ from test_finetune import CFG16, config, draw_shapes, write_csv
 
 from mmsearch.finetune import read_pairs
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
