@@ -113,10 +113,7 @@ class Collection(VectorFileMixin, GenerationsMixin):
                 self.manifest.data = found.name
         catalog_path = self.data_dir / CATALOG
         if not catalog_path.is_file() and not self.writer and not self.manifest.encoder:
-            raise IndexNotFoundError(
-                f"index {self.name!r} is empty: index some files first (mmsearch index PATH "
-                f"--index {self.name})"
-            )
+            raise self._empty()
         if not catalog_path.is_file() and self.manifest.encoder:
             if not repair:
                 raise IndexFormatError(
@@ -127,6 +124,10 @@ class Collection(VectorFileMixin, GenerationsMixin):
             return
         try:
             self.catalog = Catalog(catalog_path, readonly=not self.writer)
+            if not self.writer and not self.manifest.encoder and self.catalog.is_blank():
+                # The first run was killed before the catalog's schema committed: nothing was
+                # ever indexed here (a writer creates the schema and carries on).
+                raise self._empty()
             self.catalog.check()
         except (IndexFormatError, sqlite3.DatabaseError) as e:
             if self.catalog is not None:
@@ -159,6 +160,12 @@ class Collection(VectorFileMixin, GenerationsMixin):
             except sqlite3.DatabaseError:
                 continue
         return None
+
+    def _empty(self) -> IndexNotFoundError:
+        return IndexNotFoundError(
+            f"index {self.name!r} is empty: index some files first (mmsearch index PATH "
+            f"--index {self.name})"
+        )
 
     def _not_found(self) -> IndexNotFoundError:
         known = list_indexes(self.root_dir)
