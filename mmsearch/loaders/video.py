@@ -130,7 +130,9 @@ class _Sampler:
                 # (keyframes far apart), this one starts the next shot: shots never outgrow it.
                 overrun = next_t is not None and next_t - start > s.max_shot_s
                 if age < s.min_shot_s or (
-                    age < s.max_shot_s and not overrun and thumb_difference(thumb, anchor) <= s.change
+                    age < s.max_shot_s
+                    and not overrun
+                    and thumb_difference(thumb, anchor) <= s.change
                 ):
                     continue  # merged into the current shot
                 yield Shot(start, t, kept)

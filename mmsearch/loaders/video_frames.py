@@ -147,9 +147,9 @@ class FrameSource:
             return
         if self._second is None:
             self._second = self.reopen()
+            self._second[1].thread_type = "AUTO"  # before the decoder opens
         container, stream = self._second
         stream.codec_context.skip_frame = "NONREF"  # B-frames of most encodes: half the work
-        stream.thread_type = "AUTO"
         if t0 >= 0:
             self.info.spans.append((round(t0, 3), round(t1 if t1 is not None else self.end, 3)))
         if seek:
