@@ -7,7 +7,9 @@ Three 720p H.264 videos are generated once (cached in benchmarks/out/): "multi",
 Flickr8k photos from ../shared/datasets (1.5 to 12 s each, every one slowly panning and zooming,
 x264 with B-frames and its defaults: a keyframe at every cut, at most 250 frames apart),
 "static", one photo with a little sensor noise (a talk, a security camera), and "gop30", the
-scenes of "multi" encoded as phones do: a keyframe every 30 frames (1 s) and none at the cuts.
+scenes of "multi" encoded as phones do: a keyframe every 30 frames (1 s) and none at the cuts
+(most of its cuts, at whole seconds, still fall on keyframes), and "gop45", the same with a
+keyframe every 45 frames (1.5 s), where most cuts fall inside a group of pictures.
 For each, in one run:
 
   old loader        iter_shots with Sampling(keyframes=False): decode every frame others refer
@@ -173,13 +175,15 @@ def main() -> None:
     args = ap.parse_args()
     require_datasets()
     OUT.mkdir(exist_ok=True)
-    videos = {k: OUT / f"{k}-{args.seconds:g}s.mp4" for k in ("multi", "static", "gop30")}
+    names = ("multi", "static", "gop30", "gop45")
+    videos = {k: OUT / f"{k}-{args.seconds:g}s.mp4" for k in names}
     if not videos["multi"].exists():
         make_multi(videos["multi"], args.seconds)
     if not videos["static"].exists():
         make_static(videos["static"], args.seconds)
-    if not videos["gop30"].exists():
-        make_multi(videos["gop30"], args.seconds, "keyint=30:min-keyint=30:scenecut=0")
+    for k in (30, 45):
+        if not videos[f"gop{k}"].exists():
+            make_multi(videos[f"gop{k}"], args.seconds, f"keyint={k}:min-keyint={k}:scenecut=0")
 
     import torch
 
@@ -251,7 +255,7 @@ def keyframe_seconds(path: Path) -> list[float]:
 
 def report(results: dict) -> None:
     print(results["machine"], f"load {results['load']:.1f} -> {results['load_after']:.1f}")
-    for name in ("multi", "static", "gop30"):
+    for name in ("multi", "static", "gop30", "gop45"):
         r = results[name]
         print(f"{name}: {r['seconds']} s, {len(r['keyframes'])} keyframes; new loader "
               f"{r['new_vs_old_loader']}x the old one's time")  # fmt: skip

@@ -92,3 +92,18 @@ def test_static_video_decodes_its_keyframes_only(tmp_path):
     for got in (shots, old):
         assert 2 <= len(got) <= 3 and max(s.end - s.start for s in got) <= 30
         assert got[-1].end == pytest.approx(60, abs=0.11)
+
+
+def test_short_scene_on_a_keyframe_too_soon_gets_a_frame_from_inside(tmp_path):
+    # Keyframes every 1.5 s on the cuts; scenes 2 and 3 last 1.5 s, less than the shortest shot
+    # (2 s): their keyframes come too soon, so each gets the first frame at least 2 s into the
+    # shot before it, decoded from inside its group (up to that frame only), as before.
+    scenes = [(1, 3), (2, 1.5), (3, 1.5), (4, 3)]
+    p = make_video(tmp_path / "edit.mkv", scenes, gop=15, tone=None)
+    assert keyframe_seconds(p) == [0.0, 1.5, 3.0, 4.5, 6.0, 7.5]
+    shots, info = shots_of(p)
+    old, _ = shots_of(p, OLD)
+    assert [s.start for s in shots] == [s.start for s in old]
+    assert [looks_like(s.frame, k) for s, k in zip(shots, (1, 2, 3, 4), strict=True)] == [True] * 4
+    assert [a for a, _ in info.spans] == [4.5, 6.0]
+    assert all(b == s.start for (_, b), s in zip(info.spans, shots[2:], strict=True))

@@ -118,13 +118,25 @@ class _Sampler:
         self.source, self.stream, self.prep = source, stream, prep
         self.sampling, self.info = sampling, info
         self.reformatter = source.reformatter
+        self.start = self.anchor = None  # the current shot's start and thumbnail
+        source.held_until = self.held_until
+
+    def held_until(self, t: float, thumb, next_t: float) -> float | None:
+        """Where a candidate that differs from the current shot but is held back by the
+        shortest shot could start one, if that is before `next_t` (the next candidate)."""
+        s = self.sampling
+        if self.anchor is None or thumb_difference(thumb, self.anchor) <= s.change:
+            return None
+        until = self.start + s.min_shot_s
+        return until if t < until < next_t else None
 
     def shots(self) -> Iterator[Shot]:
         s = self.sampling
-        start = anchor = kept = None
+        kept = None
         for t, frame, thumb, next_t in self.source.candidates():
             self.info.candidates += 1
-            if anchor is not None:
+            if self.anchor is not None:
+                start = self.start
                 age = t - start
                 # Where the next candidate is known to come later than the longest shot allows
                 # (keyframes far apart), this one starts the next shot: shots never outgrow it.
@@ -132,12 +144,13 @@ class _Sampler:
                 if age < s.min_shot_s or (
                     age < s.max_shot_s
                     and not overrun
-                    and thumb_difference(thumb, anchor) <= s.change
+                    and thumb_difference(thumb, self.anchor) <= s.change
                 ):
                     continue  # merged into the current shot
                 yield Shot(start, t, kept)
-            start, anchor = (0.0 if kept is None else t), thumb
+            self.start, self.anchor = (0.0 if kept is None else t), thumb
             kept = self._keep(frame)
+        start = self.start
         end, told = self.source.end, self.source.header_s
         if not self.info.notes and told is not None and end < told <= end + 1:
             end = told  # the last frames were not decoded (NONREF) or are shorter

@@ -14,8 +14,8 @@ always did):
   (2.5 times the group's median and a quarter of the smaller keyframe): the frame after
   a cut that is not a keyframe is coded almost from scratch, so its packet stands out. Without
   such a packet the difference is motion, a fade, or the cut is N itself: N is a candidate
-  anyway. The last group, which no keyframe closes, is decoded where a packet is 2.5 times
-  its median (a few seconds at most, once per file).
+  anyway. The last group (no keyframe closes it) is decoded where it holds a cut-sized packet
+  or the data stops short of the header's duration (a truncated file).
 
 Where a group was not decoded inside, a shot boundary is known to that group's precision only:
 the shot starts at N's time (a frame actually decoded) though the cut may lie earlier in the
@@ -67,6 +67,9 @@ class FrameSource:
         self._second = None  # (container, stream) of the second pass, opened when needed
         self._packets: list[tuple[float, int]] = []  # (seconds, size) not yet in a group
         self._key_size: dict[int, int] = {}  # pts -> packet size of keyframes sent to decode
+        # (seconds, thumbnail, next candidate's seconds) -> where the caller, holding back a
+        # candidate that differs from the current shot still too short, could start a shot.
+        self.held_until = lambda t, thumb, next_s: None
 
     def candidates(self) -> Iterator[tuple[float, Any, np.ndarray, float | None]]:
         if self.reopen is None:  # every frame others refer to, in one pass from the start
@@ -78,30 +81,39 @@ class FrameSource:
             key = (t, frame, self._thumb(frame), self._key_size.pop(frame.pts, None))
             group = self._group_sizes(t)
             if held is not None:
-                inside = self._needs_inside(held, key, group)
-                yield held[0], held[1], held[2], None if inside else t
-                if inside:
-                    yield from self._inside(held[0], t)
+                yield from self._group(held, key, group)
             held = key
         if held is not None:
-            group = self._group_sizes(math.inf)
-            inside = self._needs_inside(held, None, group)
-            yield held[0], held[1], held[2], None if inside else max(self.end, held[0])
-            if inside:
-                yield from self._inside(held[0], self.end)
+            yield from self._group(held, None, self._group_sizes(math.inf))
+
+    def _group(self, p, n, sizes: list[int]):
+        """Keyframe p as a candidate, then the frames up to keyframe n (None: the end) where
+        they are needed: the group is long or holds a cut; or p differs from the current shot
+        but comes too soon to start a shot of its own, and n later than it could: then the
+        frames up to the first that can (a short scene gets a frame from inside)."""
+        end = n[0] if n is not None else self.end
+        whole = self._needs_inside(p, n, sizes)
+        until = None if whole else self.held_until(p[0], p[2], end)
+        inside = whole or until is not None
+        yield p[0], p[1], p[2], None if inside else max(end, p[0])
+        if inside:
+            yield from self._inside(p[0], end, until)
 
     def _needs_inside(self, p, n, sizes: list[int]) -> bool:
         """Whether the group from keyframe p to keyframe n (None: to the end) is decoded."""
         end = n[0] if n is not None else self.end
         if end - p[0] > self.sampling.trust_gap_s:
             return True
+        if n is None and self.header_s is not None and end < 0.9 * self.header_s - 1:
+            return True  # the data stops short of the header's end: nothing closes the group
         if n is not None and thumb_difference(p[2], n[2]) <= self.sampling.change:
             return False
         if not sizes:
             return False
-        bar = CUT_PACKET_X_MEDIAN * float(np.median(sizes))
-        if n is not None and p[3] and n[3]:  # the last group has no keyframe to compare with
-            bar = max(bar, CUT_PACKET_X_KEY * min(p[3], n[3]))
+        keys = [k[3] for k in (p, n) if k is not None and k[3]]
+        bar = max(
+            CUT_PACKET_X_MEDIAN * float(np.median(sizes)), CUT_PACKET_X_KEY * min(keys or [0])
+        )
         return max(sizes) >= bar
 
     def _group_sizes(self, t: float) -> list[int]:
@@ -138,9 +150,10 @@ class FrameSource:
                 if frame.key_frame:
                     yield frame
 
-    def _inside(self, t0: float, t1: float | None, seek: bool = True):
+    def _inside(self, t0: float, t1: float | None, until: float | None = None, seek=True):
         """The second pass over (t0, t1) (None: to the end): every frame others refer to is
-        decoded, one at most every step_s is a candidate."""
+        decoded, one at most every step_s is a candidate; with `until`, up to the first
+        candidate at or after it."""
         import av
 
         if self.exhausted:
@@ -150,8 +163,6 @@ class FrameSource:
             self._second[1].thread_type = "AUTO"  # before the decoder opens
         container, stream = self._second
         stream.codec_context.skip_frame = "NONREF"  # B-frames of most encodes: half the work
-        if t0 >= 0:
-            self.info.spans.append((round(t0, 3), round(t1 if t1 is not None else self.end, 3)))
         if seek:
             try:  # to the keyframe at or before t0: P itself
                 container.seek(int((t0 + self.origin) / stream.time_base), stream=stream)
@@ -160,12 +171,20 @@ class FrameSource:
                 return
         step = self.sampling.step_s
         next_at = (math.floor(t0 / step) + 1) * step
-        for t, frame in self._decoded(container.decode(stream)):
-            if t1 is not None and t >= t1 - 1e-6:
-                return
-            if t > t0 and t >= next_at:  # on a grid of step_s: on average one per step
-                next_at = (math.floor(t / step) + 1) * step
-                yield t, frame, self._thumb(frame), None
+        reached = t1 if t1 is not None else self.end  # where the decoding inside ended
+        try:
+            for t, frame in self._decoded(container.decode(stream)):
+                if t1 is not None and t >= t1 - 1e-6:
+                    return
+                if t > t0 and t >= next_at:  # on a grid of step_s: on average one per step
+                    next_at = (math.floor(t / step) + 1) * step
+                    yield t, frame, self._thumb(frame), None
+                    if until is not None and t >= until:
+                        reached = t
+                        return
+        finally:
+            if t0 >= 0:
+                self.info.spans.append((round(t0, 3), round(reached, 3)))
 
     def _decoded(self, frames) -> Iterator[tuple[float, Any]]:
         """(seconds, frame) of `frames`; stops (with a note) at damage, the decode budget or
