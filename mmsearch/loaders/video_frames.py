@@ -117,8 +117,8 @@ class FrameSource:
         return max(sizes) >= bar
 
     def _group_sizes(self, t: float) -> list[int]:
-        """Sizes of the packets shown before `t` not yet in a group (the keyframe that opens
-        the group, whose own packet is among them, excluded: it is the first shown)."""
+        """Sizes of the packets shown before `t` not yet in a group, but the first demuxed: the
+        packet of the keyframe that opens the group."""
         before = [(s, n) for s, n in self._packets if s < t - 1e-6]
         self._packets = [(s, n) for s, n in self._packets if s >= t - 1e-6]
         return [n for _, n in before[1:]] if before else []
