@@ -129,18 +129,20 @@ class FrameSource:
         stream.codec_context.skip_frame = "NONKEY"
         # Frame threads would hold keyframes back and cost time on every skipped packet.
         stream.thread_type = "SLICE"
-        tb, next_at, last_key = stream.time_base, -math.inf, -math.inf
+        tb = float(stream.time_base)  # floats: Fractions cost more than demuxing
+        next_at = last_key = -math.inf
         for packet in self.container.demux(stream):
             if packet.size and packet.pts is not None:
-                t = float(packet.pts * tb) - self.origin
-                self.end = max(self.end, t + float((packet.duration or 0) * tb or self.frame_s))
+                t = packet.pts * tb - self.origin
+                self.end = max(self.end, t + ((packet.duration or 0) * tb or self.frame_s))
                 if self._over_budget(t):  # demuxed on for days without a keyframe
                     return
-                if packet.is_keyframe:
+                key = packet.is_keyframe
+                if key:
                     last_key = max(last_key, t)
                 if t - last_key <= self.sampling.trust_gap_s:  # else the group is decoded anyway
                     self._packets.append((t, packet.size))
-                if not packet.is_keyframe or t < next_at:
+                if not key or t < next_at:
                     continue
                 next_at = t + step
                 self._key_size[packet.pts] = packet.size
