@@ -129,12 +129,13 @@ class FrameSource:
         stream.codec_context.skip_frame = "NONKEY"
         # Frame threads would hold keyframes back and cost time on every skipped packet.
         stream.thread_type = "SLICE"
-        tb = float(stream.time_base)  # floats: Fractions cost more than demuxing
+        num, den = stream.time_base.numerator, stream.time_base.denominator  # no Fractions:
+        # they would cost more than the demuxing; int * int / int is rounded once, exactly
         next_at = last_key = -math.inf
         for packet in self.container.demux(stream):
             if packet.size and packet.pts is not None:
-                t = packet.pts * tb - self.origin
-                self.end = max(self.end, t + ((packet.duration or 0) * tb or self.frame_s))
+                t = packet.pts * num / den - self.origin
+                self.end = max(self.end, t + ((packet.duration or 0) * num / den or self.frame_s))
                 if self._over_budget(t):  # demuxed on for days without a keyframe
                     return
                 key = packet.is_keyframe
