@@ -18,8 +18,10 @@ For each, in one run:
   image tower       ViT-B-32 (random weights: same FLOPs) on the frames each kept, batch 16
 
 and prints frames decoded, shots kept (and their seconds), the groups decoded inside, and the
-ratio loader / image tower on the kept frames (the issue's target: at most 0.2); each time is
-the best of `--repeat` interleaved runs. A long video (the multi one remuxed `--long-minutes`
+ratio loader / image tower on the kept frames (the issue's target: at most 0.2), in wall time
+and in CPU time (the process's, all threads: on a shared machine the wall-time ratio moves with
+the load, the CPU-time one much less; use `--threads 1` so that the tower's threads do not spin
+while waiting); each time is the best of `--repeat` interleaved runs. A long video (the multi one remuxed `--long-minutes`
 minutes long, no re-encoding) gives the loader's peak memory next to the 1-minute one's, each
 in a fresh process.
 """
@@ -137,9 +139,9 @@ def shots(path: Path, keyframes: bool):
     from mmsearch.loaders.video import Sampling, VideoInfo, iter_shots
 
     info = VideoInfo()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     kept = list(iter_shots(path, ImagePrep(), Sampling(keyframes=keyframes), info=info))
-    return time.perf_counter() - started, kept, info
+    return time.perf_counter() - started, time.process_time() - cpu, kept, info
 
 
 def peak_memory(path: Path) -> float:
@@ -222,18 +224,23 @@ def measure(encoder, path: Path, repeat: int) -> dict:
             runs[which].append(shots(path, keyframes=which == "new"))
     out = {}
     for which, done in runs.items():
-        seconds, kept, info = min(done, key=lambda r: r[0])
-        towers = []
+        seconds, _, kept, info = min(done, key=lambda r: r[0])
+        cpu = min(r[1] for r in done)
+        towers, tower_cpu = [], []
         for _ in range(repeat):
-            started = time.perf_counter()
+            started, used = time.perf_counter(), time.process_time()
             encoder.image.embed([s.frame for s in kept], 16)
             towers.append(time.perf_counter() - started)
+            tower_cpu.append(time.process_time() - used)
         out[which] = {
             "loader_s": round(seconds, 3),
+            "loader_cpu_s": round(cpu, 3),
             "frames_decoded": info.frames,
             "kept": len(kept),
             "tower_on_kept_s": round(min(towers), 3),
+            "tower_cpu_s": round(min(tower_cpu), 3),
             "ratio_loader_vs_tower": round(seconds / min(towers), 3),
+            "cpu_ratio_loader_vs_tower": round(cpu / min(tower_cpu), 3),
             "shot_starts": [round(s.start, 2) for s in kept],
             "spans_decoded": info.spans,
         }
@@ -262,9 +269,10 @@ def report(results: dict) -> None:
         for which in ("old", "new"):
             x = r[which]
             print(
-                f"  {which}: loader {x['loader_s']} s, {x['frames_decoded']} frames decoded, "
-                f"{x['kept']} shots, image tower on them {x['tower_on_kept_s']} s, "
-                f"loader / tower = {x['ratio_loader_vs_tower']}"
+                f"  {which}: loader {x['loader_s']} s ({x['loader_cpu_s']} s CPU), "
+                f"{x['frames_decoded']} frames decoded, {x['kept']} shots, image tower on them "
+                f"{x['tower_on_kept_s']} s ({x['tower_cpu_s']} s CPU); loader / tower = "
+                f"{x['ratio_loader_vs_tower']} wall, {x['cpu_ratio_loader_vs_tower']} CPU"
             )
             print(f"       shots at {x['shot_starts']}")
         print(f"  groups decoded inside (new): {r['new']['spans_decoded']}")
