@@ -107,3 +107,16 @@ def test_short_scene_on_a_keyframe_too_soon_gets_a_frame_from_inside(tmp_path):
     assert [looks_like(s.frame, k) for s, k in zip(shots, (1, 2, 3, 4), strict=True)] == [True] * 4
     assert [a for a, _ in info.spans] == [4.5, 6.0]
     assert all(b == s.start for (_, b), s in zip(info.spans, shots[2:], strict=True))
+
+
+def test_no_keyframe_decoded_falls_back_to_the_whole_video(tmp_path, monkeypatch):
+    # A demuxer that flags no packet as a keyframe (or a decoder that skips them all): the
+    # first pass finds nothing, and the whole video is decoded as before.
+    from mmsearch.loaders import video_frames
+
+    p = make_video(tmp_path / "clip.mp4", [(1, 3), (2, 3)], tone=None)
+    monkeypatch.setattr(video_frames.FrameSource, "_keyframes", lambda self: iter(()))
+    shots, info = shots_of(p)
+    old, old_info = shots_of(p, OLD)
+    assert [(s.start, s.end) for s in shots] == [(s.start, s.end) for s in old]
+    assert len(shots) == 2 and info.frames == old_info.frames == 60

@@ -74,7 +74,7 @@ class FrameSource:
     def candidates(self) -> Iterator[tuple[float, Any, np.ndarray, float | None]]:
         if self.reopen is None:  # every frame others refer to, in one pass from the start
             self._second = (self.container, self.stream)
-            yield from self._inside(-1.0, None, seek=False)
+            yield from self._inside(-1.0, None)
             return
         held = None  # the last keyframe (t, frame, thumb, packet size), not yet given out
         for t, frame in self._decoded(self._keyframes()):
@@ -85,6 +85,8 @@ class FrameSource:
             held = key
         if held is not None:
             yield from self._group(held, None, self._group_sizes(math.inf))
+        elif not self.info.notes:  # no keyframe decoded (none flagged): decode it all
+            yield from self._inside(-1.0, None)
 
     def _group(self, p, n, sizes: list[int]):
         """Keyframe p as a candidate, then the frames up to keyframe n (None: the end) where
@@ -149,14 +151,12 @@ class FrameSource:
                 self._key_size[packet.pts] = packet.size
             elif packet.size:
                 continue
-            for frame in packet.decode():  # an empty packet (the end) drains the decoder
-                if frame.key_frame:
-                    yield frame
+            yield from packet.decode()  # an empty packet (the end) drains the decoder
 
-    def _inside(self, t0: float, t1: float | None, until: float | None = None, seek=True):
-        """The second pass over (t0, t1) (None: to the end): every frame others refer to is
-        decoded, one at most every step_s is a candidate; with `until`, up to the first
-        candidate at or after it."""
+    def _inside(self, t0: float, t1: float | None, until: float | None = None):
+        """The second pass over (t0, t1) (t0 < 0: from the start, t1 None: to the end): every
+        frame others refer to is decoded, one at most every step_s is a candidate; with
+        `until`, up to the first candidate at or after it."""
         import av
 
         if self.exhausted:
@@ -166,7 +166,7 @@ class FrameSource:
             self._second[1].thread_type = "AUTO"  # before the decoder opens
         container, stream = self._second
         stream.codec_context.skip_frame = "NONREF"  # B-frames of most encodes: half the work
-        if seek:
+        if t0 >= 0:
             try:  # to the keyframe at or before t0: P itself
                 container.seek(int((t0 + self.origin) / stream.time_base), stream=stream)
             except (av.FFmpegError, ValueError) as e:
