@@ -25,7 +25,8 @@ from mmsearch.errors import (
 )
 from mmsearch.pipeline.run import index_paths
 from mmsearch.search import Searcher
-from mmsearch.storage.collection import CATALOG, MANIFEST, VECTORS, Collection
+from mmsearch.storage.collection import Collection
+from mmsearch.storage.layout import CATALOG, MANIFEST, VECTORS
 
 
 def options(model, *roots, **kw) -> IndexOptions:
