@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from ..errors import IndexFormatError, IndexWriteError
 from ..filters import FileFilter
 from ..modalities import TABLE
 from ..records import FileEntry, FileMeta, Segment
+from .catalog_writes import CatalogWrites
 from .readonly import open_readonly
 from .schema import META_COLUMNS, SCHEMA, columns_sql, migrate
 
@@ -55,7 +55,7 @@ def _prefix_clause(roots: list[bytes]) -> tuple[str, list]:
     return " OR ".join(parts) or "0", args
 
 
-class Catalog:
+class Catalog(CatalogWrites):
     def __init__(self, path: Path, readonly: bool = False):
         self.path = Path(path)
         if readonly:
@@ -331,66 +331,10 @@ class Catalog:
         return list(self.db.execute("SELECT path, reason, modality FROM failures ORDER BY path"))
 
     # --- writing (inside transaction()) -------------------------------------------------
-    def add_file(self, entry: FileEntry, digest: str, meta: FileMeta | None = None) -> int:
-        m = meta or FileMeta()
-        cur = self.db.execute(
-            "INSERT INTO files(path, modality, size, mtime_ns, hash, taken, phash, width, height) "
-            "VALUES (?,?,?,?,?,?,?,?,?)",
-            (entry.path, entry.modality, entry.size, entry.mtime_ns, digest, *m.values()),
-        )
-        return cur.lastrowid
-
-    def update_file(
-        self, file_id: int, entry: FileEntry, digest: str, meta: FileMeta | None = None
-    ) -> None:
-        """A file's new stat and hash; its FileMeta too when given (else it is kept: the
-        content did not change)."""
-        self.db.execute(
-            "UPDATE files SET path=?, modality=?, size=?, mtime_ns=?, hash=? WHERE id=?",
-            (entry.path, entry.modality, entry.size, entry.mtime_ns, digest, file_id),
-        )
-        if meta is not None:
-            self.db.execute(
-                "UPDATE files SET taken=?, phash=?, width=?, height=? WHERE id=?",
-                (*meta.values(), file_id),
-            )
-
     def file_meta(self, file_id: int) -> FileMeta:
         cols = ", ".join(self.meta_sql.values())
         row = self.db.execute(f"SELECT {cols} FROM files f WHERE f.id = ?", (file_id,)).fetchone()
         return FileMeta(*row) if row else FileMeta()
-
-    def delete_file(self, file_id: int) -> list[int]:
-        ids = self.unit_ids_of(file_id)
-        self.db.execute("DELETE FROM units WHERE file_id = ?", (file_id,))
-        self.db.execute("DELETE FROM files WHERE id = ?", (file_id,))
-        return ids
-
-    def replace_units(
-        self, file_id: int, segments: list[Segment], vectors: np.ndarray
-    ) -> tuple[list[int], list[int]]:
-        """Drop the file's old units and store new ones; returns (removed ids, added ids)."""
-        old = self.unit_ids_of(file_id)
-        self.db.execute("DELETE FROM units WHERE file_id = ?", (file_id,))
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        new = []
-        for seg, vec in zip(segments, vectors, strict=True):
-            cur = self.db.execute(
-                "INSERT INTO units(file_id, start, end, vector, modality) VALUES (?,?,?,?,?)",
-                (file_id, seg.start, seg.end, vec.tobytes(), seg.modality),
-            )
-            new.append(cur.lastrowid)
-        return old, new
-
-    def record_failure(self, entry: FileEntry, reason: str, retry: bool = False) -> None:
-        """A file that could not be indexed. It is retried once it changes, or with `retry` on
-        every run (its model was missing: nothing wrong with the file)."""
-        size, mtime = (None, None) if retry else (entry.size, entry.mtime_ns)
-        self.db.execute(
-            "INSERT OR REPLACE INTO failures(path, modality, size, mtime_ns, reason, time) "
-            "VALUES (?,?,?,?,?,?)",
-            (entry.path, entry.modality, size, mtime, reason, time.time()),
-        )
 
     def copy_file(self, source: Catalog, row: FileRow) -> tuple[list[int], np.ndarray]:
         """Carry a file and its units over from another catalog of the same model (a rebuild
@@ -406,18 +350,3 @@ class Catalog:
         return list(
             self.db.execute("SELECT path, modality, size, mtime_ns, reason, time FROM failures")
         )
-
-    def copy_failures(self, rows: list[tuple]) -> None:
-        self.db.executemany(
-            "INSERT OR REPLACE INTO failures(path, modality, size, mtime_ns, reason, time) "
-            "VALUES (?,?,?,?,?,?)",
-            rows,
-        )
-
-    def clear_failure(self, path: bytes) -> None:
-        self.db.execute("DELETE FROM failures WHERE path = ?", (path,))
-
-    def clear(self) -> None:
-        self.db.execute("DELETE FROM units")
-        self.db.execute("DELETE FROM files")
-        self.db.execute("DELETE FROM failures")
