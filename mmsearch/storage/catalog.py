@@ -226,12 +226,13 @@ class Catalog:
             where, args = f"({where}) AND {self._unit_modality} = ?", [*args, modality]
         return self._unit_ids(where, args)
 
-    def unit_ids_with_modality(self, modality: str) -> np.ndarray:
-        return self.unit_ids_matching(modality)
+    def units_by_modality(self) -> dict[str, int]:
+        """How many units each modality has (modalities without any left out)."""
+        join = "FROM units u JOIN files f ON f.id = u.file_id"
+        return dict(self.db.execute(f"SELECT {self._unit_modality}, COUNT(*) {join} GROUP BY 1"))
 
     def unit_ids_of_content(self, path: bytes, digest: str) -> np.ndarray:
-        """Ids of the units of the file at `path` and of every file with content hash `digest`
-        (its byte-identical copies)."""
+        """Ids of the units of the file at `path` and of its byte-identical copies (hash `digest`)."""
         return self._unit_ids("f.path = ? OR f.hash = ?", [path, digest])
 
     def _unit_ids(self, where: str, args: list) -> np.ndarray:
