@@ -53,11 +53,18 @@ def random_model_dir(arch: str = "ViT-B-32", seed: int = 0) -> Path:
     return out
 
 
-def padded_index(work: Path, items: int, photos: int = 20, model: str | None = None) -> Path:
+def padded_index(
+    work: Path,
+    items: int,
+    photos: int = 20,
+    model: str | None = None,
+    query_model: str | None = None,
+) -> Path:
     """An index root under `work` whose 'default' index holds `photos` real photos embedded by
     `model` (default a random-weight ViT-B-32; through index_paths, so the text tower is exported
-    too), padded to `items` vectors with synthetic catalog rows: a search's cost depends on the
-    number of vectors, not on where they came from. Returns the index root."""
+    too; `query_model` made its query tower), padded to `items` vectors with synthetic catalog
+    rows: a search's cost depends on the number of vectors, not on where they came from. Returns
+    the index root."""
     import os
 
     import numpy as np
@@ -73,7 +80,8 @@ def padded_index(work: Path, items: int, photos: int = 20, model: str | None = N
         os.symlink(p, folder / p.name)
     root = work / "indexes"
     spec = ModelSpec.parse(model or str(random_model_dir("ViT-B-32")))
-    index_paths(IndexOptions(roots=(folder,), root_dir=root, encoder=EncoderOptions(model=spec)))
+    encoder = EncoderOptions(model=spec)
+    index_paths(IndexOptions((folder,), root_dir=root, encoder=encoder, query_model=query_model))
     rng = np.random.default_rng(0)
     with Collection.open_writer(root, "default") as col:
         with col.catalog.transaction():
@@ -82,6 +90,9 @@ def padded_index(work: Path, items: int, photos: int = 20, model: str | None = N
                 fid = col.catalog.add_file(entry, f"h{i}")
                 v = rng.standard_normal((1, col.dim)).astype(np.float32)
                 col.catalog.replace_units(fid, [Segment()], v / np.linalg.norm(v))
+        # Rows added straight to the catalog leave vectors.faiss behind it: load (rebuilt from
+        # the catalog) and save it, or every search would rebuild it from SQLite first.
+        assert col.vectors.ntotal == items
         col.save_vectors()
     return root
 
