@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import shutil
 import statistics
@@ -177,36 +176,36 @@ def main() -> None:
         flush=True,
     )
 
-    # Time-bounded commits: the same pipeline with commit_seconds None vs N, interleaved.
     values = [float(v) for v in args.commit_seconds.split(",") if v.strip()]
-    has_field = "commit_seconds" in {f.name for f in dataclasses.fields(IndexOptions)}
-    if not values:
-        pass
-    elif not has_field:
-        print("commit_seconds: IndexOptions has no `commit_seconds` field yet; comparison skipped")
-    else:
-        settings = [None, *values]
-        rates = {s: [] for s in settings}
-        spent = {s: [] for s in settings}  # (commits, seconds in them, share of the window)
-        for r in range(args.rounds):
-            order = settings[r % len(settings) :] + settings[: r % len(settings)]  # rotate
-            for s in order:
-                rates[s].append(pipeline(commit_seconds=s))
-                spent[s].append((commits["n"], commits["s"], commits["share"]))
-            print("  round " + str(r + 1) + ": " + ", ".join(
-                f"commit_seconds={s}: {rates[s][-1]:6.2f} files/s" for s in settings
-            ), flush=True)  # fmt: skip
-        base = statistics.median(rates[None])
-        for s in settings:
-            m = statistics.median(rates[s])
-            n, secs, share = (statistics.median(x) for x in zip(*spent[s], strict=True))
-            print(
-                f"index_paths commit_seconds={s!s:>5}: median {m:7.2f} files/s "
-                f"(runs {_fmt(rates[s])}), ratio to None {m / base:.3f}; "
-                f"{n:.0f} commits taking {secs * 1000:.0f} ms, {share:.2%} of the run"
-            )
+    if values:
+        compare_commit_seconds(values, args.rounds, pipeline, commits)
     print(f"total wall {time.perf_counter() - t0:.0f}s")
     shutil.rmtree(work)
+
+
+def compare_commit_seconds(values: list[float], rounds: int, pipeline, commits: dict) -> None:
+    """Time-bounded commits: the same pipeline with commit_seconds None vs each of `values`,
+    interleaved (rotated each round so no setting always runs first)."""
+    settings = [None, *values]
+    rates = {s: [] for s in settings}
+    spent = {s: [] for s in settings}  # (commits, seconds in them, share of the window)
+    for r in range(rounds):
+        order = settings[r % len(settings) :] + settings[: r % len(settings)]
+        for s in order:
+            rates[s].append(pipeline(commit_seconds=s))
+            spent[s].append((commits["n"], commits["s"], commits["share"]))
+        print("  round " + str(r + 1) + ": " + ", ".join(
+            f"commit_seconds={s}: {rates[s][-1]:6.2f} files/s" for s in settings
+        ), flush=True)  # fmt: skip
+    base = statistics.median(rates[None])
+    for s in settings:
+        m = statistics.median(rates[s])
+        n, secs, share = (statistics.median(x) for x in zip(*spent[s], strict=True))
+        print(
+            f"index_paths commit_seconds={s!s:>5}: median {m:7.2f} files/s "
+            f"(runs {_fmt(rates[s])}), ratio to None {m / base:.3f}; "
+            f"{n:.0f} commits taking {secs * 1000:.0f} ms, {share:.2%} of the run"
+        )
 
 
 def _fmt(xs) -> str:

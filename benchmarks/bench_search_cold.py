@@ -76,7 +76,8 @@ def fidelity(root: Path, captions: int) -> tuple[float, float, str]:
 
     from mmsearch.config import EncoderOptions, ModelSpec
     from mmsearch.encoders import create_encoder, query_text_tower, query_tower
-    from mmsearch.storage.collection import Collection, model_cache_dir
+    from mmsearch.storage.collection import Collection
+    from mmsearch.storage.layout import model_cache_dir
 
     torch.set_num_threads(1)
     with open(DATASETS / "flickr8k_val1k" / "manifest.csv", newline="") as f:

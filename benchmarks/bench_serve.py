@@ -1,13 +1,15 @@
 """Warm search through `mmsearch serve` vs the same query inside one process vs a cold CLI.
 
     python benchmarks/bench_serve.py [--items 10000] [--queries 200] [--clients 8]
+    python benchmarks/bench_serve.py --items 1000000   # the IVF row (~15 min to build here)
 
 One index (ViT-B-32, random weights; 20 real photos padded to --items vectors, see
 common.padded_index). Measured side by side in one run:
 - text queries (flickr8k captions), one after another: p50/p95 of GET /api/search through the
   real `mmsearch serve` (HTTP on loopback, one kept-alive connection) vs Searcher.search in this
   process (as it is, and with faiss on one OpenMP thread, as the server's request threads search)
-  vs a cold `mmsearch search` process; the HTTP floor is GET /api/info;
+  vs a cold `mmsearch search` process; the HTTP floor is GET /api/info; the bound no search can
+  beat is the query's text embedding alone (Searcher.embed_texts);
 - image queries: an uploaded JPEG (POST /api/search) vs Searcher.search(image=...);
 - throughput with --clients concurrent clients, with the server batching texts that arrive
   together and without (the same app with ServeOptions(batch=False)).
@@ -149,6 +151,7 @@ def in_process(root: Path, texts: list[str], photos: list[Path]) -> dict:
     with Searcher(SearchOptions(root_dir=root)) as s:
         s.search(texts[0])
         runs = [timed(s.search, q) for q in texts]
+        tower = [timed(s.embed_texts, [q])[0] for q in texts]  # the bound: the query's embedding
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)  # as the server's request threads search
         one = [timed(s.search, q)[0] for q in texts]
@@ -158,7 +161,13 @@ def in_process(root: Path, texts: list[str], photos: list[Path]) -> dict:
     paths = {
         q: [os.fsdecode(h.path) for h in hits] for q, (_, hits) in zip(texts, runs, strict=True)
     }
-    return {"text": [t for t, _ in runs], "one": one, "image": images, "paths": paths}
+    return {
+        "text": [t for t, _ in runs],
+        "tower": tower,
+        "one": one,
+        "image": images,
+        "paths": paths,
+    }
 
 
 def through_api(env: dict, texts: list[str], photos: list[Path], clients: int) -> dict:
@@ -217,11 +226,12 @@ def main() -> None:
 
     same = sum(api["paths"][q] == local["paths"][q] for q in texts)
     a, i, h = quantiles(api["text"]), quantiles(local["text"]), quantiles(api["floor"])
-    one = quantiles(local["one"])
+    one, tower = quantiles(local["one"]), quantiles(local["tower"])
     ai, li = quantiles(api["image"]), quantiles(local["image"])
     cold = 1000 * statistics.median(cold_s)
     print(f"machine: {machine()}, load {os.getloadavg()[0]:.1f}")
     print(f"index: {args.items} vectors (ViT-B-32, random weights); {len(texts)} text queries")
+    print(f"text tower alone (the bound)    p50 {tower[0]:7.1f} ms  p95 {tower[1]:7.1f} ms")
     print(f"in-process Searcher.search      p50 {i[0]:7.1f} ms  p95 {i[1]:7.1f} ms")
     print(f"  ... with one faiss thread     p50 {one[0]:7.1f} ms  p95 {one[1]:7.1f} ms")
     print(f"API GET /api/search             p50 {a[0]:7.1f} ms  p95 {a[1]:7.1f} ms")
@@ -236,6 +246,7 @@ def main() -> None:
               f"p95 {p95:7.1f} ms")  # fmt: skip
     print(f"ratio API/in-process p50: {a[0] / i[0]:.2f}; to in-process with one faiss thread, "
           f"as the server: {a[0] / one[0]:.2f} (target <= 1.3)")  # fmt: skip
+    print(f"ratio API/text tower alone p50: {a[0] / tower[0]:.2f}")
     print(f"ratio cold CLI/API p50: {cold / a[0]:.1f}x (target >= 10x)")
     print(f"ratio throughput batched/unbatched: {api['batched'][0] / api['unbatched'][0]:.2f}")
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import machine
+from common import clustered, machine
 
 from mmsearch.storage.vectors import (
     FLAT,
@@ -60,25 +60,6 @@ OPEN_SCRIPT = textwrap.dedent(
     print(t2 - t1, t3 - t2, sorted(rest)[len(rest) // 2])
     """
 )
-
-
-def clustered(n: int, dim: int, seed: int, clusters: int = 1000) -> np.ndarray:
-    r = np.random.default_rng(123)
-    centres = r.standard_normal((clusters, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    spectrum = np.arange(1, dim + 1, dtype=np.float32) ** -0.5
-    spectrum /= np.linalg.norm(spectrum)
-    rotation = np.linalg.qr(r.standard_normal((dim, dim)))[0].astype(np.float32)
-    mean = r.standard_normal(dim).astype(np.float32)
-    mean *= 0.6 / np.linalg.norm(mean)
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), np.float32)
-    for s in range(0, n, 100_000):
-        m = min(100_000, n - s)
-        x = centres[rng.integers(0, clusters, m)] + mean
-        x += (rng.standard_normal((m, dim)).astype(np.float32) * spectrum) @ rotation
-        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
 
 
 def batches(ids, x, size=65536):

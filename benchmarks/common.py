@@ -7,6 +7,8 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def _find_datasets() -> Path:
     """../shared/datasets beside the checkout; from a worktree (wt/NAME) it is one level higher."""
@@ -53,6 +55,28 @@ def random_model_dir(arch: str = "ViT-B-32", seed: int = 0) -> Path:
     return out
 
 
+def clustered(n: int, dim: int, seed: int, clusters: int = 1000) -> np.ndarray:
+    """Synthetic clustered unit vectors: 1,000 centres plus spread with a decaying spectrum, so
+    nearest neighbours are not trivially inside one cluster (IVF behaves as on real embeddings,
+    unlike on isotropic noise)."""
+    r = np.random.default_rng(123)
+    centres = r.standard_normal((clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    spectrum = np.arange(1, dim + 1, dtype=np.float32) ** -0.5
+    spectrum /= np.linalg.norm(spectrum)
+    rotation = np.linalg.qr(r.standard_normal((dim, dim)))[0].astype(np.float32)
+    mean = r.standard_normal(dim).astype(np.float32)
+    mean *= 0.6 / np.linalg.norm(mean)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        x = centres[rng.integers(0, clusters, m)] + mean
+        x += (rng.standard_normal((m, dim)).astype(np.float32) * spectrum) @ rotation
+        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
 def padded_index(
     work: Path,
     items: int,
@@ -62,12 +86,11 @@ def padded_index(
 ) -> Path:
     """An index root under `work` whose 'default' index holds `photos` real photos embedded by
     `model` (default a random-weight ViT-B-32; through index_paths, so the text tower is exported
-    too; `query_model` made its query tower), padded to `items` vectors with synthetic catalog
-    rows: a search's cost depends on the number of vectors, not on where they came from. Returns
-    the index root."""
+    too; `query_model` made its query tower), padded to `items` vectors with synthetic catalog rows (clustered unit vectors): a
+    search's cost depends on the number of vectors, not on where they came from. The vector index
+    is then chosen as `mmsearch index` chooses it (exact below 300,000 vectors, a tuned IVF above).
+    Returns the index root."""
     import os
-
-    import numpy as np
 
     from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec
     from mmsearch.pipeline.run import index_paths
@@ -81,19 +104,19 @@ def padded_index(
     root = work / "indexes"
     spec = ModelSpec.parse(model or str(random_model_dir("ViT-B-32")))
     encoder = EncoderOptions(model=spec)
-    index_paths(IndexOptions((folder,), root_dir=root, encoder=encoder, query_model=query_model))
-    rng = np.random.default_rng(0)
+    options = IndexOptions((folder,), root_dir=root, encoder=encoder, query_model=query_model)
+    index_paths(options)
     with Collection.open_writer(root, "default") as col:
+        pad = clustered(items - photos, col.dim, seed=0)
         with col.catalog.transaction():
-            for i in range(items - photos):
-                entry = FileEntry(f"/synthetic/{i:06}.jpg".encode(), "image", 1000, i)
+            for i, v in enumerate(pad):
+                entry = FileEntry(f"/synthetic/{i:07}.jpg".encode(), "image", 1000, i)
                 fid = col.catalog.add_file(entry, f"h{i}")
-                v = rng.standard_normal((1, col.dim)).astype(np.float32)
-                col.catalog.replace_units(fid, [Segment()], v / np.linalg.norm(v))
-        # Rows added straight to the catalog leave vectors.faiss behind it: load (rebuilt from
-        # the catalog) and save it, or every search would rebuild it from SQLite first.
+                col.catalog.replace_units(fid, [Segment()], v[None])
+        # Rows added straight to the catalog leave vectors.faiss behind it: load it (rebuilt
+        # from the catalog) and save it, or every search would rebuild it from SQLite first.
         assert col.vectors.ntotal == items
-        col.save_vectors()
+        col.save_vectors(options)
     return root
 
 

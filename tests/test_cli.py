@@ -90,7 +90,12 @@ def test_info_failures_list(indexed, tiny_model):
         "serve": "faiss-cpu",
     }
     assert "one-shot" in info["engine"]["search"]["reason"]
-    assert "serve engine:  faiss-cpu (no GPU" in cli("info").stdout
+    shown = cli("info").stdout
+    assert re.search(r"^serve engine: +faiss-cpu \(no GPU", shown, re.M)
+    # one column for every row: the longest label still has a space after its colon
+    assert re.search(r"^format_version: +1$", shown, re.M)
+    columns = {len(re.match(r"[^:]*: +", line).group(0)) for line in shown.splitlines()}
+    assert len(columns) == 1, shown
     fails = json_lines(cli("failures", "--json").stdout)
     assert [Path(f["path"]).name for f in fails] == ["broken.jpg"] and fails[0]["reason"]
     names = [x["name"] for x in json_lines(cli("list", "--json").stdout)]

@@ -157,7 +157,7 @@ def compare(got: Snapshot, want: Snapshot, tol: float, subset: bool = False) -> 
     return problems
 
 
-def check_consistency(index_dir: Path, query: str = "a photo of a dog") -> list[str]:  # noqa: C901
+def check_consistency(index_dir: Path, query: str = "a photo of a dog") -> list[str]:
     """The index opens and answers; no duplicates; vectors == the catalog's units, and back.
 
     An index killed before its first commit may be absent or empty (no files): that is fine."""
@@ -168,84 +168,19 @@ def check_consistency(index_dir: Path, query: str = "a photo of a dog") -> list[
     problems: list[str] = []
     manifest = read_manifest(index_dir)
     db = data_dir(index_dir) / "catalog.sqlite"
-    n_files = 0
-    unit_ids = np.zeros(0, np.int64)
-    unit_vecs: dict[int, np.ndarray] = {}
-    if db.is_file():
-        con = _connect(db)
-        try:
-            n_files, n_paths = con.execute(
-                "SELECT COUNT(*), COUNT(DISTINCT path) FROM files"
-            ).fetchone()
-            if n_files != n_paths:
-                problems.append(f"duplicate paths: {n_files} file rows for {n_paths} paths")
-            rows = con.execute("SELECT id, vector FROM units ORDER BY id").fetchall()
-            unit_ids = np.array([r[0] for r in rows], np.int64)
-            unit_vecs = {r[0]: np.frombuffer(r[1], np.float32) for r in rows}
-            if len(set(unit_ids.tolist())) != len(unit_ids):
-                problems.append("duplicate unit ids")
-            orphans = con.execute(
-                "SELECT COUNT(*) FROM units WHERE file_id NOT IN (SELECT id FROM files)"
-            ).fetchone()[0]
-            if orphans:
-                problems.append(f"{orphans} units without a file row")
-            empty = con.execute(
-                "SELECT COUNT(*) FROM files WHERE id NOT IN (SELECT file_id FROM units)"
-            ).fetchone()[0]
-            if empty:
-                problems.append(f"{empty} file rows without units")
-            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.Error as e:
-            return [f"catalog unreadable: {e}"]
-        finally:
-            con.close()
-    else:
-        meta = {}
+    try:
+        n_files, units, meta = _catalog_facts(db, problems) if db.is_file() else (0, {}, {})
+    except sqlite3.Error as e:
+        return [f"catalog unreadable: {e}"]
+    unit_ids = np.array(sorted(units), np.int64)
     if manifest is None or not manifest.get("encoder"):
         if n_files:
             problems.append(f"no manifest/encoder record but {n_files} files in the catalog")
         return problems  # absent or empty: nothing to search
-    # the vector file on disk, when the manifest says it reflects the catalog
-    vec_file = data_dir(index_dir) / "vectors.faiss"
-    gen = manifest.get("vectors_generation")
-    if vec_file.is_file() and gen is not None and str(gen) == str(meta.get("generation", 0)):
-        import faiss
-
-        try:
-            on_disk = faiss.read_index(str(vec_file))  # kept alive: id_map is a view into it
-            ids = faiss.vector_to_array(on_disk.id_map)
-            if sorted(ids.tolist()) != unit_ids.tolist():
-                problems.append(
-                    f"vectors.faiss is stamped current but holds {len(ids)} ids "
-                    f"for {len(unit_ids)} catalog units"
-                )
-        except (RuntimeError, AttributeError) as e:
-            problems.append(f"vectors.faiss stamped current but unreadable: {e}")
-    # the vectors a reader gets (the file, or rebuilt from the catalog)
+    _check_vector_file(index_dir, manifest, meta, unit_ids, problems)
     try:
         with Collection.open_reader(index_dir.parent, index_dir.name) as col:
-            vi = col.vectors
-            index = vi.index
-            if hasattr(index, "id_map"):
-                import faiss
-
-                ids = faiss.vector_to_array(index.id_map)
-                vecs = index.index.reconstruct_n(0, index.ntotal) if index.ntotal else ids[:0]
-                if len(set(ids.tolist())) != len(ids):
-                    problems.append("duplicate ids in the vector index")
-                if sorted(ids.tolist()) != unit_ids.tolist():
-                    extra = set(ids.tolist()) - set(unit_ids.tolist())
-                    problems.append(
-                        f"vector index holds {len(ids)} ids, catalog {len(unit_ids)} units "
-                        f"({len(extra)} vectors without a catalog row)"
-                    )
-                else:
-                    for i, v in zip(ids.tolist(), vecs, strict=True):
-                        if not np.allclose(v, unit_vecs[i], atol=1e-6):
-                            problems.append(f"vector {i} differs from its catalog row")
-                            break
-            elif vi.ntotal != len(unit_ids):
-                problems.append(f"vector index holds {vi.ntotal} vectors for {len(unit_ids)} units")
+            _check_reader_vectors(col.vectors, units, problems)
         with Searcher(SearchOptions(name=index_dir.name, root_dir=index_dir.parent, k=5)) as s:
             hits = s.search(query)
         if len(hits) != min(5, len(unit_ids)):
@@ -263,6 +198,86 @@ def check_consistency(index_dir: Path, query: str = "a photo of a dog") -> list[
     except Exception as e:  # noqa: BLE001 - a traceback is itself the finding
         problems.append(f"reading the index raised {type(e).__name__}: {e}")
     return problems
+
+
+def _catalog_facts(db: Path, problems: list[str]) -> tuple[int, dict[int, np.ndarray], dict]:
+    """(file rows, {unit id: vector}, meta) read straight from SQLite; duplicate paths or unit ids,
+    orphan units and files without units added to `problems`."""
+    con = _connect(db)
+    try:
+        if not con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+            return 0, {}, {}  # killed before its schema committed: nothing was ever stored
+        n_files, n_paths = con.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT path) FROM files"
+        ).fetchone()
+        if n_files != n_paths:
+            problems.append(f"duplicate paths: {n_files} file rows for {n_paths} paths")
+        rows = con.execute("SELECT id, vector FROM units ORDER BY id").fetchall()
+        if len({r[0] for r in rows}) != len(rows):
+            problems.append("duplicate unit ids")
+        orphans = con.execute(
+            "SELECT COUNT(*) FROM units WHERE file_id NOT IN (SELECT id FROM files)"
+        ).fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} units without a file row")
+        empty = con.execute(
+            "SELECT COUNT(*) FROM files WHERE id NOT IN (SELECT file_id FROM units)"
+        ).fetchone()[0]
+        if empty:
+            problems.append(f"{empty} file rows without units")
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        con.close()
+    return n_files, {r[0]: np.frombuffer(r[1], np.float32) for r in rows}, meta
+
+
+def _check_vector_file(
+    index_dir: Path, manifest: dict, meta: dict, unit_ids: np.ndarray, problems: list[str]
+) -> None:
+    """The vectors.faiss on disk, when the manifest says it reflects the catalog: the same ids."""
+    import faiss
+
+    vec_file = data_dir(index_dir) / "vectors.faiss"
+    gen = manifest.get("vectors_generation")
+    if not (vec_file.is_file() and gen is not None and str(gen) == str(meta.get("generation", 0))):
+        return
+    try:
+        on_disk = faiss.read_index(str(vec_file))  # kept alive: id_map is a view into it
+        ids = faiss.vector_to_array(on_disk.id_map)
+        if sorted(ids.tolist()) != unit_ids.tolist():
+            problems.append(
+                f"vectors.faiss is stamped current but holds {len(ids)} ids "
+                f"for {len(unit_ids)} catalog units"
+            )
+    except (RuntimeError, AttributeError) as e:
+        problems.append(f"vectors.faiss stamped current but unreadable: {e}")
+
+
+def _check_reader_vectors(vi, units: dict[int, np.ndarray], problems: list[str]) -> None:
+    """The vectors a reader gets (the file, or rebuilt from the catalog): one per catalog unit,
+    no duplicates, each equal to its catalog row."""
+    import faiss
+
+    index = vi.index
+    if not hasattr(index, "id_map"):
+        if vi.ntotal != len(units):
+            problems.append(f"vector index holds {vi.ntotal} vectors for {len(units)} units")
+        return
+    ids = faiss.vector_to_array(index.id_map)
+    vecs = index.index.reconstruct_n(0, index.ntotal) if index.ntotal else ids[:0]
+    if len(set(ids.tolist())) != len(ids):
+        problems.append("duplicate ids in the vector index")
+    if sorted(ids.tolist()) != sorted(units):
+        extra = set(ids.tolist()) - set(units)
+        problems.append(
+            f"vector index holds {len(ids)} ids, catalog {len(units)} units "
+            f"({len(extra)} vectors without a catalog row)"
+        )
+        return
+    for i, v in zip(ids.tolist(), vecs, strict=True):
+        if not np.allclose(v, units[i], atol=1e-6):
+            problems.append(f"vector {i} differs from its catalog row")
+            break
 
 
 @dataclass

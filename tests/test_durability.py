@@ -19,13 +19,15 @@ from conftest import make_image, make_tone
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions, index_root
 from mmsearch.errors import (
     IndexFormatError,
+    IndexNotFoundError,
     IndexWriteError,
     ModelError,
     ModelMismatchError,
 )
 from mmsearch.pipeline.run import index_paths
 from mmsearch.search import Searcher
-from mmsearch.storage.collection import CATALOG, MANIFEST, VECTORS, Collection
+from mmsearch.storage.collection import Collection
+from mmsearch.storage.layout import CATALOG, MANIFEST, VECTORS
 
 
 def options(model, *roots, **kw) -> IndexOptions:
@@ -141,6 +143,17 @@ def test_model_is_remembered_even_when_it_never_loaded(tiny_model, tmp_path):
     # the next plain run uses the model it was started with, not the default (a download)
     with pytest.raises(ModelError, match="broken-model"):
         index_paths(options(None, lib))
+
+
+def test_first_run_killed_before_the_schema_committed_is_an_empty_index(tiny_model, tmp_path):
+    # SQLite makes the catalog file before its tables: a first run killed in between leaves a
+    # file without tables. That is an index where nothing was ever stored, not a damaged one.
+    (index_root() / "default").mkdir(parents=True)
+    sqlite3.connect(index_root() / "default" / CATALOG).close()
+    with pytest.raises(IndexNotFoundError, match="is empty: index some files first"):
+        Searcher(SearchOptions(root_dir=index_root()))
+    index_paths(options(tiny_model, photos(tmp_path / "lib", 2)))  # the next run just works
+    assert len(state()[1]) == 2
 
 
 # --- item 4: commits bounded in time; Ctrl-C commits what is embedded ----------------------------

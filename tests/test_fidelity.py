@@ -69,7 +69,8 @@ def test_indexed_vectors_match_open_clip(tiny_model, tmp_path, precision):
 def test_torch_free_query_tower_matches_open_clip(tiny_model, tmp_path):
     """The tower cold searches use is exported at index time, also from a bf16 index."""
     from mmsearch.encoders import query_text_tower
-    from mmsearch.storage.collection import Collection, model_cache_dir
+    from mmsearch.storage.collection import Collection
+    from mmsearch.storage.layout import model_cache_dir
 
     d = tmp_path / "q"
     make_note(d / "n.txt", "hello world")

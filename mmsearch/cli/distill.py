@@ -142,7 +142,8 @@ def distill_text(
 
 def _index_identity(index_dir: Path | None, name: str) -> dict | None:
     """The index's model identity, or None when there is no such index (then the default model)."""
-    from ..storage.collection import Collection, list_indexes
+    from ..storage.collection import Collection
+    from ..storage.layout import list_indexes
 
     root = resolve_root(index_dir)
     if name not in list_indexes(root):

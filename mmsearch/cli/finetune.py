@@ -62,6 +62,9 @@ TRAINING = (
     flag("keep_checkpoint", "Keep OUT/checkpoint after a finished run."),
     flag("max_forgetting", "With --retain: the largest relative drop of the retention pairs' "
          "mean recall the kept WiSE-FT mix of base and fine-tuned weights may cost."),
+    flag("replay", "With retention pairs (--retain, or the set built from --index): the share of "
+         "each batch taken from half of their files, so the model learns your pairs without "
+         "drifting on general ones; the other half measures forgetting. 0: no replay."),
     flag("plot", "Draw the loss and recall curve (OUT/curve.png).", "--plot/--no-plot"),
     flag("resume", "Continue an interrupted run."),
     flag("overwrite", "Replace --out."),
@@ -196,6 +199,11 @@ def finetune(
             data["audio"] = audio.to_dict()
         emit_json(data)
         return
+    _say_result(pairs, result, audio, warning, unread, config.out)
+
+
+def _say_result(pairs, result, audio, warning, unread, out) -> None:
+    """The text report of a run: notes and warnings on stderr, what was trained and kept."""
     if pairs_notes(pairs):
         say(pairs_notes(pairs), err=True)
     if result is not None and result.note:
@@ -207,7 +215,7 @@ def finetune(
     if audio is not None:
         _say_audio(audio)
     if result is None:
-        say(f"re-index with it: mmsearch index PATH --model {config.out} --rebuild")
+        say(f"re-index with it: mmsearch index PATH --model {out} --rebuild")
         return
     say(
         f"{result.method}: {result.train_pairs} training pairs ({result.train_files} files), "
@@ -225,15 +233,18 @@ def finetune(
             ],
         )
     )
-    kept = _say_mix(result.mix, kept)
+    kept = _say_mix(result.mix, result.retention, kept)
     say(f"kept {kept}; wrote {result.out}" + (f" (curve: {result.curve})" if result.curve else ""))
     if result.skipped:
         say(skipped_line(result.skipped), err=True)
     say(f"re-index with it: mmsearch index PATH --model {result.out} --rebuild")
 
 
-def _say_mix(mix, kept: str) -> str:
-    """The WiSE-FT report (or why there is none); what was kept, in words."""
+def _say_mix(mix, retention, kept: str) -> str:
+    """The WiSE-FT report (or why there is none) and the retention set's; what was kept, in
+    words."""
+    if retention is not None and retention.source is not None:
+        say(retention.line())
     if mix is None or not mix.measured:
         if mix is not None and mix.note:
             say(mix.note, err=True)

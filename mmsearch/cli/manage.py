@@ -79,18 +79,19 @@ def info(
     if as_json:
         emit_json(data)
         return
+    width = 2 + max(len(k) for k, v in data.items() if v is not None)
     for key, value in data.items():
         if key == "modalities":
             for m, c in value.items():
-                say(f"{m + ':':<15}{c['files']} files, {c['vectors']} vectors")
+                say(f"{m + ':':<{width}}{c['files']} files, {c['vectors']} vectors")
         elif key == "engine" and value:
             from ..storage.vectors.engine import Engine
 
             for use, engine in value.items():
-                say(f"{f'{use} engine:':<15}{Engine(**engine)}")
+                say(f"{f'{use} engine:':<{width}}{Engine(**engine)}")
         elif value is not None:
             paths = ("path", "model", "query_model")
-            say(f"{key + ':':<15}{shown(str(value)) if key in paths else value}")
+            say(f"{key + ':':<{width}}{shown(str(value)) if key in paths else value}")
 
 
 @app.command()
@@ -118,7 +119,8 @@ def failures(
 @handle_errors
 def list_(index_dir: IndexDir = None, as_json: Json = False, debug: Debug = False):
     """List the indexes under the index root, and say where that root is and why."""
-    from ..storage.collection import Collection, list_indexes
+    from ..storage.collection import Collection
+    from ..storage.layout import list_indexes
 
     found = find_index_root(index_dir)
     root = found.path

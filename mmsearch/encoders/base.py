@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import AudioWindowing, ImagePrep
-from ..errors import UnsupportedModalityError
+from ..errors import ModelError, UnsupportedModalityError
+
+
+def read_versioned(path: Path, fmt: str, version: int) -> dict:
+    """A JSON file that names its own format and version (an export's config.json, a query
+    tower's stamp), checked to be `fmt` v`version`. FileNotFoundError is left to the caller, who
+    knows what a missing file means; anything else unreadable is a ModelError."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {e}") from None
+    got = (
+        (data.get("format"), data.get("format_version")) if isinstance(data, dict) else (None,) * 2
+    )
+    if got != (fmt, version):
+        raise ModelError(
+            f"{path} has format {got[0]!r} v{got[1]}; this mmsearch reads {fmt!r} v{version}"
+        )
+    return data
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError, ModelMismatchError, UsageError
-from .base import Tower
+from .base import Tower, read_versioned
 
 STAMP = "mmsearch_alignment.json"
 STAMP_FORMAT = "mmsearch-query-tower"
@@ -88,19 +88,12 @@ def alignment(source: str) -> dict:
         return {"specs": list(specs), "dim": dim}
     path = Path(source) / STAMP
     try:
-        stamp = json.loads(path.read_text())
+        stamp = read_versioned(path, STAMP_FORMAT, STAMP_VERSION)
     except FileNotFoundError:
         raise ModelError(
             f"{source} is not a query tower made by mmsearch distill-text (it has no {STAMP} "
             "naming the CLIP model it is aligned to)"
         ) from None
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read {path}: {e}") from None
-    if stamp.get("format") != STAMP_FORMAT or stamp.get("format_version") != STAMP_VERSION:
-        raise ModelError(
-            f"{path} has format {stamp.get('format')!r} v{stamp.get('format_version')}; this "
-            f"mmsearch reads {STAMP_FORMAT!r} v{STAMP_VERSION}"
-        )
     return stamp["aligned_to"]
 
 

@@ -71,6 +71,9 @@ class FinetuneConfig:
     # With retention pairs: the largest relative drop of their mean recall that the kept
     # WiSE-FT mix of base and fine-tuned weights may cost (`finetune.wise`).
     max_forgetting: float = 0.05
+    # With retention pairs: the share of each training batch taken from them (half of their
+    # files are replayed, the other half measure forgetting; `finetune.replay`). 0: none.
+    replay: float = 0.5
     plot: bool = True
 
     def __post_init__(self):
@@ -94,6 +97,7 @@ class FinetuneConfig:
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
             (self.checkpoint_every >= 0, "--checkpoint-every must not be negative"),
             (0 <= self.max_forgetting <= 1, "--max-forgetting must be in [0, 1]"),
+            (0 <= self.replay < 1, "--replay must be in [0, 1)"),
             (self.unlocked_text_layers is None or self.method == "lock-image",
              "--unlocked-text-layers goes with --method lock-image"),
             (self.unlocked_image_layers >= 0, "--unlocked-image-layers must not be negative"),
@@ -141,6 +145,7 @@ class FinetuneResult:
     # features of frozen parts read from the feature cache and computed, per tower
     feature_cache: dict = field(default_factory=dict)
     mix: Any = None  # wise.MixReport: the WiSE-FT mix kept, and what it was chosen from
+    retention: Any = None  # replay.Retention: where the retention pairs came from, their cost
 
     def to_dict(self) -> dict:
         return {
@@ -161,5 +166,6 @@ class FinetuneResult:
             "history": self.history,
             "feature_cache": self.feature_cache,
             **({"wise": self.mix.to_dict()} if self.mix is not None else {}),
+            **({"retention": self.retention.to_dict()} if self.retention is not None else {}),
             **({"note": self.note} if self.note else {}),
         }

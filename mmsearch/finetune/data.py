@@ -127,10 +127,11 @@ def _split(side, tokenizer, pixels: dict | None) -> Split:
     )
 
 
-def fingerprint(train: Split, val: Split) -> str:
-    """What a checkpoint was trained on: files, captions and their split."""
+def fingerprint(*splits: Split) -> str:
+    """What a checkpoint was trained on: files, captions and their split (train, val, and the
+    replayed retention pairs when there are)."""
     h = hashlib.sha256()
-    for split in (train, val):
+    for split in splits:
         for f in split.files:
             h.update(os.fsencode(f) + b"\0")
         h.update(split.file_of.tobytes())

@@ -32,10 +32,12 @@ def make_optimizer(params, config, device, amp_dtype):
     return optimizer, scaler, autocast
 
 
-def schedule(config: FinetuneConfig, train: Split) -> tuple[int, int, int]:
-    """(optimizer steps per epoch, in all, of warmup)."""
+def schedule(config: FinetuneConfig, train: Split, replayed: int = 0) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, in all, of warmup); `replayed` of each step's pairs are
+    retention pairs, the rest the user's (`replay`)."""
     samples_per_epoch = len(train.files) if config.one_caption_per_file else len(train.file_of)
-    steps_per_epoch = math.ceil(samples_per_epoch / (config.batch_size * config.grad_accum))
+    per_step = config.batch_size * config.grad_accum - replayed
+    steps_per_epoch = math.ceil(samples_per_epoch / per_step)
     total_steps = steps_per_epoch * config.epochs
     warmup = (
         config.warmup_steps

@@ -88,18 +88,17 @@ def index_retention(encode, photos: list[Path], tokenizer, prep, config, progres
     return PairSet([Pair(split.files[i], queries[q], IMAGE) for q, i in pairs])
 
 
-def retention_set(pairs, index, train, val, encode, prep, tokenizer, progress):
-    """(the retention Split, what it is): the user's retention pairs, else pairs from the photos
+def retention_pairs(pairs, index, train, val, encode, prep, tokenizer, progress):
+    """(retention pairs, what they are): the user's retention pairs, else pairs from the photos
     of `index` (root, name) that the base model finds for generic queries, else (None, None)."""
-    from .data import retention_split
-
-    config, used = encode.config, set(train.files) | set(val.files)
-    source = "--retain pairs"
-    if pairs is None and index is not None:
-        photos = indexed_photos(index[0], index[1], used, seed=config.seed)
-        if len(photos) >= 2:
-            pairs = index_retention(encode, photos, tokenizer, prep, config, progress)
-            source = (f"{len(pairs)} photos of index '{index[1]}', each the base model's best "
-                      "for a generic query")  # fmt: skip
-    split = retention_split(pairs, used, prep, tokenizer, config, progress)
-    return (split, source) if split is not None else (None, None)
+    if pairs is not None:
+        return pairs, "--retain pairs"
+    if index is None:
+        return None, None
+    photos = indexed_photos(index[0], index[1], set(train.files) | set(val.files),
+                            seed=encode.config.seed)  # fmt: skip
+    if len(photos) < 2:
+        return None, None
+    pairs = index_retention(encode, photos, tokenizer, prep, encode.config, progress)
+    return pairs, (f"{len(pairs)} photos of index '{index[1]}', each the base model's best for a "
+                   "generic query")  # fmt: skip

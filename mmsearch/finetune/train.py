@@ -105,8 +105,9 @@ class _Run:
     warmup: int
     groups: Any  # per training caption, its file (torch, on `device`): no negatives within a file
     captions_of: list  # per training file, the indices of its captions
-    retain: Split | None  # general pairs whose recall the WiSE-FT mix must keep
-    retain_source: str | None  # where they came from, for the report
+    retention: Any  # replay.Retention: general pairs the WiSE-FT mix must keep, and replays
+    fit: Split  # what the steps draw from: `train`, then the replayed retention pairs
+    plan: Any  # replay.Plan: which replayed captions join each step
     start_state: dict  # the trainable tensors before training (the base model)
     best_state: dict | None = None  # and at the best epoch so far
 
@@ -143,8 +144,9 @@ def _setup(spec, config, pairs, val_pairs, retention, progress) -> _Run:
     """Load the base model, prepare the data, adapt the model for the method, build the optimizer
     and cache what frozen parts compute."""
     from ..encoders.clip import _prep_from, pick_device
+    from . import replay
     from .methods import apply_method, trainable_state
-    from .retention import retention_set
+    from .retention import retention_pairs
 
     device = pick_device(config.device)
     amp_dtype = autocast_dtype(device, config.precision)
@@ -152,7 +154,6 @@ def _setup(spec, config, pairs, val_pairs, retention, progress) -> _Run:
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     prep = _prep_from(preprocess_cfg)
     train, val, skipped = prepare_data(pairs, val_pairs, prep, tokenizer, config, progress)
-    data_fingerprint = fingerprint(train, val)
     progress(
         "data", train_pairs=len(train.file_of), train_files=len(train.files),
         val_pairs=len(val.file_of), val_files=len(val.files), skipped=counts(skipped),
@@ -169,18 +170,26 @@ def _setup(spec, config, pairs, val_pairs, retention, progress) -> _Run:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, scaler, autocast = make_optimizer(params, config, device, amp_dtype)
     encode = TrainEncoder(model, device, prep, autocast, config, amp_dtype, progress)
-    retain, retain_source = retention_set(*retention, train, val, encode, prep, tokenizer,
-                                          progress)  # fmt: skip
-    encode.cache_frozen_prefixes(train, val, *([retain] if retain else []), progress=progress)
-    steps_per_epoch, total_steps, warmup = schedule(config, train)
+    encode.cache_frozen_prefixes(train, val, progress=progress)
+    started = time.perf_counter()
+    retained = retention_pairs(*retention, train, val, encode, prep, tokenizer, progress)
+    kept = replay.prepare(*retained, train, val, encode, prep, tokenizer, progress, started)
+    kept.per_step = replay.per_step(config.replay, config.batch_size * config.grad_accum,
+                                    kept.replay)  # fmt: skip
+    replayed = [kept.replay] if kept.per_step else []
+    data_fingerprint = fingerprint(train, val, *replayed)
+    steps_per_epoch, total_steps, warmup = schedule(config, train, kept.per_step)
+    fit = replay.join(train, kept.replay if replayed else None)
+    plan = replay.Plan(kept.per_step, len(train.file_of), len(fit.file_of) - len(train.file_of),
+                       steps_per_epoch, config.seed)  # fmt: skip
     return _Run(
         config=config, spec=spec, device=device, model=model, tokenizer=tokenizer, plain=plain,
         model_cfg=model_cfg, preprocess_cfg=preprocess_cfg, adapted=adapted,
         train=train, val=val, skipped=skipped, fingerprint=data_fingerprint,
         params=params, optimizer=optimizer, scaler=scaler, autocast=autocast, encode=encode,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup,
-        groups=_groups(train, device), captions_of=captions_by_file(train), retain=retain,
-        retain_source=retain_source, start_state=_clone(trainable_state(model)),
+        groups=_groups(fit, device), captions_of=captions_by_file(train), retention=kept, fit=fit,
+        plan=plan, start_state=_clone(trainable_state(model)),
     )  # fmt: skip
 
 
@@ -251,7 +260,7 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int, progress) -> tuple[fl
 
     config = run.config
     order = _epoch_order(run, epoch)
-    step_size = config.batch_size * config.grad_accum
+    step_size = config.batch_size * config.grad_accum - run.plan.per_step
     set_train_mode(run.model)
     t_epoch = time.perf_counter()
     since_ckpt = 0
@@ -259,6 +268,7 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int, progress) -> tuple[fl
     for step_in_epoch in range(state.step_in_epoch, run.steps_per_epoch):
         t0 = time.perf_counter()
         idx = order[step_in_epoch * step_size : (step_in_epoch + 1) * step_size]
+        idx = run.plan.batch(idx, epoch, step_in_epoch)  # with replayed retention pairs
         lr = lr_at(state.global_step, run.total_steps, run.warmup, config)
         loss = _optimizer_step(run, idx, lr)
         state.train_time += time.perf_counter() - t0
@@ -303,7 +313,7 @@ def _optimizer_step(run: _Run, idx: np.ndarray, lr: float) -> float:
         group["lr"] = lr
     micro = [idx[i : i + config.batch_size] for i in range(0, len(idx), config.batch_size)]
     logit_scale = getattr(run.model, "logit_scale", None)
-    loss = accumulate(run.encode, micro, run.train, run.groups, logit_scale, scaler, run.autocast)
+    loss = accumulate(run.encode, micro, run.fit, run.groups, logit_scale, scaler, run.autocast)
     if scaler is not None:
         scaler.unscale_(optimizer)
     if config.max_grad_norm:
@@ -350,11 +360,14 @@ def _finish(run: _Run, state: TrainState, note: str | None, progress) -> Finetun
     """Draw the curve, write the final log, drop the checkpoint; what the run did."""
     from .wise import wise_ft
 
-    config = run.config
-    mix = wise_ft(run.encode, run.model, run.start_state, run.best_state, run.val, run.retain,
+    config, kept = run.config, run.retention
+    started = time.perf_counter()
+    mix = wise_ft(run.encode, run.model, run.start_state, run.best_state, run.val, kept.measure,
                   config.max_forgetting, progress)  # fmt: skip
-    mix.retention = run.retain_source
-    state.wise = mix.to_dict()
+    mix.retention = kept.source
+    kept.mix_seconds = time.perf_counter() - started if kept.measure is not None else 0.0
+    kept.samples = kept.per_step * state.global_step
+    state.wise = {**mix.to_dict(), "retention": kept.to_dict()}
     if mix.alpha != 1.0:
         run.install_best()  # the model now holds the chosen mix
     curve = plot_curve(state, run.out / CURVE_NAME) if config.plot else None
@@ -384,4 +397,5 @@ def _finish(run: _Run, state: TrainState, note: str | None, progress) -> Finetun
         note=note,
         feature_cache=run.encode.cache.stats.to_dict(),
         mix=mix,
+        retention=kept,
     )

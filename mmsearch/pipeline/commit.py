@@ -19,7 +19,7 @@ from ..encoders import Encoder
 from ..loaders import Loaded, LoadSettings, load_file
 from ..records import FileEntry, show_path
 from ..storage.catalog import FileRow
-from ..storage.collection import model_cache_dir
+from ..storage.layout import model_cache_dir
 from .plan import Plan, same_stat
 
 Progress = Callable[..., None]

@@ -15,7 +15,8 @@ from ..encoders import (
 )
 from ..errors import ModelMismatchError, UsageError
 from ..storage.atomic import write_error
-from ..storage.collection import Collection, model_cache_dir
+from ..storage.collection import Collection
+from ..storage.layout import model_cache_dir
 
 
 def encoder_for(col: Collection, options: IndexOptions) -> Encoder:

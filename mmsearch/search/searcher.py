@@ -13,7 +13,8 @@ from ..errors import ModelMismatchError, UsageError
 from ..modalities import span_of
 from ..records import MODALITIES, TEXT, Hit
 from ..storage.calibration import Calibration
-from ..storage.collection import Collection, model_cache_dir
+from ..storage.collection import Collection
+from ..storage.layout import model_cache_dir
 from .query import check_query, combine, query_modality
 from .results import group_by_file, note_lines, renumber
 

@@ -23,7 +23,7 @@ from ..config import SearchOptions
 from ..errors import MMSearchError
 from ..records import Hit
 from ..search import Searcher, combine
-from ..storage.collection import MANIFEST
+from ..storage.layout import MANIFEST
 from ..storage.vectors.faiss_index import search_on_one_thread
 from .encoder import EncoderThread
 

@@ -78,6 +78,10 @@ class Catalog:
     def close(self) -> None:
         self.db.close()
 
+    def is_blank(self) -> bool:
+        """No table: killed before its schema committed (SQLite makes the file first)."""
+        return self.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+
     def check(self) -> None:
         """Read the catalog's header and tables once: damage shows up here, as IndexFormatError
         naming the file, not later as a raw SQLite error in the middle of a command."""

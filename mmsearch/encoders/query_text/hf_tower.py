@@ -21,7 +21,7 @@ from .numpy_ops import (
     linear,
     split_heads,
 )
-from .tower import NumpyTextTower, read_config
+from .tower import NumpyTextTower, read_config, read_weights
 
 HF_FORMAT = "mmsearch-fast-text-hf"
 HF_FORMAT_VERSION = 1
@@ -85,10 +85,7 @@ class HFFastTextTower(NumpyTextTower):
         out_dir = Path(out_dir)
         config = read_config(out_dir, HF_FORMAT, HF_FORMAT_VERSION)
         try:
-            weights = {
-                name: np.asarray(np.load(out_dir / f"{name}.npy", mmap_mode="r"))
-                for name in config["weights"]
-            }
+            weights = read_weights(out_dir, config["weights"])
             tok = config["tokenizer"]
             tokenizer = HFTextTokenizer(
                 (out_dir / "tokenizer.json").read_text(encoding="utf-8"),

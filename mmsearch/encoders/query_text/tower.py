@@ -7,14 +7,13 @@ Only stdlib and numpy are imported: a search process embeds its query without to
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import ModelError
-from ..base import Tower
+from ..base import Tower, read_versioned
 from .numpy_ops import (
     ACTIVATIONS,
     SMALL_BATCH_TOKENS,
@@ -95,10 +94,7 @@ class FastTextTower(NumpyTextTower):
         out_dir = Path(out_dir)
         config = read_config(out_dir, FORMAT, FORMAT_VERSION)
         try:
-            weights = {
-                name: np.asarray(np.load(out_dir / f"{name}.npy", mmap_mode="r"))
-                for name in config["weights"]
-            }
+            weights = read_weights(out_dir, config["weights"])
             tok = config["tokenizer"]
             pair_keys = np.load(out_dir / "bpe_pair_keys.npy")
             pair_ranks = np.load(out_dir / "bpe_pair_ranks.npy")
@@ -176,12 +172,11 @@ class FastTextTower(NumpyTextTower):
 def read_config(out_dir: Path, fmt: str, version: int) -> dict:
     """config.json of an export, checked to be `fmt` version `version`."""
     try:
-        config = json.loads((Path(out_dir) / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"no fast text tower in {out_dir}: {e}") from e
-    if config.get("format") != fmt or config.get("format_version") != version:
-        raise ModelError(
-            f"{out_dir} holds fast-text format {config.get('format')!r} "
-            f"v{config.get('format_version')}, expected {fmt!r} v{version}"
-        )
-    return config
+        return read_versioned(Path(out_dir) / "config.json", fmt, version)
+    except FileNotFoundError:
+        raise ModelError(f"no fast text tower in {out_dir} (no config.json)") from None
+
+
+def read_weights(out_dir: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """An export's weights by name, memory-mapped (a query reads only the pages it uses)."""
+    return {name: np.asarray(np.load(out_dir / f"{name}.npy", mmap_mode="r")) for name in names}
