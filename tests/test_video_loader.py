@@ -9,8 +9,7 @@ from videos import FORMATS, make_video, picture
 
 from mmsearch.config import ImagePrep
 from mmsearch.errors import LoadError
-from mmsearch.loaders import ffmpeg
-from mmsearch.loaders import video as video_loader
+from mmsearch.loaders import ffmpeg, video_frames
 from mmsearch.loaders.ffmpeg import AudioReader, open_media
 from mmsearch.loaders.video import Sampling, VideoInfo, iter_shots
 
@@ -47,8 +46,13 @@ def test_three_scenes_three_shots_at_their_seconds(tmp_path):
     for shot, want in zip(shots, (RED, GREEN, BLUE), strict=True):
         assert shot.frame.size == (64, 48)
         assert np.abs(np.subtract(colour(shot.frame), want)).max() <= 6
-    # Only a few frames a second are compared, not every decoded one.
-    assert info.frames == 200 and info.candidates <= 20 / Sampling().step_s + 1
+    # The encoder put keyframes at the cuts: only keyframes were decoded (one every 1.2 s, the
+    # codec's group of pictures), none of the 200 frames between them.
+    assert info.spans == [] and info.frames == info.candidates <= 20 / 1.2 + 3
+    # Without the keyframe pass, every frame is decoded and a few a second compared.
+    old, old_info = shots_of(p, sampling=Sampling(keyframes=False))
+    assert spans(old) == spans(shots) and old_info.frames == 200
+    assert old_info.candidates <= 20 / Sampling().step_s + 1
 
 
 @pytest.mark.parametrize("ext", sorted(ext for ext, (_, video, _) in FORMATS.items() if video))
@@ -94,7 +98,12 @@ def test_floor_a_static_video_gets_a_frame_every_30_s(tmp_path):
     p = make_video(tmp_path / "talk.mp4", [((90, 90, 200), 70)], fps=2, size=(32, 32))
     shots, _ = shots_of(p)
     assert [round(s) for s in sum(spans(shots), ())] == [0, 30, 30, 60, 60, 70]
+    # At most 15 s a shot: keyframes come every 6 s (none decoded between), so a shot ends at
+    # the last keyframe that keeps it within 15 s.
     shots, _ = shots_of(p, sampling=Sampling(min_per_minute=4))
+    assert [s.start for s in shots] == [0, 12, 24, 36, 48, 60]
+    assert max(s.end - s.start for s in shots) <= 15
+    shots, _ = shots_of(p, sampling=Sampling(min_per_minute=4, keyframes=False))
     assert len(shots) == 5 and max(s.end - s.start for s in shots) <= 15
 
 
@@ -222,9 +231,9 @@ def test_decode_budget_stops_a_file_and_keeps_what_was_decoded(tmp_path, monkeyp
             self.now += 1.0
             return self.now
 
-    monkeypatch.setattr(video_loader, "time", SlowClock())
-    monkeypatch.setattr(video_loader, "DECODE_S_PER_S", 0.0)
-    shots, info = shots_of(p, time_budget_s=40)
+    monkeypatch.setattr(video_frames, "time", SlowClock())
+    monkeypatch.setattr(video_frames, "DECODE_S_PER_S", 0.0)
+    shots, info = shots_of(p, time_budget_s=40, sampling=Sampling(keyframes=False))
     assert info.frames == 41  # 40 frames of a second each, and the one that went over
     assert len(shots) == 2 and shots[-1].end == pytest.approx(4.1)
     assert info.notes == ["decoding took longer than 40 s; the shots of the first 4.1 s are kept"]

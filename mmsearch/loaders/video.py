@@ -1,15 +1,17 @@
 """Video decoding: a video file -> its shots, each a start/end in seconds and one kept frame.
 
-Frames are decoded in order (streamed: one decoded frame, the current shot's frame and two
-thumbnails are held, whatever the video's length). Every `step_s` seconds a decoded frame is a
-candidate: it is shrunk to a 32x18 thumbnail (cheap, in FFmpeg) and compared with the thumbnail
-of the current shot's frame. A candidate that differs by more than `change` (mean absolute
-difference, 0-1) starts a new shot, one that does not is merged into the shot. Two bounds make
-the number of shots per minute predictable: a shot lasts at least 60 / max_per_minute s (a new
-shot waits until then: a strobe costs at most max_per_minute frames a minute) and at most
-60 / min_per_minute s (a static talk still gets a frame every 30 s, so every moment has a place
-to be found at). The first frame of a shot is the one kept, turned the way the video is shown
-(its rotation) and prepared for the image tower like a photo.
+Candidate frames come in time order from loaders.video_frames (keyframes first, the frames of a
+group of pictures only where a cut may hide inside it; streamed: a few decoded frames and
+thumbnails are held, whatever the video's length). Each candidate is shrunk to a 32x18 thumbnail
+(cheap, in FFmpeg) and compared with the thumbnail of the current shot's frame. A candidate that
+differs by more than `change` (mean absolute difference, 0-1) starts a new shot, one that does
+not is merged into the shot. Two bounds make the number of shots per minute predictable: a shot
+lasts at least 60 / max_per_minute s (a new shot waits until then: a strobe costs at most
+max_per_minute frames a minute) and at most 60 / min_per_minute s (a static talk still gets a
+frame every 30 s, so every moment has a place to be found at). The first frame of a shot is the
+one kept, turned the way the video is shown (its rotation) and prepared for the image tower like
+a photo. A shot's start and end are times of frames actually decoded; where a group of pictures
+was not decoded inside, a cut is known only to that group's precision (see video_frames).
 
 Damage is not fatal: a video that stops decoding halfway keeps the shots before the damage (and
 says so in `VideoInfo.notes`); one that yields no frame at all raises LoadError with the reason.
@@ -17,30 +19,16 @@ says so in `VideoInfo.notes`); one that yields no frame at all raises LoadError 
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..errors import LoadError
-from .ffmpeg import (
-    MAX_DURATION_S,
-    check_video_header,
-    ffmpeg_reason,
-    header_duration,
-    media_origin,
-    open_media,
-)
-from .files import DEFAULT_DECODE_BUDGET_S, decode_budget
-
-THUMB = (32, 18)  # width, height of the thumbnails compared (the aspect does not matter)
-# Decoding may take this many seconds per second of video (plus the base budget) before the
-# rest of the file is given up: 5x covers 4K HEVC on a slow CPU with room to spare.
-DECODE_S_PER_S = 5.0
+from .ffmpeg import check_video_header, ffmpeg_reason, media_origin, open_media
+from .files import DEFAULT_DECODE_BUDGET_S
+from .video_frames import FrameSource, thumb_difference
 
 
 @dataclass(frozen=True)
@@ -51,12 +39,16 @@ class Sampling:
     max_per_minute: float = 30.0  # a shot lasts at least 60 / this seconds
     step_s: float = 0.25  # a decoded frame is compared at most this often
     change: float = 0.15  # thumbnail difference (0-1) that starts a new shot
+    # Two alike keyframes at most this far apart are taken to bound one scene (x264's default
+    # keyframe interval is 250 frames: 8.3 s at 30 fps); a longer group is decoded inside.
+    trust_gap_s: float = 10.0
+    keyframes: bool = True  # False: decode every frame others refer to (no keyframe pass)
 
     def __post_init__(self):
         if not 0 < self.min_per_minute <= self.max_per_minute:
             raise ValueError("need 0 < min_per_minute <= max_per_minute")
-        if self.step_s <= 0 or not 0 < self.change < 1:
-            raise ValueError("need step_s > 0 and 0 < change < 1")
+        if self.step_s <= 0 or not 0 < self.change < 1 or self.trust_gap_s <= 0:
+            raise ValueError("need step_s > 0, 0 < change < 1 and trust_gap_s > 0")
 
     @property
     def max_shot_s(self) -> float:
@@ -78,9 +70,10 @@ class Shot:
 class VideoInfo:
     """Filled in by `iter_shots` as it runs; complete once the iterator is exhausted."""
 
-    duration: float = 0.0  # seconds of video decoded
+    duration: float = 0.0  # seconds of video read
     frames: int = 0  # frames decoded
     candidates: int = 0  # frames compared
+    spans: list[tuple[float, float]] = field(default_factory=list)  # groups decoded inside
     has_video: bool = True  # False for a file with no video stream (sound only)
     notes: list[str] = field(default_factory=list)  # what a user may want to know (damage)
 
@@ -100,111 +93,74 @@ def iter_shots(
     loaders.decode_budget), the whole file `time_budget_s` plus DECODE_S_PER_S per second of
     video; past that the shots decoded so far are kept and a note says so."""
     info = info if info is not None else VideoInfo()
-    with open_media(path, time_budget_s) as container:
+    with ExitStack() as files:
+        container = files.enter_context(open_media(path, time_budget_s))
         if not container.streams.video:
             info.has_video = False
             return
         stream = container.streams.video[0]
         check_video_header(container, stream)
-        # Frames nothing refers to are not decoded (B-frames of most encodes): the candidates
-        # are a few per second, and skipping halves the decoding work where there are any.
-        stream.codec_context.skip_frame = "NONREF"
-        stream.thread_type = "AUTO"
-        yield from _Sampler(container, stream, prep, sampling, info, time_budget_s).shots()
+
+        def reopen():  # the same file again, for decoding inside groups of pictures
+            again = files.enter_context(open_media(path, time_budget_s))
+            video = again.streams.video[0]
+            check_video_header(again, video)
+            return again, video
+
+        source = FrameSource(
+            container, stream, sampling, info, time_budget_s, reopen if sampling.keyframes else None
+        )
+        yield from _Sampler(source, stream, prep, sampling, info).shots()
 
 
 class _Sampler:
-    def __init__(self, container, stream, prep, sampling, info, time_budget_s):
-        from av.video.reformatter import VideoReformatter
+    def __init__(self, source: FrameSource, stream, prep, sampling, info):
+        self.source, self.stream, self.prep = source, stream, prep
+        self.sampling, self.info = sampling, info
+        self.reformatter = source.reformatter
+        self.start = self.anchor = None  # the current shot's start and thumbnail
+        source.held_until = self.held_until
 
-        self.container, self.stream, self.prep = container, stream, prep
-        self.sampling, self.info, self.budget = sampling, info, time_budget_s
-        self.origin = media_origin(container)
-        rate = stream.average_rate or stream.guessed_rate
-        self.frame_s = float(1 / rate) if rate else 1 / 30
-        self.header_s = header_duration(container, stream)
-        self.reformatter = VideoReformatter()
-        self.spent = 0.0  # seconds spent decoding (not while the caller holds a shot)
-        self.end = 0.0  # where the last decoded frame ends
+    def held_until(self, t: float, thumb, next_t: float) -> float | None:
+        """Where a candidate that differs from the current shot but is held back by the
+        shortest shot could start one, if that is before `next_t` (the next candidate)."""
+        s = self.sampling
+        if self.anchor is None or thumb_difference(thumb, self.anchor) <= s.change:
+            return None
+        until = self.start + s.min_shot_s
+        return until if t < until < next_t else None
 
     def shots(self) -> Iterator[Shot]:
         s = self.sampling
-        start = anchor = kept = None
-        for t, frame in self._frames():
-            thumb = self._thumb(frame)
-            if anchor is not None:
+        kept = None
+        for t, frame, thumb, next_t in self.source.candidates():
+            self.info.candidates += 1
+            if self.anchor is not None:
+                start = self.start
                 age = t - start
+                # Where the next candidate is known to come later than the longest shot allows
+                # (keyframes far apart), this one starts the next shot: shots never outgrow it.
+                overrun = next_t is not None and next_t - start > s.max_shot_s
                 if age < s.min_shot_s or (
-                    age < s.max_shot_s and _difference(thumb, anchor) <= s.change
+                    age < s.max_shot_s
+                    and not overrun
+                    and thumb_difference(thumb, self.anchor) <= s.change
                 ):
                     continue  # merged into the current shot
                 yield Shot(start, t, kept)
-            start, anchor = (0.0 if kept is None else t), thumb
+            self.start, self.anchor = (0.0 if kept is None else t), thumb
             kept = self._keep(frame)
-        end, told = self.end, self.header_s
+        start = self.start
+        end, told = self.source.end, self.source.header_s
         if not self.info.notes and told is not None and end < told <= end + 1:
             end = told  # the last frames were not decoded (NONREF) or are shorter
         elif not self.info.notes and told is not None and end < 0.9 * told - 1:
-            self._stop(f"the frames end at {end:.1f} s but the header says {told:.1f} s")
+            self.source.stop(f"the frames end at {end:.1f} s but the header says {told:.1f} s")
         self.info.duration = end
         if kept is None:
             reason = self.info.notes.pop() if self.info.notes else "no frame could be decoded"
             raise LoadError(f"no video frames: {reason}")
         yield Shot(start, max(end, start), kept)
-
-    def _frames(self) -> Iterator[tuple[float, Any]]:
-        """(seconds, frame) of the candidates: a decoded frame at least step_s after the last
-        one; stops (with a note) at damage, the decode budget or MAX_DURATION_S."""
-        import av
-
-        frames = self.container.decode(self.stream)
-        last = next_at = -1.0
-        while True:
-            started = time.monotonic()
-            try:
-                with decode_budget(self.budget):
-                    frame = next(frames, None)
-            except LoadError as e:  # one step stalled
-                self._stop(f"{e.reason} on one frame")
-                return
-            except (av.FFmpegError, ValueError, MemoryError) as e:
-                self._stop(f"the video is damaged ({ffmpeg_reason(e)})")
-                return
-            self.spent += time.monotonic() - started
-            if frame is None:
-                return
-            self.info.frames += 1
-            t = _seconds(frame, self.info.frames, self.frame_s) - self.origin
-            t = max(t, last, 0.0)  # damaged timestamps never run backwards
-            last, self.end = t, t + self.frame_s
-            if self._over_budget(t):
-                return
-            if t >= next_at:  # on a grid of step_s: on average one candidate per step
-                next_at = (math.floor(t / self.sampling.step_s) + 1) * self.sampling.step_s
-                self.info.candidates += 1
-                yield t, frame
-
-    def _over_budget(self, t: float) -> bool:
-        if t > MAX_DURATION_S:
-            self._stop(f"the video runs past {MAX_DURATION_S / 3600:g} h")
-            return True
-        if self.budget:
-            known = self.header_s if self.header_s is not None else t
-            allowed = self.budget + DECODE_S_PER_S * min(max(known, t), MAX_DURATION_S)
-            if self.spent > allowed:
-                self._stop(f"decoding took longer than {allowed:.0f} s")
-                return True
-        return False
-
-    def _stop(self, why: str) -> None:
-        t = self.end
-        self.info.notes.append(f"{why}; the shots of the first {t:.1f} s are kept" if t else why)
-
-    def _thumb(self, frame) -> np.ndarray:
-        small = self.reformatter.reformat(
-            frame, THUMB[0], THUMB[1], "rgb24", interpolation="AREA", threads=1
-        )
-        return small.to_ndarray().astype(np.int16)
 
     def _keep(self, frame):
         """The frame as shown (rotation applied), prepared for the image tower."""
@@ -266,12 +222,3 @@ def _display_size(frame, sar) -> tuple[int, int]:
     if sar and sar.numerator > 0 and sar.denominator > 0 and sar != 1:
         w = max(1, round(w * sar))
     return w, h
-
-
-def _seconds(frame, count: int, frame_s: float) -> float:
-    t = frame.time
-    return float(t) if t is not None else (count - 1) * frame_s
-
-
-def _difference(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).mean()) / 255.0
