@@ -77,10 +77,16 @@ def clustered(n: int, dim: int, seed: int, clusters: int = 1000) -> np.ndarray:
     return out
 
 
-def padded_index(work: Path, items: int, photos: int = 20, model: str | None = None) -> Path:
+def padded_index(
+    work: Path,
+    items: int,
+    photos: int = 20,
+    model: str | None = None,
+    query_model: str | None = None,
+) -> Path:
     """An index root under `work` whose 'default' index holds `photos` real photos embedded by
     `model` (default a random-weight ViT-B-32; through index_paths, so the text tower is exported
-    too), padded to `items` vectors with synthetic catalog rows (clustered unit vectors): a
+    too; `query_model` made its query tower), padded to `items` vectors with synthetic catalog rows (clustered unit vectors): a
     search's cost depends on the number of vectors, not on where they came from. The vector index
     is then chosen as `mmsearch index` chooses it (exact below 300,000 vectors, a tuned IVF above).
     Returns the index root."""
@@ -97,7 +103,8 @@ def padded_index(work: Path, items: int, photos: int = 20, model: str | None = N
         os.symlink(p, folder / p.name)
     root = work / "indexes"
     spec = ModelSpec.parse(model or str(random_model_dir("ViT-B-32")))
-    options = IndexOptions(roots=(folder,), root_dir=root, encoder=EncoderOptions(model=spec))
+    encoder = EncoderOptions(model=spec)
+    options = IndexOptions((folder,), root_dir=root, encoder=encoder, query_model=query_model)
     index_paths(options)
     with Collection.open_writer(root, "default") as col:
         pad = clustered(items - photos, col.dim, seed=0)

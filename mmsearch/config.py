@@ -214,6 +214,7 @@ class IndexOptions:
     ray: RaySettings | None = None  # embed on a Ray cluster instead of this machine
     max_note_bytes: int = DEFAULT_MAX_NOTE_BYTES  # the rest of a longer note: a warning
     query_model: str | None = None  # record this query tower for text queries (query_tower)
+    no_query_model: bool = False  # forget the index's query tower: its model's own reads text
 
 
 @dataclass(frozen=True)

@@ -37,17 +37,21 @@ MONOLINGUAL = ["a horse in a green field", "a plate of pasta", "a crowded train 
 
 
 def write_student(out: Path, texts: list[str]) -> Path:
-    """A tiny random BERT student (sentence-transformers: Transformer + mean Pooling) with a
-    WordPiece vocabulary of `texts`' words and characters (built, not trained: the same ids on
+    """A tiny random BERT student (sentence-transformers: Transformer + mean Pooling + Normalize,
+    as the offline MiniLM and many published students are) with a WordPiece vocabulary of `texts`' words and characters (built, not trained: the same ids on
     every run)."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     try:
-        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+        from sentence_transformers.sentence_transformer.modules import (
+            Normalize,
+            Pooling,
+            Transformer,
+        )
     except ImportError:
-        from sentence_transformers.models import Pooling, Transformer
+        from sentence_transformers.models import Normalize, Pooling, Transformer
     from sentence_transformers import SentenceTransformer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -76,7 +80,7 @@ def write_student(out: Path, texts: list[str]) -> Path:
     fast.save_pretrained(bert)
     encoder = Transformer(str(bert), max_seq_length=64)
     pooling = Pooling(encoder.get_word_embedding_dimension(), "mean")
-    SentenceTransformer(modules=[encoder, pooling], device="cpu").save(str(out))
+    SentenceTransformer(modules=[encoder, pooling, Normalize()], device="cpu").save(str(out))
     return out
 
 
@@ -195,6 +199,52 @@ def test_translated_queries_find_what_the_original_finds(distilled, notes_index)
     with Searcher(SearchOptions()) as s:
         assert not isinstance(s._text_tower(), SentenceTransformerTower)
         assert s._text_tower().dim == s.identity["dim"]
+
+
+def test_no_query_model_removes_the_tower_and_a_crash_keeps_it(distilled, notes_index, monkeypatch):
+    out, _ = distilled
+    notes = [f"n{i}.txt" for i in range(len(PARALLEL))]
+    german = [de for _, de in PARALLEL]
+    without = _found(german, notes)
+    assert runner.invoke(app, ["index", str(notes_index), "--query-model", str(out)]).exit_code == 0
+    with_tower = _found(german, notes)
+    assert with_tower > without
+
+    def info() -> dict:
+        return json.loads(runner.invoke(app, ["info", "--json"]).stdout)
+
+    r = runner.invoke(
+        app, ["index", str(notes_index), "--query-model", str(out), "--no-query-model"]
+    )
+    assert r.exit_code == 2 and "exclude each other" in r.stderr
+    assert info()["query_model"] == str(out.resolve())
+
+    # the manifest write dies half-way (disk full): the old manifest, and so the tower, stay
+    import mmsearch.storage.atomic as atomic
+
+    whole = atomic.replace_file
+
+    def torn(path, write):
+        if Path(path).name != "manifest.json":
+            return whole(path, write)
+        with open(f"{path}.tmp", "wb") as f:
+            f.write(b'{"query_tower": nu')
+        raise OSError(28, "No space left on device", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(atomic, "replace_file", torn)
+        r = runner.invoke(app, ["index", str(notes_index), "--no-query-model"])
+    assert r.exit_code == 2 and "no space left" in r.stderr
+    assert info()["query_model"] == str(out.resolve())
+    assert _found(german, notes) == with_tower
+
+    r = runner.invoke(app, ["index", str(notes_index), "--no-query-model"])
+    assert r.exit_code == 0, r.output
+    assert f"removed the query tower {out.resolve()}" in r.stderr
+    assert info()["query_model"] is None
+    assert _found(german, notes) == without  # the model's own tower reads the queries again
+    r = runner.invoke(app, ["index", str(notes_index), "--no-query-model"])
+    assert r.exit_code == 0 and "there was no query tower" in r.stderr
 
 
 def test_a_tower_for_another_model_is_refused(distilled, tmp_path, other_model):

@@ -237,7 +237,7 @@ def test_catalog_written_before_units_had_a_modality(tmp_path):
     db.close()
     reader = Catalog(old, readonly=True)  # read as it is: every unit has its file's modality
     assert reader.units([7])[7].modality == "video"
-    assert list(reader.unit_ids_with_modality("audio")) == []
+    assert list(reader.unit_ids_matching("audio")) == []
     reader.close()
     writer = Catalog(old)  # a writer adds the column; old units keep their file's modality
     with writer.transaction():
@@ -245,5 +245,5 @@ def test_catalog_written_before_units_had_a_modality(tmp_path):
         writer.replace_units(fid, [Segment(0.0, 2.0), Segment(0.0, 2.0, modality="audio")],
                              np.ones((2, 4), np.float32))  # fmt: skip
     assert [writer.units([i])[i].modality for i in writer.unit_ids()] == ["video", "video", "audio"]
-    assert len(writer.unit_ids_with_modality("audio")) == 1
+    assert len(writer.unit_ids_matching("audio")) == 1
     assert [s.modality for s, _ in writer.units_of(fid)] == [None, "audio"]

@@ -119,6 +119,14 @@ def index(
             show_default=False,
         ),
     ] = None,
+    no_query_model: Annotated[
+        bool,
+        typer.Option(
+            "--no-query-model",
+            help="Forget the index's tower for text queries: its model's own text tower reads "
+            "them again.",
+        ),
+    ] = False,
     as_json: Json = False,
     debug: Debug = False,
 ):
@@ -159,6 +167,7 @@ def index(
         types=chosen,
         max_note_bytes=max_note_bytes,
         query_model=query_model,
+        no_query_model=no_query_model,
     )
     report = run_reported(index_paths, options, as_json)
     if as_json:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import numpy as np
 
 from ..config import EncoderOptions, ImagePrep, ModelSpec
 from ..errors import LoadError, UsageError
-from ..loaders.image import load_image
 from ..records import IMAGE
 from .pairs import UNDECODABLE, PairSet, Skipped
 
@@ -189,6 +187,10 @@ def decode_images(
     paths: Sequence[Path], prep: ImagePrep, workers: int | None = None
 ) -> list[np.ndarray | LoadError]:
     """Each path decoded to the model's input (uint8 HxWx3), or the LoadError it raised."""
+    # Here, not at the top: every CLI command imports this module; PIL and the pool cost ~30 ms.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..loaders.image import load_image
 
     def one(p):
         try:

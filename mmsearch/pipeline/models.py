@@ -13,7 +13,7 @@ from ..encoders import (
     export_query_tower,
     query_text_tower,
 )
-from ..errors import ModelMismatchError
+from ..errors import ModelMismatchError, UsageError
 from ..storage.atomic import write_error
 from ..storage.collection import Collection
 from ..storage.layout import model_cache_dir
@@ -128,22 +128,36 @@ def text_embedder(col: Collection, encoder: Encoder, options: IndexOptions):
     return embed
 
 
-def query_tower_record(source: str | None, identity: dict) -> dict | None:
-    """The manifest record of query tower `source` (--query-model) for an index of `identity`;
+def query_tower_record(options: IndexOptions, identity: dict) -> dict | None:
+    """The manifest record of the run's query tower (--query-model) for an index of `identity`;
     refused (ModelMismatchError) when it is aligned to another model."""
+    source = options.query_model
     if source is None:
         return None
+    if options.no_query_model:
+        raise UsageError("--query-model and --no-query-model exclude each other")
     from ..encoders import query_tower
 
     return query_tower.check_alignment(query_tower.resolve(source), identity)
 
 
-def keep_query_tower(col: Collection, record: dict | None, notes: list[str]) -> None:
+def keep_query_tower(
+    col: Collection, record: dict | None, notes: list[str], drop: bool = False
+) -> None:
     """Record the run's query tower, with its torch-free copy exported beside the model's (when
-    its architecture allows); drop the index's one when a rebuild with another model left it
-    aligned to the old model."""
+    its architecture allows); forget the index's one when asked to (`drop`), or when a rebuild
+    with another model left it aligned to the old model. Each is one atomic manifest write: a
+    crash leaves the old record. A torch-free copy stays in the model's cache, which other
+    indexes of the root share."""
     from ..encoders import query_tower
 
+    old = col.manifest.query_tower
+    if drop:
+        if old is not None:
+            col.write_manifest(query_tower=None)
+        what = f"removed the query tower {old['source']}" if old else "there was no query tower"
+        notes.append(f"{what}; text queries use the model's own text tower")
+        return
     if record is not None:
         cache = model_cache_dir(col.root_dir, col.encoder_identity["key"])
         try:
@@ -152,7 +166,6 @@ def keep_query_tower(col: Collection, record: dict | None, notes: list[str]) -> 
             raise write_error(cache, e) from None
         col.write_manifest(query_tower=record)
         return
-    old = col.manifest.query_tower
     if old is not None and not query_tower.fits(old["aligned_to"], col.encoder_identity):
         col.write_manifest(query_tower=None)
         notes.append(

@@ -53,9 +53,9 @@ def index_paths(options: IndexOptions, progress: Progress | None = None) -> Inde
         eager = options.encoder.model is not None or options.rebuild or not col.encoder_identity
         encoder = encoder_for(col, options) if eager else None
         identity = encoder.identity if encoder is not None else col.encoder_identity
-        query = query_tower_record(options.query_model, identity)  # refused before any work
+        query = query_tower_record(options, identity)  # refused before any work
         report = _run(col, encoder, roots, options, types, progress)
-        keep_query_tower(col, query, report.notes)
+        keep_query_tower(col, query, report.notes, drop=options.no_query_model)
         report.notes = list(col.notes) + report.notes
     finally:
         col.close()

@@ -293,11 +293,18 @@ class Searcher:
         may return (None: every vector, when it is the only modality and nothing is filtered)."""
         key = ("kinds", modality, self.options.filters)
         if key not in self._allowed:
-            kinds = {m: self.allowed(m) for m in (MODALITIES if modality == "any" else [modality])}
-            kinds = {m: ids for m, ids in kinds.items() if len(ids)}
-            if len(kinds) == 1 and not self.options.filters:
-                (m, ids), total = next(iter(kinds.items())), self.col.catalog.unit_count()
-                kinds = {m: None if len(ids) == total else ids}
+            wanted = MODALITIES if modality == "any" else [modality]
+            if self.options.filters:
+                kinds = {m: self.allowed(m) for m in wanted}
+                kinds = {m: ids for m, ids in kinds.items() if len(ids)}
+            else:  # counted first: a modality holding every vector needs no id list
+                counts = self.col.catalog.units_by_modality()
+                total = sum(counts.values())
+                kinds = {
+                    m: None if n == total else self.allowed(m)
+                    for m in wanted
+                    if (n := counts.get(m, 0))
+                }
             self._allowed[key] = kinds
         return self._allowed[key]
 

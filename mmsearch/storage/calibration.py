@@ -27,7 +27,6 @@ models changed, at the end of an index run; a reader of an index without one fit
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import zipfile
@@ -62,6 +61,8 @@ def probe_queries() -> list[str]:
 
 
 def probes_digest(texts: list[str]) -> str:
+    import hashlib  # here: loading OpenSSL costs a cold search ~10 ms, and only a fit needs it
+
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
@@ -304,7 +305,7 @@ def fit_index(col, embed_texts, previous: Calibration | None = None, seed: int =
     counts = unit_counts(cat)
     samples = {}
     for m in counts:
-        ids = cat.unit_ids_with_modality(m)
+        ids = cat.unit_ids_matching(m)
         ids = rng.permutation(ids)[:MOMENT_SAMPLE]
         samples[m] = cat.vectors_of(ids, dim)
     text_probes = None

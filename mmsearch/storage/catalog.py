@@ -21,6 +21,8 @@ from .catalog_writes import CatalogWrites
 from .readonly import open_readonly
 from .schema import META_COLUMNS, SCHEMA, columns_sql, migrate
 
+_UNITS = "FROM units u JOIN files f ON f.id = u.file_id"  # each unit with its file's row
+
 
 @dataclass(frozen=True)
 class FileRow:
@@ -214,11 +216,8 @@ class Catalog(CatalogWrites):
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        rows = self.db.execute(
-            f"SELECT u.id, f.path, {self._unit_modality}, u.start, u.end, f.size, f.mtime_ns FROM units u "
-            f"JOIN files f ON f.id = u.file_id WHERE u.id IN ({marks})",
-            ids,
-        )
+        sql = f"SELECT u.id, f.path, {self._unit_modality}, u.start, u.end, f.size, f.mtime_ns"
+        rows = self.db.execute(f"{sql} {_UNITS} WHERE u.id IN ({marks})", ids)
         return {r[0]: UnitRow(*r) for r in rows}
 
     def unit_ids_matching(
@@ -230,16 +229,16 @@ class Catalog(CatalogWrites):
             where, args = f"({where}) AND {self._unit_modality} = ?", [*args, modality]
         return self._unit_ids(where, args)
 
-    def unit_ids_with_modality(self, modality: str) -> np.ndarray:
-        return self.unit_ids_matching(modality)
+    def units_by_modality(self) -> dict[str, int]:
+        """How many units each modality has (modalities without any left out)."""
+        return dict(self.db.execute(f"SELECT {self._unit_modality}, COUNT(*) {_UNITS} GROUP BY 1"))
 
     def unit_ids_of_content(self, path: bytes, digest: str) -> np.ndarray:
-        """Ids of the units of the file at `path` and of every file with content hash `digest`
-        (its byte-identical copies)."""
+        """Ids of the units of the file at `path` and of its byte-identical copies (hash `digest`)."""
         return self._unit_ids("f.path = ? OR f.hash = ?", [path, digest])
 
     def _unit_ids(self, where: str, args: list) -> np.ndarray:
-        sql = f"SELECT u.id FROM units u JOIN files f ON f.id = u.file_id WHERE {where}"
+        sql = f"SELECT u.id {_UNITS} WHERE {where}"
         return np.fromiter((r[0] for r in self.db.execute(sql, args)), np.int64)
 
     def file_vectors(self, dim: int, modality: str | None = None) -> tuple[list[tuple], np.ndarray]:
@@ -313,12 +312,7 @@ class Catalog(CatalogWrites):
 
     def counts(self) -> dict:
         files = dict(self.db.execute("SELECT modality, COUNT(*) FROM files GROUP BY modality"))
-        units = dict(
-            self.db.execute(
-                "SELECT f.modality, COUNT(*) FROM units u JOIN files f ON f.id = u.file_id "
-                "GROUP BY f.modality"
-            )
-        )
+        units = dict(self.db.execute(f"SELECT f.modality, COUNT(*) {_UNITS} GROUP BY f.modality"))
         failures = self.db.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
         return {
             "files": sum(files.values()),

@@ -184,8 +184,9 @@ def _stack_layer(parts: dict, stacks: dict) -> None:
 def _head(projection, width: int, weights: dict) -> tuple[list | None, int, str | None]:
     """The projection as steps for `HFFastTextTower` (weights added), its output dim, or why not.
     Takes None, nn.Identity, nn.Linear, an activation, a sentence-transformers Dense (`linear` +
-    `activation_function`), a final sentence-transformers Normalize, or an nn.Sequential / list
-    of these."""
+    `activation_function`), a sentence-transformers Normalize (one inside the head, as in a
+    normalising student with a Dense layer distilled onto it), or an nn.Sequential / list of
+    these."""
     import torch
 
     steps, dim = [], width
@@ -206,8 +207,9 @@ def _head(projection, width: int, weights: dict) -> tuple[list | None, int, str 
             b = f"head_{i}_b" if m.bias is not None else None
             steps.append({"op": "linear", "w": f"head_{i}_w", "b": b})
             dim = m.out_features
-        elif type(m).__name__ == "Normalize" and not todo:
-            pass  # sentence-transformers' final L2 normalisation: Tower.embed normalises too
+        elif type(m).__name__ == "Normalize":
+            if todo:  # the final one is left out: Tower.embed normalises too
+                steps.append({"op": "normalize"})
         elif act_name(m) is not None:
             if act_name(m) != "identity":
                 steps.append({"op": "act", "act": act_name(m)})

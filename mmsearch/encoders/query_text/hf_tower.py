@@ -54,7 +54,8 @@ class HFFastTextTower(NumpyTextTower):
     ("absolute" | "after_padding": RoBERTa's ids counted from pad_token_id + 1), pad_token_id (the
     model's: padding keys are masked and ignored by pooling), pool (`POOLS`), pooler_act (a dense
     layer on the pooled token, e.g. BERT's tanh pooler, or None) and head (projection steps:
-    {"op": "linear", "w": name, "b": name | None} or {"op": "act", "act": name}).
+    {"op": "linear", "w": name, "b": name | None}, {"op": "act", "act": name} or {"op":
+    "normalize"}: L2, as torch's F.normalize).
     """
 
     def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer: HFTextTokenizer):
@@ -134,6 +135,8 @@ class HFFastTextTower(NumpyTextTower):
         for step in self.head:
             if step["op"] == "linear":
                 x = linear(x, w[step["w"]], w[step["b"]] if step.get("b") else None)
+            elif step["op"] == "normalize":
+                x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
             else:
                 x = ACTIVATIONS[step["act"]](x)
         return np.ascontiguousarray(x, dtype=np.float32)
