@@ -3,7 +3,6 @@ rendering of paths and messages, JSON output, common options."""
 
 from __future__ import annotations
 
-import enum
 import errno
 import functools
 import json
@@ -25,19 +24,6 @@ from ..config import (
     index_root,
 )
 from ..errors import MMSearchError
-from ..modalities import MODALITIES
-
-
-class IndexType(str, enum.Enum):
-    auto = "auto"
-    flat = "flat"
-    ivf = "ivf"
-
-
-# --type: the modalities of modalities.TABLE, or any.
-Modality = enum.Enum("Modality", [(m, m) for m in (*MODALITIES, "any")], type=str)
-TYPE_HELP = f"What to find: {', '.join(MODALITIES)} or any."
-
 
 # Exit statuses, as grep and ripgrep use them; shown by --help and in the README.
 FOUND, NOTHING_FOUND, ERROR, INTERRUPTED = 0, 1, 2, 130
@@ -100,31 +86,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
-def check_device(value: str | None) -> str | None:
-    if value is not None and not _DEVICE.fullmatch(value):
-        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    return value
-
-
-IndexName = Annotated[str, typer.Option("--index", "-i", help="Index name.")]
-IndexDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--index-dir",
-        help="Index root. Default: $MMSEARCH_HOME, else the nearest indexes/ folder upward from "
-        "here that holds an index, else the per-user data folder (~/.local/share/mmsearch/"
-        "indexes on Linux). `mmsearch list` says which.",
-    ),
-]
-Json = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON lines).")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
-Device = Annotated[
-    str,
-    typer.Option("--device", callback=check_device, help="auto, cpu, cuda, cuda:N or mps."),
-]
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
 # What would break a table row or a terminal: control characters (C0, DEL, C1), line and

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .app import Debug, Json, app, clock, emit_json, handle_errors, say, shown
+from .app import app, clock, emit_json, handle_errors, say, shown
+from .options import Debug, Json
 
 _TIME = re.compile(r"(?:(?:(\d+):)?(\d+):)?(\d+(?:\.\d*)?|\.\d+)")
 

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .app import Debug, Json, app, emit_json, handle_errors, say
+from .app import app, emit_json, handle_errors, say
+from .options import Debug, Json
 
 
 def _floats(value: str | None) -> tuple[float, ...] | None:

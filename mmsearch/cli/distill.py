@@ -10,17 +10,8 @@ import typer
 
 from ..config import DEFAULT_INDEX, DEFAULT_MODEL, EncoderOptions, ModelSpec
 from ..errors import ModelMismatchError, UsageError
-from .app import (
-    Debug,
-    Device,
-    IndexDir,
-    Json,
-    app,
-    emit_json,
-    handle_errors,
-    resolve_root,
-    say,
-)
+from .app import app, emit_json, handle_errors, resolve_root, say
+from .options import Debug, Device, IndexDir, Json
 from .progress import rich_bar
 
 

@@ -11,20 +11,8 @@ from ..config import DEFAULT_INDEX
 from ..errors import UsageError
 from ..modalities import BY_NAME
 from ..search.duplicates import MAX_HASH_DISTANCE, duplicate_types
-from .app import (
-    EXIT_CODES,
-    NOTHING_FOUND,
-    Debug,
-    IndexDir,
-    IndexName,
-    Json,
-    app,
-    emit_json,
-    handle_errors,
-    resolve_root,
-    say,
-    shown,
-)
+from .app import EXIT_CODES, NOTHING_FOUND, app, emit_json, handle_errors, resolve_root, say, shown
+from .options import Debug, IndexDir, IndexName, Json
 
 DuplicateType = enum.Enum("DuplicateType", [(m, m) for m in (*duplicate_types(), "any")], type=str)
 _DEFAULTS = ", ".join(f"{m} {BY_NAME[m].duplicate_cosine}" for m in duplicate_types())

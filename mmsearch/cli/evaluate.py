@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ..config import index_root
-from .app import Debug, Device, Json, app, emit_json, handle_errors, say
+from .app import app, emit_json, handle_errors, say
+from .options import Debug, Device, Json
 from .pairs import (
     AllowOutside,
     CaptionsFrom,

@@ -13,8 +13,9 @@ import typer
 
 from ..config import ModelSpec, index_root
 from ..finetune.config import FinetuneConfig
-from .app import Debug, Device, Json, app, emit_json, fail, handle_errors, say
+from .app import app, emit_json, fail, handle_errors, say
 from .flags import flag, with_flags
+from .options import Debug, Device, Json
 from .pairs import (
     AllowOutside,
     CaptionsFrom,

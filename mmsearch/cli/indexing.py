@@ -17,20 +17,8 @@ from ..config import (
 )
 from ..errors import UsageError
 from ..modalities import MODALITIES
-from .app import (
-    Debug,
-    Device,
-    IndexDir,
-    IndexName,
-    IndexType,
-    Json,
-    app,
-    handle_errors,
-    one_line,
-    resolve_root,
-    say,
-    shown,
-)
+from .app import app, handle_errors, one_line, resolve_root, say, shown
+from .options import Debug, Device, IndexDir, IndexName, IndexType, Json
 from .progress import run_reported
 
 

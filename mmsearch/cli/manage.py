@@ -6,19 +6,8 @@ from ..config import (
     DEFAULT_INDEX,
     find_index_root,
 )
-from .app import (
-    Debug,
-    IndexDir,
-    IndexName,
-    Json,
-    app,
-    emit_json,
-    handle_errors,
-    one_line,
-    resolve_root,
-    say,
-    shown,
-)
+from .app import app, emit_json, handle_errors, one_line, resolve_root, say, shown
+from .options import Debug, IndexDir, IndexName, Json
 
 
 def _vector_index_info(vi) -> dict:

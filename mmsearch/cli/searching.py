@@ -18,13 +18,6 @@ from ..modalities import span_of
 from .app import (
     EXIT_CODES,
     NOTHING_FOUND,
-    TYPE_HELP,
-    Debug,
-    Device,
-    IndexDir,
-    IndexName,
-    Json,
-    Modality,
     app,
     clock,
     emit_json,
@@ -34,6 +27,7 @@ from .app import (
     say,
     shown,
 )
+from .options import TYPE_HELP, Debug, Device, IndexDir, IndexName, Json, Modality
 
 
 @app.command(epilog=EXIT_CODES)

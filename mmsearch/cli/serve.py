@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 from ..config import DEFAULT_INDEX
-from .app import Debug, Device, IndexDir, app, fail, handle_errors, resolve_root, say
+from .app import app, fail, handle_errors, resolve_root, say
+from .options import Debug, Device, IndexDir
 
 DEFAULT_PORT = 8765
 
