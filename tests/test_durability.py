@@ -455,7 +455,10 @@ def test_ctrl_c_commits_and_exits_130_without_tracebacks(tiny_model, tmp_path):
         pytest.skip("the run finished before it could be interrupted")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    if proc.returncode == 0 and len(state()[1]) == 600:
+        # on a loaded machine the signal can land after the last commit, as the process exits
+        pytest.skip("the run completed before the interrupt reached it")
+    assert proc.returncode == 130, (out, err)
     assert "interrupted; everything committed so far is kept" in err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     kept = len(state()[1])
