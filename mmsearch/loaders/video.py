@@ -10,8 +10,9 @@ lasts at least 60 / max_per_minute s (a new shot waits until then: a strobe cost
 max_per_minute frames a minute) and at most 60 / min_per_minute s (a static talk still gets a
 frame every 30 s, so every moment has a place to be found at). The first frame of a shot is the
 one kept, turned the way the video is shown (its rotation) and prepared for the image tower like
-a photo (resized by FFmpeg: see `_prepared`). A shot's start and end are times of frames actually decoded; where a group of pictures
-was not decoded inside, a cut is known only to that group's precision (see video_frames).
+a photo (resized by FFmpeg: see `_prepared`). A shot's start and end are times of frames actually
+decoded; where a group of pictures was not decoded inside, a cut is known only to that group's
+precision (see video_frames).
 
 Damage is not fatal: a video that stops decoding halfway keeps the shots before the damage (and
 says so in `VideoInfo.notes`); one that yields no frame at all raises LoadError with the reason.
