@@ -147,7 +147,7 @@ def test_tuned_tower_loads_in_plain_transformers_with_the_same_embeddings(run):
         ).pooler_output.numpy()
     # What `index --model OUT` embeds with: no --audio-model, the model directory's own.
     tower = load_audio_tower(None, load_dir(run["out"]), run["root"] / "no-cache")
-    assert tower.identity["spec"] == f"local-dir:{tuned_dir.resolve()}"
+    assert tower.identity.spec == f"local-dir:{tuned_dir.resolve()}"
     np.testing.assert_allclose(tower.embed_clap(windows), plain, atol=1e-6)
 
 

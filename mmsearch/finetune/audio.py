@@ -330,8 +330,8 @@ def train_audio_projector(
         progress=lambda stage, done, total: progress("fit", stage=stage, done=done, total=total),
     )
     clap_meta = {
-        "clap": str(clap_tower.identity["weights"]),
-        "clap_spec": clap_tower.identity["spec"],
+        "clap": str(clap_tower.identity.weights),
+        "clap_spec": clap_tower.identity.spec,
     }
     meta = dict(fitted.meta, fit=fitted.meta.get("method", "?"), method="finetuned")
     meta.update(clap_meta, pairs=str(len(train.pairs)))
@@ -362,7 +362,7 @@ def train_audio_projector(
             result.audio_model = saved
     if kept != "head" and tuned_dir.exists():
         # A tuned CLAP model from an earlier run stays only if the kept projector is fitted for it.
-        if clap_tower.identity["spec"] != f"local-dir:{tuned_dir.resolve()}":
+        if clap_tower.identity.spec != f"local-dir:{tuned_dir.resolve()}":
             shutil.rmtree(tuned_dir)
     result.kept = kept
     save_projector(keep, result.projector)
