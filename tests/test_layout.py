@@ -150,6 +150,10 @@ def test_identities_written_before_encoder_identity_read_back_equal(tmp_path):
     # written again (the catalog stores json.dumps of to_dict): the very same bytes, key order too
     for old, new in zip((OLD_CLIP, OLD_CLAP), stored, strict=True):
         assert json.dumps(new.to_dict()) == json.dumps(old)
+    # a manifest whose identity lost its key is damaged: the catalog says which model it was
+    (tmp_path / "old" / MANIFEST).write_text(json.dumps({**manifest, "encoder": {"spec": "x"}}))
+    with Collection.open_reader(tmp_path, "old") as col:
+        assert col.encoder_identity == clip and "rebuilt it from" in col.notes[0]
     assert Manifest.from_json(manifest).to_json() == manifest
 
 

@@ -57,7 +57,7 @@ class EncoderIdentity:
     weights: str | None = None  # a digest of the weights file (or the weights' name)
     dim: int | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
-    order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    order: tuple[str, ...] = field(default=(), compare=False, repr=False)  # as recorded
 
     TYPED = ("key", "spec", "weights", "dim")
 

@@ -285,7 +285,10 @@ class Collection(VectorFileMixin, GenerationsMixin):
         data = d.get("data", ".")
         if data != "." and not (isinstance(data, str) and NAME.match(data)):
             return None  # a data directory outside the index is never followed
-        return Manifest.from_json(d)
+        try:
+            return Manifest.from_json(d)
+        except ValueError:
+            return None  # a model identity without its key: damaged
 
     def write_manifest(self, **updates) -> None:
         self.manifest.update(**updates)
