@@ -258,7 +258,7 @@ def test_same_file_gives_bit_identical_vectors(tower, models, captions, tmp_path
     sf.write(str(p), np.concatenate([sound(3.1, 44100), sound(1.0, 44100, seed=3)]), 44100)
 
     def vectors(t):
-        a = load_audio(p, **asdict(t.loader_settings()))
+        a = load_audio(p, t.loader_settings())
         return t.embed([w for _, _, w in a.windows])
 
     first = vectors(tower)

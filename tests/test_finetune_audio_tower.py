@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +243,6 @@ def test_window_features_stream_files_window_by_window(run, tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"RIFF junk")
     feats, failed = window_features(tower, [short[0], long, tmp_path / "bad.wav", *short[1:]])
     assert set(failed) == {tmp_path / "bad.wav"} and set(feats) == {long, *short}
-    windows = [w for _, _, w in iter_windows(long, **asdict(tower.loader_settings()))]
+    windows = [w for _, _, w in iter_windows(long, tower.loader_settings())]
     assert len(windows) >= 3 and feats[long].shape == (len(windows), 32)
     np.testing.assert_allclose(feats[long], tower.pooled(windows), atol=1e-5)

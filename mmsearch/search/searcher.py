@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +170,7 @@ class Searcher:
             )
         enc = self._full_encoder()
         try:
-            windows = load_audio(path, **asdict(enc.audio_windows)).windows
+            windows = load_audio(path, enc.audio_windows).windows
         except LoadError as e:
             raise UsageError(f"cannot use {path} as a query sound: {e.reason}") from None
         return combine(list(enc.encode_audio([w for _, _, w in windows])), [1.0] * len(windows))
