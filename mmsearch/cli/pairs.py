@@ -119,10 +119,10 @@ def say_pairs_notes(pairs) -> None:
     """Say on stderr which files a pairs file pulled in from outside its folder."""
     if not pairs.outside:
         return
+    n = len(pairs.outside)
     shown = ", ".join(str(p) for p in pairs.outside[:3])
-    more = f" and {len(pairs.outside) - 3} more" if len(pairs.outside) > 3 else ""
-    say(f"read {len(pairs.outside)} files from outside the pairs file's folder: {shown}{more}",
-        err=True)  # fmt: skip
+    more = f" and {n - 3} more" if n > 3 else ""
+    say(f"read {n} files from outside the pairs file's folder: {shown}{more}", err=True)
 
 
 def say_skipped(counts: dict, audio: bool = False) -> None:
