@@ -57,6 +57,37 @@ class NumpyTextTower(Tower):
     tokenizer = None
     dim = 0
 
+    def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer):
+        """The transformer's shape from an export's config.json; `weights` memory-mapped."""
+        self.config = config
+        self.w = weights
+        self.tokenizer = tokenizer
+        self.context_length = int(config["context_length"])
+        self.dim = int(config["dim"])
+        self.width, self.heads = int(config["width"]), int(config["heads"])
+        self.layers = int(config["layers"])
+        self.eps = float(config["ln_eps"])
+        self.act = ACTIVATIONS[config["act"]]
+
+    EXPORT_FORMAT: tuple[str, int] = ("", 0)  # the export's format and version (config.json)
+
+    @classmethod
+    def load(cls, out_dir: Path):
+        """Open an export written for this tower (memory-mapped; imports no torch)."""
+        out_dir = Path(out_dir)
+        config = read_config(out_dir, *cls.EXPORT_FORMAT)
+        try:
+            weights = read_weights(out_dir, config["weights"])
+            tokenizer = cls._read_tokenizer(out_dir, config)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"fast text tower in {out_dir} is incomplete: {e}") from e
+        return cls(config, weights, tokenizer)
+
+    @staticmethod
+    def _read_tokenizer(out_dir: Path, config: dict):
+        """The export's tokenizer, from its files and config["tokenizer"]."""
+        raise NotImplementedError
+
     def count_tokens(self, text: str) -> int:
         """Tokens the text occupies, without the special tokens around it."""
         return len(self.tokenizer.encode(text))
@@ -80,43 +111,26 @@ class NumpyTextTower(Tower):
 class FastTextTower(NumpyTextTower):
     """The open_clip text tower in numpy; load with `FastTextTower.load(dir)`."""
 
+    EXPORT_FORMAT = (FORMAT, FORMAT_VERSION)
+
     def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer: ClipBpeTokenizer):
-        self.config = config
-        self.w = weights
-        self.tokenizer = tokenizer
-        self.context_length = int(config["context_length"])
-        self.dim = int(config["dim"])
-        self.width = int(config["width"])
-        self.heads = int(config["heads"])
-        self.layers = int(config["layers"])
-        self.eps = float(config["ln_eps"])
-        self.act = ACTIVATIONS[config["act"]]
+        super().__init__(config, weights, tokenizer)
         # A layer runs as two halves (numpy_ops.halves) where heads and hidden units split evenly.
         hidden = weights["fc_w"].shape[2] if "fc_w" in weights else 0
         self.parts = 2 if self.heads % 2 == 0 and hidden % 2 == 0 else 1
 
-    @classmethod
-    def load(cls, out_dir: Path) -> FastTextTower:
-        """Open an export written by `export_fast_text` (memory-mapped; imports no torch)."""
-        out_dir = Path(out_dir)
-        config = read_config(out_dir, FORMAT, FORMAT_VERSION)
-        try:
-            weights = read_weights(out_dir, config["weights"])
-            tok = config["tokenizer"]
-            pair_keys = np.load(out_dir / "bpe_pair_keys.npy")
-            pair_ranks = np.load(out_dir / "bpe_pair_ranks.npy")
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"fast text tower in {out_dir} is incomplete: {e}") from e
-        tokenizer = ClipBpeTokenizer(
-            pair_keys,
-            pair_ranks,
+    @staticmethod
+    def _read_tokenizer(out_dir: Path, config: dict) -> ClipBpeTokenizer:
+        tok = config["tokenizer"]
+        return ClipBpeTokenizer(
+            np.load(out_dir / "bpe_pair_keys.npy"),
+            np.load(out_dir / "bpe_pair_ranks.npy"),
             tok["specials"],
             int(config["context_length"]),
             tok["clean"],
             int(tok["sot_id"]),
             int(tok["eot_id"]),
         )
-        return cls(config, weights, tokenizer)
 
     def _token_batch(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
         # Causal attention plus pooling at the EOT position make every position after the pooled
