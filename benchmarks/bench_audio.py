@@ -28,7 +28,6 @@ import csv
 import json
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import common
@@ -131,7 +130,7 @@ def main() -> None:
         "captions": len(captions),
         "meta": {k: v for k, v in tower.projector.meta.items() if k.startswith(("val", "method"))},
     }
-    settings = asdict(tower.loader_settings())
+    windowing = tower.loader_settings()
 
     # --- throughput ----------------------------------------------------------------------------
     rng = np.random.default_rng(0)
@@ -152,7 +151,7 @@ def main() -> None:
         n = int(args.long_seconds * 44100)
         sf.write(str(long), (0.1 * rng.standard_normal((n, 2))).astype(np.float32), 44100)
         t = time.perf_counter()
-        aw = load_audio(long, **settings)
+        aw = load_audio(long, windowing)
         decode_s = time.perf_counter() - t
         tower.embed([w for _, _, w in aw.windows])
         total_s = time.perf_counter() - t
@@ -175,7 +174,7 @@ def main() -> None:
         """CLAP embeddings (mean over a file's windows) and the decoded seconds."""
         clap_vecs, seconds = [], 0.0
         for path, *_ in rows:
-            aw = load_audio(path, **settings)
+            aw = load_audio(path, windowing)
             seconds += aw.duration
             z = tower.embed_clap([w for _, _, w in aw.windows])
             clap_vecs.append(l2_normalize(z.mean(0)))

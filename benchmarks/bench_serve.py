@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py [--items 10000] [--queries 200] [--clients 8]
     python benchmarks/bench_serve.py --items 1000000   # the IVF row (~15 min to build here)
+    python benchmarks/bench_serve.py --work /tmp/serve10k  # keeps the index for the next run
 
 One index (ViT-B-32, random weights; 20 real photos padded to --items vectors, see
 common.padded_index). Measured side by side in one run:
@@ -210,11 +211,20 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--cold-runs", type=int, default=5)
+    ap.add_argument(
+        "--work", type=Path, help="build the index here and keep it; reused by a later run"
+    )
     args = ap.parse_args()
     require_datasets()
 
-    work = Path(tempfile.mkdtemp(prefix="mmserve-"))
-    root = padded_index(work, args.items)
+    work = args.work or Path(tempfile.mkdtemp(prefix="mmserve-"))
+    built = work / f"built-{args.items}"  # written once the padded index is complete
+    if built.is_file():
+        root = Path(built.read_text())
+    else:
+        root = padded_index(work, args.items)
+        if args.work:
+            built.write_text(str(root))
     texts = captions(args.queries)
     photos = sorted((DATASETS / "flickr8k_val1k" / "images").glob("*.jpg"))[-args.images :]
     env = {**os.environ, "MMSEARCH_HOME": str(root)}
@@ -222,7 +232,8 @@ def main() -> None:
     local = in_process(root, texts, photos)
     api = through_api(env, texts, photos, args.clients)
     cold_s = cold_cli(env, texts[0], args.cold_runs)
-    shutil.rmtree(work)
+    if not args.work:
+        shutil.rmtree(work)
 
     same = sum(api["paths"][q] == local["paths"][q] for q in texts)
     a, i, h = quantiles(api["text"]), quantiles(local["text"]), quantiles(api["floor"])

@@ -140,12 +140,12 @@ class ModelSpec:
 @dataclass(frozen=True)
 class AudioWindowing:
     """How recordings are cut for an audio tower: its sample rate and window length, and the hop
-    between window starts (`loaders.audio.load_audio` and `iter_windows` take these as keywords:
-    `**dataclasses.asdict(w)`)."""
+    between window starts (what `loaders.audio.load_audio` and `iter_windows` take). The defaults
+    are CLAP's."""
 
-    sample_rate: int
-    window_s: float
-    hop_s: float
+    sample_rate: int = 48_000  # CLAP's rate
+    window_s: float = 10.0  # CLAP's input length
+    hop_s: float = 7.5  # 2.5 s overlap: an event up to 2.5 s long lies whole inside some window
 
 
 @dataclass(frozen=True)

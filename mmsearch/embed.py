@@ -9,7 +9,6 @@ file the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict
 from typing import NamedTuple
 
 import numpy as np
@@ -193,7 +192,7 @@ def _embed_sound(encoder: Encoder, path: bytes, batch_size: int, soundtrack: boo
     decoded: Embedded, or None when there are none. Raises LoadError."""
     from .loaders.audio import iter_windows
 
-    windows = iter_windows(path, **asdict(encoder.audio_windows), soundtrack=soundtrack)
+    windows = iter_windows(path, encoder.audio_windows, soundtrack=soundtrack)
     own = AUDIO if soundtrack else None  # a video's sound: audio units of a video file
     pieces = _batched(((Segment(a, b, modality=own), w) for a, b, w in windows), batch_size)
     parts = [(segs, encoder.audio.embed(samples, batch_size)) for segs, samples in pieces]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from mmsearch.config import AudioWindowing
 from mmsearch.errors import LoadError
 from mmsearch.loaders import audio as audio_loader
 from mmsearch.loaders.audio import AUDIO_EXTENSIONS, iter_windows, load_audio
@@ -38,7 +39,7 @@ def test_short_file_is_one_window_of_its_true_length(tmp_path):
 
 def test_long_file_full_windows_with_overlap_and_end_aligned_tail(tmp_path):
     p = write(tmp_path / "long.flac", tone(33.3, 16000), 16000)
-    a = load_audio(p, sample_rate=16000, window_s=10, hop_s=7.5)
+    a = load_audio(p, AudioWindowing(16000, 10, 7.5))
     spans = [(s, e) for s, e, _ in a.windows]
     assert spans[:4] == [(0.0, 10.0), (7.5, 17.5), (15.0, 25.0), (22.5, 32.5)]
     assert spans[-1][0] == pytest.approx(23.3) and spans[-1][1] == pytest.approx(33.3)
@@ -53,18 +54,19 @@ def test_long_file_full_windows_with_overlap_and_end_aligned_tail(tmp_path):
 
 
 def test_exact_multiple_and_tiny_tail_add_no_duplicate_window(tmp_path):
-    exact = load_audio(write(tmp_path / "a.wav", tone(17.5, 8000), 8000), 8000, 10, 7.5)
+    cut = AudioWindowing(8000, 10, 7.5)
+    exact = load_audio(write(tmp_path / "a.wav", tone(17.5, 8000), 8000), cut)
     assert [(s, e) for s, e, _ in exact.windows] == [(0.0, 10.0), (7.5, 17.5)]
-    one = load_audio(write(tmp_path / "b.wav", tone(10.0, 8000), 8000), 8000, 10, 7.5)
+    one = load_audio(write(tmp_path / "b.wav", tone(10.0, 8000), 8000), cut)
     assert [(s, e) for s, e, _ in one.windows] == [(0.0, 10.0)]
     # 50 ms past the last full window is within the slack: no near-duplicate window for it.
-    slack = load_audio(write(tmp_path / "c.wav", tone(10.05, 8000), 8000), 8000, 10, 7.5)
+    slack = load_audio(write(tmp_path / "c.wav", tone(10.05, 8000), 8000), cut)
     assert len(slack.windows) == 1
 
 
 def test_resample_192k_keeps_pitch_and_length(tmp_path):
     p = write(tmp_path / "hi.wav", tone(2.0, 192000, freq=1000), 192000, subtype="PCM_24")
-    a = load_audio(p, sample_rate=48000)
+    a = load_audio(p, AudioWindowing(sample_rate=48000))
     w = a.windows[0][2]
     assert len(w) == 96000 and a.duration == pytest.approx(2.0)
     spectrum = np.abs(np.fft.rfft(w))
@@ -74,7 +76,7 @@ def test_resample_192k_keeps_pitch_and_length(tmp_path):
 
 def test_upsample_8k_like_spoken_digits(tmp_path):
     p = write(tmp_path / "digit.wav", tone(0.4, 8000, freq=300), 8000, subtype="PCM_16")
-    w = load_audio(p, sample_rate=48000).windows[0][2]
+    w = load_audio(p, AudioWindowing(sample_rate=48000)).windows[0][2]
     assert len(w) == 19200
     assert np.abs(w).max() == pytest.approx(0.5, abs=0.02)
 
@@ -82,7 +84,7 @@ def test_upsample_8k_like_spoken_digits(tmp_path):
 def test_eight_channels_downmix_to_the_channel_mean(tmp_path):
     data = tone(1.0, 8000, channels=8)
     p = write(tmp_path / "surround.wav", data, 8000, subtype="FLOAT")
-    a = load_audio(p, sample_rate=8000)
+    a = load_audio(p, AudioWindowing(sample_rate=8000))
     np.testing.assert_allclose(a.windows[0][2], data.mean(axis=1), atol=1e-6)
     assert "downmixed 8 channels to mono" in a.notes
 
@@ -103,9 +105,9 @@ def test_same_file_same_samples_every_time(tmp_path):
 def test_block_size_does_not_change_the_windows_beyond_resampler_rounding(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     p = write(tmp_path / "n.wav", (0.2 * rng.standard_normal(22050 * 25)).astype(np.float32), 22050)
-    big = load_audio(p, sample_rate=48000)
+    big = load_audio(p, AudioWindowing(sample_rate=48000))
     monkeypatch.setattr(audio_loader, "BLOCK_FRAMES", 1000)
-    small = load_audio(p, sample_rate=48000)
+    small = load_audio(p, AudioWindowing(sample_rate=48000))
     assert [(s, e) for s, e, _ in big.windows] == [(s, e) for s, e, _ in small.windows]
     for (_, _, x), (_, _, y) in zip(big.windows, small.windows, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
@@ -125,7 +127,7 @@ def test_block_size_does_not_change_the_windows_beyond_resampler_rounding(tmp_pa
 def test_formats_decode(tmp_path, name, fmt, subtype, rate):
     assert "." + name.split(".")[1] in AUDIO_EXTENSIONS
     p = write(tmp_path / name, tone(1.5, rate), rate, format=fmt, subtype=subtype)
-    a = load_audio(p, sample_rate=48000)
+    a = load_audio(p, AudioWindowing(sample_rate=48000))
     assert a.duration == pytest.approx(1.5, abs=0.1)  # mp3/opus add encoder padding
     assert np.abs(a.windows[0][2]).max() > 0.3
 
@@ -137,7 +139,7 @@ def test_bytes_path_like_the_indexer_passes(tmp_path):
 
 def test_max_seconds_cuts_and_says_so(tmp_path):
     p = write(tmp_path / "long.wav", tone(60, 8000), 8000)
-    a = load_audio(p, sample_rate=8000, window_s=10, hop_s=10, max_seconds=25)
+    a = load_audio(p, AudioWindowing(8000, 10, 10), max_seconds=25)
     assert a.truncated and a.duration == pytest.approx(25)
     assert [(s, e) for s, e, _ in a.windows] == [(0, 10), (10, 20), (15, 25)]
     assert any("first 25 s of 60 s" in n for n in a.notes)
@@ -153,7 +155,7 @@ def test_hour_long_file_streams_in_bounded_memory(tmp_path):
     tracemalloc.start()
     try:
         count, last_end = 0, 0.0
-        for _start, end, w in iter_windows(p, sample_rate=rate, window_s=10, hop_s=10):
+        for _start, end, w in iter_windows(p, AudioWindowing(rate, 10, 10)):
             count, last_end = count + 1, end
             assert len(w) == 10 * rate
         _, peak = tracemalloc.get_traced_memory()
@@ -215,14 +217,14 @@ def test_truncated_flac_yields_the_whole_blocks_then_fails_the_file(tmp_path):
 
     got = []
     with pytest.raises(LoadError, match=reason):
-        for window in iter_windows(p, sample_rate=16000, window_s=2, hop_s=2):
+        for window in iter_windows(p, AudioWindowing(16000, 2, 2)):
             got.append(window)
     assert [(s, e) for s, e, _ in got] == [(0.0, 2.0), (2.0, 4.0), (4.0, 6.0), (6.0, 8.0)]
     full = sf.read(str(good), dtype="float32")[0]
     np.testing.assert_array_equal(np.concatenate([w for _, _, w in got]), full[: 8 * 16000])
 
     with pytest.raises(LoadError, match=reason):
-        load_audio(p, sample_rate=16000)
+        load_audio(p, AudioWindowing(sample_rate=16000))
 
 
 def test_nan_samples(tmp_path):
@@ -247,7 +249,7 @@ def test_missing_file(tmp_path):
 def test_bad_window_settings_are_a_programming_error(tmp_path):
     p = write(tmp_path / "x.wav", tone(1, 8000), 8000)
     with pytest.raises(ValueError):
-        load_audio(p, window_s=5, hop_s=6)
+        load_audio(p, AudioWindowing(window_s=5, hop_s=6))
 
 
 @pytest.mark.parametrize("ext", ["mp3", "wav", "flac", "ogg"])

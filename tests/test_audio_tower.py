@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from mmsearch.config import EncoderOptions, ModelSpec
+from mmsearch.encoders import EncoderIdentity
 from mmsearch.encoders.clap import (
     PROJECTOR_FILENAME,
     FitSettings,
@@ -257,7 +258,7 @@ def test_same_file_gives_bit_identical_vectors(tower, models, captions, tmp_path
     sf.write(str(p), np.concatenate([sound(3.1, 44100), sound(1.0, 44100, seed=3)]), 44100)
 
     def vectors(t):
-        a = load_audio(p, **asdict(t.loader_settings()))
+        a = load_audio(p, t.loader_settings())
         return t.embed([w for _, _, w in a.windows])
 
     first = vectors(tower)
@@ -280,7 +281,7 @@ def test_encoder_encode_audio_uses_the_tower(tower, models):
 
 
 def test_identity_names_model_weights_projector_and_windows(tower, models):
-    ident = tower.identity
+    ident = tower.identity.to_dict()
     assert ident["spec"] == f"local-dir:{models['clap'].resolve()}"
     assert len(ident["weights"]) == 16 and ident["projector"] == tower.projector.hash
     assert ident["sample_rate"] == 16000 and ident["window_s"] == 2.0 and ident["hop_s"] == 1.5
@@ -298,7 +299,7 @@ def test_fusion_model_is_deterministic_too(models, captions, tmp_path):
         captions=captions,
         settings=FitSettings(refine_steps=0),
     )
-    assert t.identity["features"]["truncation"] == "fusion"
+    assert t.identity.details["features"]["truncation"] == "fusion"
     x = [sound(0.5), sound(2.0, seed=4)]
     assert t.embed(x).tobytes() == t.embed(x).tobytes()
 
@@ -311,10 +312,10 @@ def test_first_load_fits_and_caches(tower, models):
     assert "fit" in tower.fit_stages
     cached = list(Path(tower.cache_dir).glob("audio-projector-*.safetensors"))
     assert len(cached) == 1
-    assert models["encoder"].identity["key"] in cached[0].name
+    assert models["encoder"].identity.key in cached[0].name
     meta = load_projector(cached[0]).meta
-    assert meta["clip"] == models["encoder"].identity["key"]
-    assert meta["clap"] == tower.identity["weights"]
+    assert meta["clip"] == models["encoder"].identity.key
+    assert meta["clap"] == tower.identity.weights
     assert meta["method"] in ("ridge", "ridge+contrastive")
 
 
@@ -394,7 +395,7 @@ def test_projector_in_a_fine_tuned_model_dir_is_used(
     t = load_audio_tower(
         str(models["clap"]), enc, tmp_path / "cache", captions=captions, settings=FAST
     )
-    assert t.projector.hash == mine.hash and t.identity["projector_fit"] == "finetuned"
+    assert t.projector.hash == mine.hash and t.identity.details["projector_fit"] == "finetuned"
 
 
 def test_projector_fitted_for_other_clap_weights_is_refused(tower, models, tmp_path):
@@ -475,7 +476,7 @@ def test_fit_projector_bridges_two_related_text_towers(models):
         def embed_batch(self, batch):
             return np.tanh(3 * clap.embed_text(list(batch)) @ a)
 
-    enc = Encoder(identity={"key": "related", "spec": "related"}, dim=32, text=Related())
+    enc = Encoder(identity=EncoderIdentity("related", "related"), dim=32, text=Related())
     caps = read_captions()
     order = np.random.default_rng(1).permutation(len(caps))
     test = [caps[i] for i in order[:300]]

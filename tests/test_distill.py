@@ -145,7 +145,7 @@ def test_distillation_learns_and_writes_a_stamped_sentence_transformer(distilled
     tower = SentenceTransformer(str(out), device="cpu")
     assert tower.encode(["ein Hund"]).shape == (1, teacher.dim)
     stamp = json.loads((out / "mmsearch_alignment.json").read_text())
-    assert stamp["aligned_to"] == {k: teacher.identity[k] for k in ("key", "spec", "dim")}
+    assert stamp["aligned_to"] == {k: teacher.identity.to_dict()[k] for k in ("key", "spec", "dim")}
 
 
 def _tops(queries: list[str], *args: str) -> list[str]:
@@ -198,7 +198,7 @@ def test_translated_queries_find_what_the_original_finds(distilled, notes_index)
 
     with Searcher(SearchOptions()) as s:
         assert not isinstance(s._text_tower(), SentenceTransformerTower)
-        assert s._text_tower().dim == s.identity["dim"]
+        assert s._text_tower().dim == s.identity.dim
 
 
 def test_no_query_model_removes_the_tower_and_a_crash_keeps_it(distilled, notes_index, monkeypatch):
@@ -271,15 +271,16 @@ def test_a_tower_for_another_model_is_refused(distilled, tmp_path, other_model):
 
 
 def test_published_towers_are_matched_by_model_spec():
-    from mmsearch.encoders import query_tower
+    from mmsearch.encoders import EncoderIdentity, query_tower
     from mmsearch.errors import ModelMismatchError
 
     name = query_tower.resolve("clip-ViT-B-32-multilingual-v1")
     assert name == "sentence-transformers/clip-ViT-B-32-multilingual-v1"
-    record = query_tower.check_alignment(name, {"spec": "ViT-B-32:openai", "key": "k", "dim": 512})
+    record = query_tower.check_alignment(name, EncoderIdentity("k", "ViT-B-32:openai", dim=512))
     assert record["source"] == name
+    other = EncoderIdentity("k2", "ViT-B-32:laion2b_s34b_b79k", dim=512)
     with pytest.raises(ModelMismatchError, match="ViT-B-32:openai"):
-        query_tower.check_alignment(name, {"spec": "ViT-B-32:laion2b_s34b_b79k", "dim": 512})
+        query_tower.check_alignment(name, other)
 
 
 def test_sentences_file_errors(tmp_path, tiny_model):

@@ -13,6 +13,7 @@ from conftest import make_photo, smooth_picture
 from typer.testing import CliRunner
 
 from mmsearch.cli import app
+from mmsearch.encoders import EncoderIdentity
 from mmsearch.search.duplicates import components, groups, near_pairs
 
 runner = CliRunner()
@@ -206,7 +207,7 @@ def test_recordings_are_compared_by_their_mean_window(home):
         "other.wav": unit(rng.standard_normal((6, DIM))),
     }
     with Collection.open_writer(index_root(), "default") as col:
-        col.write_manifest(encoder={"key": "synthetic", "spec": "synthetic", "dim": DIM})
+        col.write_manifest(encoder=EncoderIdentity("synthetic", "synthetic", dim=DIM))
         with col.catalog.transaction():
             for i, (name, vecs) in enumerate(files.items()):
                 entry = FileEntry(f"/rec/{name}".encode(), "audio", 1000 + i, 1)

@@ -53,7 +53,7 @@ def state(name: str = "default") -> tuple[str, set[str], int]:
     """(model key, indexed paths, hits for a search of everything): what a user sees."""
     with Searcher(SearchOptions(name=name, root_dir=index_root(), k=1000)) as s:
         hits = s.search("anything")
-        key = s.identity["key"]
+        key = s.identity.key
         paths = {os.fsdecode(p) for p in s.col.catalog.files_under([b"/"])}
         units = s.col.catalog.unit_count()
     assert len(hits) == units  # every vector once, each with its catalog row

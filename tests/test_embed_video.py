@@ -9,7 +9,7 @@ from videos import make_video
 
 from mmsearch.config import AudioWindowing, ImagePrep
 from mmsearch.embed import Embedded, embed_loaded
-from mmsearch.encoders import Encoder, Tower
+from mmsearch.encoders import Encoder, EncoderIdentity, Tower
 from mmsearch.errors import LoadError
 from mmsearch.loaders import Loaded
 from mmsearch.loaders import audio as audio_loader
@@ -36,7 +36,7 @@ class Loudness(Tower):
 
 def fake_encoder(audio: bool = True) -> Encoder:
     return Encoder(
-        identity={"key": "fake"}, dim=4, image=MeanColour(), audio=Loudness() if audio else None,
+        identity=EncoderIdentity("fake"), dim=4, image=MeanColour(), audio=Loudness() if audio else None,
         prep=ImagePrep(size=(16, 16)), audio_windows=AudioWindowing(16000, 2.0, 1.5),
     )  # fmt: skip
 

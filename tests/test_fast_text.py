@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -476,3 +479,78 @@ def test_small_batches_restore_blas_threads(exported):
     with numpy_ops.one_blas_thread():
         assert get() == 1
     assert get() == before
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["two-threads", "one-thread"])
+def test_halves_on_two_threads_give_the_same_vectors(exported, monkeypatch, parallel):
+    """A layer runs as two halves, on two threads where a core is idle: the vector must not depend
+    on whether they ran at once (a query's ranking would change with the machine's load)."""
+    model, tokenizer, out = exported
+    tower = FastTextTower.load(out)
+    assert tower.parts == 2
+    texts = CAPTIONS[:6]
+    monkeypatch.setattr(numpy_ops, "PARALLEL", False)
+    serial = [tower.embed_batch([t]) for t in texts]
+    monkeypatch.setattr(numpy_ops, "PARALLEL", parallel)
+    calls = []
+    real = numpy_ops._Helper._run
+    monkeypatch.setattr(numpy_ops._Helper, "_run", lambda self: (calls.append(1), real(self)))
+    numpy_ops._helper.clear()  # a fresh helper thread, counted
+    got = [tower.embed_batch([t]) for t in texts]
+    assert calls == ([1] if parallel else [])
+    for a, b in zip(serial, got, strict=True):
+        assert np.array_equal(a, b)
+    with torch.inference_mode():
+        ref = model.encode_text(tokenizer(texts)).numpy()
+    assert np.abs(np.concatenate(got) - ref).max() < 1e-4
+
+
+def test_halves_raise_the_helpers_error_and_keep_working():
+    def half(s):
+        if s == 1:
+            raise ValueError("half 1 failed")
+        return np.ones(3)
+
+    with pytest.raises(ValueError, match="half 1 failed"):
+        numpy_ops.halves(half, at_once=True)
+    assert numpy_ops.halves(lambda s: np.full(3, s + 1.0), True).tolist() == [3.0, 3.0, 3.0]
+
+
+def test_odd_heads_run_as_one_part(tmp_path):
+    model_dir = _tiny_model_dir(tmp_path, heads=1)
+    enc = load_clip(ModelSpec.parse(str(model_dir)), EncoderOptions(device="cpu", precision="fp32"))
+    assert export_fast_text(enc.model, enc.tokenizer, tmp_path / "fast")
+    tower = FastTextTower.load(tmp_path / "fast")
+    assert tower.parts == 1
+    with torch.inference_mode():
+        ref = enc.model.encode_text(enc.tokenizer(["a dog"])).numpy()
+    assert np.abs(tower.embed_batch(["a dog"]) - ref).max() < 1e-4
+
+
+def test_gelu_matches_math_erf():
+    x = np.linspace(-12, 12, 20001, dtype=np.float32)
+    ref = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    got = numpy_ops.gelu(x)
+    assert got.dtype == np.float32
+    assert np.abs(got - ref).max() < 5e-7
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_halves_in_a_forked_child_start_their_own_helper():
+    """A process forked after a query (a worker pool) has no helper thread: it must not wait on
+    the parent's forever."""
+    numpy_ops.halves(lambda s: np.ones(2), True)  # the parent's helper exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its halves come back
+        ok = numpy_ops.halves(lambda s: np.full(2, s + 1.0), True).tolist() == [3.0, 3.0]
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's halves never came back")

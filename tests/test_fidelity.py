@@ -85,7 +85,7 @@ def test_torch_free_query_tower_matches_open_clip(tiny_model, tmp_path):
         )
     )
     with Collection.open_reader(index_root(), "default") as col:
-        key = col.encoder_identity["key"]
+        key = col.encoder_identity.key
     tower = query_text_tower(model_cache_dir(index_root(), key))
     assert tower is not None
     texts = ["a dog on a beach", "!~", "<start_of_text> odd", "ünïcödé & emoji 🐶"]

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from mmsearch.cli import app
 from mmsearch.config import IndexOptions, SearchOptions, index_root
+from mmsearch.encoders import EncoderIdentity
 from mmsearch.errors import UsageError
 from mmsearch.filters import FileFilter, parse_date, parse_size, path_pattern
 from mmsearch.records import FileEntry, Segment
@@ -176,7 +177,7 @@ def test_a_narrow_filter_on_an_ivf_index_is_exact():
     x = centres[rng.integers(0, 50, 6000)] + 0.3 * rng.standard_normal((6000, DIM))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     with Collection.open_writer(index_root(), "default") as col:
-        col.write_manifest(encoder={"key": "synthetic", "spec": "synthetic", "dim": DIM})
+        col.write_manifest(encoder=EncoderIdentity("synthetic", "synthetic", dim=DIM))
         _ = col.vectors
         ids = []
         with col.catalog.transaction():

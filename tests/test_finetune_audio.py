@@ -78,7 +78,7 @@ def test_trains_saves_and_is_picked_up(setup):
     enc = load_clip(ModelSpec.parse(str(clip_dir)), EncoderOptions(device="cpu", precision="fp32"))
     tower = load_audio_tower(str(clap_dir), enc, root / "other-cache")
     assert tower.projector.hash == load_projector(saved).hash
-    assert tower.identity["projector_fit"] in ("finetuned", "ridge", "ridge+contrastive")
+    assert tower.identity.details["projector_fit"] in ("finetuned", "ridge", "ridge+contrastive")
     assert not list((root / "other-cache").glob("*.safetensors"))  # no bridge fit was needed
     assert result.to_dict()["kept"] == result.kept
 

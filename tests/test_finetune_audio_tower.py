@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +146,7 @@ def test_tuned_tower_loads_in_plain_transformers_with_the_same_embeddings(run):
         ).pooler_output.numpy()
     # What `index --model OUT` embeds with: no --audio-model, the model directory's own.
     tower = load_audio_tower(None, load_dir(run["out"]), run["root"] / "no-cache")
-    assert tower.identity["spec"] == f"local-dir:{tuned_dir.resolve()}"
+    assert tower.identity.spec == f"local-dir:{tuned_dir.resolve()}"
     np.testing.assert_allclose(tower.embed_clap(windows), plain, atol=1e-6)
 
 
@@ -244,6 +243,6 @@ def test_window_features_stream_files_window_by_window(run, tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"RIFF junk")
     feats, failed = window_features(tower, [short[0], long, tmp_path / "bad.wav", *short[1:]])
     assert set(failed) == {tmp_path / "bad.wav"} and set(feats) == {long, *short}
-    windows = [w for _, _, w in iter_windows(long, **asdict(tower.loader_settings()))]
+    windows = [w for _, _, w in iter_windows(long, tower.loader_settings())]
     assert len(windows) >= 3 and feats[long].shape == (len(windows), 32)
     np.testing.assert_allclose(feats[long], tower.pooled(windows), atol=1e-5)

@@ -22,7 +22,14 @@ from conftest import make_image, make_note
 
 import mmsearch
 from mmsearch import loaders
-from mmsearch.config import EncoderOptions, ImagePrep, IndexOptions, ModelSpec, index_root
+from mmsearch.config import (
+    AudioWindowing,
+    EncoderOptions,
+    ImagePrep,
+    IndexOptions,
+    ModelSpec,
+    index_root,
+)
 from mmsearch.errors import LoadError
 from mmsearch.loaders import LoadSettings, content_hash, file_hash, load_file
 from mmsearch.loaders.audio import iter_windows
@@ -89,7 +96,7 @@ def test_fifo_is_refused_by_hashing_and_audio_decoding(tmp_path):
         with pytest.raises(OSError, match=r"not a regular file \(fifo\)"):
             file_hash(os.fsencode(fifo))
         with pytest.raises(LoadError) as e:
-            list(iter_windows(fifo, sample_rate=8000))
+            list(iter_windows(fifo, AudioWindowing(sample_rate=8000)))
     assert e.value.reason == "not a regular file (fifo)"
 
 
@@ -205,7 +212,7 @@ def test_audio_block_past_its_budget_fails_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(sf.SoundFile, "read", stuck_read)
     started = time.monotonic()
     with pytest.raises(LoadError) as e:
-        list(iter_windows(p, sample_rate=8000, time_budget_s=0.2))
+        list(iter_windows(p, AudioWindowing(sample_rate=8000), time_budget_s=0.2))
     assert time.monotonic() - started < GUARD_S
     assert e.value.reason == "decoding took longer than 0.2 s"
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

@@ -151,7 +151,7 @@ def test_a_cached_model_loads_without_the_network(no_hub, silent_hub, tiny_model
     )
     enc = create_encoder("hf-hub:someone/tiny", None)
     assert not silent_hub(), "the hub was contacted although the cache holds the model"
-    assert enc.identity["spec"] == "hf-hub:someone/tiny"
+    assert enc.identity.spec == "hf-hub:someone/tiny"
     assert enc.encode_text(["a dog"]).shape == (1, 32)
 
 

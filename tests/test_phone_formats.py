@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from videos import make_video
 
-from mmsearch.config import ImagePrep
+from mmsearch.config import AudioWindowing, ImagePrep
 from mmsearch.errors import LoadError
 from mmsearch.loaders.audio import load_audio
 from mmsearch.loaders.image import load_image
@@ -19,7 +19,7 @@ RED, BLUE = (255, 0, 0), (0, 0, 255)
 @pytest.mark.parametrize("ext", [".m4a", ".aac"])
 def test_memo_is_windowed_like_any_recording(tmp_path, ext):
     p = make_video(tmp_path / f"memo{ext}", [(0, 25)], tone=1000.0, video=False)
-    a = load_audio(p, sample_rate=16000, window_s=10, hop_s=7.5)
+    a = load_audio(p, AudioWindowing(16000, 10, 7.5))
     spans = [(s, e) for s, e, _ in a.windows]
     assert spans[:3] == [(0, 10), (7.5, 17.5), (15, 25)]
     assert a.duration == pytest.approx(25, abs=0.1)  # AAC adds at most a frame of padding
@@ -42,7 +42,7 @@ def test_wav_libsndfile_cannot_read_is_read_by_pyav(tmp_path):
         frame.sample_rate = 16000
         out.mux(s.encode(frame))
         out.mux(s.encode(None))
-    a = load_audio(odd, sample_rate=16000, window_s=10, hop_s=7.5)
+    a = load_audio(odd, AudioWindowing(16000, 10, 7.5))
     assert len(a.windows) == 1 and a.duration == pytest.approx(3, abs=0.1)
     _, _, w = a.windows[0]
     assert np.abs(w[8000:16000]).max() == pytest.approx(0.3, abs=0.05)

@@ -461,7 +461,7 @@ def test_other_addresses_need_a_token_and_a_taken_port_is_one_line(library):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, "twice"])
 def test_the_command_serves_until_ctrl_c_or_sigterm(library, stop):
     """The real command in a new process: prints where it listens, answers, stops cleanly."""
     root = Path(__file__).resolve().parents[1]
@@ -475,11 +475,14 @@ def test_the_command_serves_until_ctrl_c_or_sigterm(library, stop):
         request.add_header("Authorization", "Bearer t0ken")
         with urllib.request.urlopen(request, timeout=30) as answer:
             assert len(json.load(answer)["hits"]) == 2
-        proc.send_signal(stop)
+        for sig in [signal.SIGINT] * 2 if stop == "twice" else [stop]:  # twice: impatient
+            proc.send_signal(sig)
+            time.sleep(0.02)
         out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 0 and err.strip().endswith("mmsearch: stopped"), err
+    assert "Traceback" not in err
 
 
 def test_readme_curl_examples_run(library, tmp_path, monkeypatch):

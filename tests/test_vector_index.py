@@ -16,6 +16,7 @@ import pytest
 from conftest import make_image, make_note
 
 from mmsearch.config import EncoderOptions, IndexOptions, ModelSpec, SearchOptions, index_root
+from mmsearch.encoders import EncoderIdentity
 from mmsearch.errors import UsageError
 from mmsearch.pipeline.run import index_paths
 from mmsearch.records import FileEntry, Segment
@@ -49,7 +50,7 @@ def options(**kw) -> IndexOptions:
 
 def new_collection(name: str = "default") -> Collection:
     col = Collection.open_writer(index_root(), name)
-    col.write_manifest(encoder={"key": "synthetic", "spec": "synthetic", "dim": DIM}, name=name)
+    col.write_manifest(encoder=EncoderIdentity("synthetic", "synthetic", dim=DIM), name=name)
     return col
 
 

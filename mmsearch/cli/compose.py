@@ -11,6 +11,13 @@ from .app import app, emit_json, handle_errors, say
 from .options import Debug, Json
 
 
+def _per_channel(name: str):
+    """--mean, --std: one value or R,G,B (read by `_floats`)."""
+    return typer.Option(
+        f"--{name}", help=f"Input {name}, one value or R,G,B (default: the tower's)."
+    )
+
+
 def _floats(value: str | None) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -51,14 +58,8 @@ def compose(
         int | None,
         typer.Option("--image-size", min=8, help="Input size (default: the image tower's)."),
     ] = None,
-    mean: Annotated[
-        str | None,
-        typer.Option("--mean", help="Input mean, one value or R,G,B (default: the tower's)."),
-    ] = None,
-    std: Annotated[
-        str | None,
-        typer.Option("--std", help="Input std, one value or R,G,B (default: the tower's)."),
-    ] = None,
+    mean: Annotated[str | None, _per_channel("mean")] = None,
+    std: Annotated[str | None, _per_channel("std")] = None,
     interpolation: Annotated[
         str | None,
         typer.Option(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -13,6 +13,9 @@ from ..errors import ModelMismatchError, UsageError
 from .app import app, emit_json, handle_errors, resolve_root, say
 from .options import Debug, Device, IndexDir, Json
 from .progress import rich_bar
+
+if TYPE_CHECKING:
+    from ..encoders import EncoderIdentity
 
 
 @app.command("distill-text")
@@ -94,7 +97,7 @@ def distill_text(
     text = read_sentences(sentences)
     held_pairs = read_pairs(pairs) if pairs is not None else None
     identity = None if model is not None else _index_identity(index_dir, index_name)
-    spec = ModelSpec.parse(model or (identity["spec"] if identity else DEFAULT_MODEL))
+    spec = ModelSpec.parse(model or (identity.spec if identity else DEFAULT_MODEL))
     config = DistillConfig(
         out=out,
         student=student or DEFAULT_STUDENT,
@@ -110,9 +113,9 @@ def distill_text(
     with _Progress(not as_json and sys.stderr.isatty()) as progress:
         progress("load_model")
         teacher = create_encoder(spec, EncoderOptions(device=device))
-        if identity is not None and teacher.identity["key"] != identity["key"]:
+        if identity is not None and teacher.identity.key != identity.key:
             raise ModelMismatchError(
-                f"the model at {identity['spec']} changed since index {index_name!r} was built; "
+                f"the model at {identity.spec} changed since index {index_name!r} was built; "
                 "a tower distilled from it would not fit the index"
             )
         result = distill(text, teacher, config, pairs=held_pairs, progress=progress)
@@ -131,7 +134,7 @@ def distill_text(
     say(f"search with it: mmsearch search QUERY --query-model {result.out}")
 
 
-def _index_identity(index_dir: Path | None, name: str) -> dict | None:
+def _index_identity(index_dir: Path | None, name: str) -> EncoderIdentity | None:
     """The index's model identity, or None when there is no such index (then the default model)."""
     from ..storage.collection import Collection
     from ..storage.layout import list_indexes

@@ -10,19 +10,7 @@ import typer
 from ..config import index_root
 from .app import app, emit_json, handle_errors, say
 from .options import Debug, Device, Json
-from .pairs import (
-    AllowOutside,
-    CaptionsFrom,
-    FeatureCacheDir,
-    NoFeatureCache,
-    Pairs,
-    caption_sources,
-    feature_cache_dir,
-    pairs_notes,
-    recall_table,
-    say_skipped_audio,
-    skipped_line,
-)
+from .pairs import Pairs, PairsReading, recall_table, say_pairs_notes, say_skipped
 from .progress import Progress, mode_for
 
 
@@ -34,6 +22,7 @@ class Precision(str, enum.Enum):
 
 @app.command("eval")
 @handle_errors
+@PairsReading.options
 def eval_(
     source: Pairs,
     model: Annotated[
@@ -57,10 +46,7 @@ def eval_(
             help="fp32, or bf16 / fp16 (faster where the device has them; recall moves a little).",
         ),
     ] = Precision.fp32,
-    allow_outside: AllowOutside = False,
-    captions_from: CaptionsFrom = "sidecar",
-    feature_cache: FeatureCacheDir = None,
-    no_feature_cache: NoFeatureCache = False,
+    reading: PairsReading = PairsReading(),  # noqa: B008 - the four options in its place
     device: Device = "auto",
     as_json: Json = False,
     debug: Debug = False,
@@ -68,18 +54,17 @@ def eval_(
     """Retrieval recall@1/5/10 of a model on your pairs: image->text and text->image for image
     pairs, audio->text and text->audio for audio pairs (with the audio tower and projector that
     indexing with --model uses)."""
-    from ..finetune import evaluate, read_pairs
+    from ..finetune import evaluate
     from ..finetune.evaluate import small_split_warning
     from ..records import AUDIO, IMAGE
 
-    sources = caption_sources(captions_from)
-    pairs = read_pairs(source, allow_outside=allow_outside, captions_from=sources)
+    pairs = reading.read(source)
     recall = audio = warning = None
     if pairs.of(IMAGE).pairs or not pairs.of(AUDIO).pairs:
         with Progress(mode_for(as_json)) as progress:
             recall = evaluate(
                 pairs, model, device=device, precision=precision.value, batch_size=batch_size,
-                progress=progress, feature_cache=feature_cache_dir(feature_cache, no_feature_cache),
+                progress=progress, feature_cache=reading.cache_dir(),
             )  # fmt: skip
         warning = small_split_warning(recall)
     if pairs.of(AUDIO).pairs:
@@ -104,10 +89,8 @@ def eval_(
         data["outside"] = [str(p) for p in pairs.outside]
         emit_json(data)
         return
-    if pairs_notes(pairs):
-        say(pairs_notes(pairs), err=True)
-    if skipped:
-        say(skipped_line(skipped), err=True)
+    say_pairs_notes(pairs)
+    say_skipped(skipped)
     if warning:
         say(f"mmsearch: warning: {warning}", err=True)
     if recall is not None:
@@ -118,4 +101,4 @@ def eval_(
     if audio is not None:
         say(f"{model}: {audio.images} audio files, {audio.texts} distinct captions")
         say(recall_table(audio, audio=True))
-        say_skipped_audio(audio.skipped)
+        say_skipped(audio.skipped, audio=True)

@@ -16,19 +16,7 @@ from ..finetune.config import FinetuneConfig
 from .app import app, emit_json, fail, handle_errors, say
 from .flags import flag, with_flags
 from .options import Debug, Device, Json
-from .pairs import (
-    AllowOutside,
-    CaptionsFrom,
-    FeatureCacheDir,
-    NoFeatureCache,
-    Pairs,
-    caption_sources,
-    feature_cache_dir,
-    pairs_notes,
-    recall_table,
-    say_skipped_audio,
-    skipped_line,
-)
+from .pairs import Pairs, PairsReading, recall_table, say_pairs_notes, say_skipped
 from .progress import Progress, mode_for
 
 TRAINING = (
@@ -75,6 +63,7 @@ TRAINING = (
 @app.command()
 @handle_errors
 @with_flags(FinetuneConfig, TRAINING)
+@PairsReading.options
 def finetune(
     source: Pairs,
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
@@ -123,10 +112,7 @@ def finetune(
         int,
         typer.Option("--audio-steps", min=1, help="Training steps of --audio-tower head."),
     ] = 300,
-    allow_outside: AllowOutside = False,
-    captions_from: CaptionsFrom = "sidecar",
-    feature_cache: FeatureCacheDir = None,
-    no_feature_cache: NoFeatureCache = False,
+    reading: PairsReading = PairsReading(),  # noqa: B008 - the four options in its place
     device: Device = "auto",
     as_json: Json = False,
     debug: Debug = False,
@@ -134,7 +120,6 @@ def finetune(
 ):
     """Fine-tune the alignment on your own (file, caption) pairs; keeps the best epoch."""
     from ..finetune import finetune as run_finetune
-    from ..finetune import read_pairs
     from ..finetune.audio import TOWERS
     from ..finetune.evaluate import small_split_warning
 
@@ -142,18 +127,13 @@ def finetune(
         fail(f"unknown --audio-tower {audio_tower!r}; use one of: {', '.join(TOWERS)}")
     if lora_targets:
         training["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-    training["feature_cache"] = feature_cache_dir(feature_cache, no_feature_cache)
+    training["feature_cache"] = reading.cache_dir()
     config = FinetuneConfig(model=model, out=out, device=device, **training)
     from ..records import AUDIO, IMAGE
 
-    sources = caption_sources(captions_from)
-    pairs = read_pairs(source, allow_outside=allow_outside, captions_from=sources)
-    val_pairs = (
-        read_pairs(val, allow_outside=allow_outside, captions_from=sources)
-        if val is not None
-        else None
-    )
-    retain_pairs = read_pairs(retain, allow_outside=allow_outside) if retain is not None else None
+    pairs = reading.read(source)
+    val_pairs = reading.read(val) if val is not None else None
+    retain_pairs = reading.read(retain, captions=False) if retain is not None else None
     has_audio = bool(pairs.of(AUDIO).pairs)
     result = audio = None
     with Progress(mode_for(as_json)) as progress:
@@ -205,14 +185,12 @@ def finetune(
 
 def _say_result(pairs, result, audio, warning, unread, out) -> None:
     """The text report of a run: notes and warnings on stderr, what was trained and kept."""
-    if pairs_notes(pairs):
-        say(pairs_notes(pairs), err=True)
+    say_pairs_notes(pairs)
     if result is not None and result.note:
         say(result.note, err=True)
     if warning:
         say(f"mmsearch: warning: {warning}; hold out more (--val-fraction, --val)", err=True)
-    if unread:
-        say(skipped_line(unread), err=True)
+    say_skipped(unread)
     if audio is not None:
         _say_audio(audio)
     if result is None:
@@ -236,8 +214,7 @@ def _say_result(pairs, result, audio, warning, unread, out) -> None:
     )
     kept = _say_mix(result.mix, result.retention, kept)
     say(f"kept {kept}; wrote {result.out}" + (f" (curve: {result.curve})" if result.curve else ""))
-    if result.skipped:
-        say(skipped_line(result.skipped), err=True)
+    say_skipped(result.skipped)
     say(f"re-index with it: mmsearch index PATH --model {result.out} --rebuild")
 
 
@@ -277,4 +254,4 @@ def _say_audio(audio) -> None:
     names = ["before", "projector"] + (["+ head"] if audio.head is not None else [])
     recalls = [audio.before, audio.after] + ([audio.head] if audio.head is not None else [])
     say(recall_table(*recalls, names=names, audio=True))
-    say_skipped_audio(audio.skipped)
+    say_skipped(audio.skipped, audio=True)

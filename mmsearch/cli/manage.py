@@ -35,6 +35,7 @@ def info(
     debug: Debug = False,
 ):
     """Show an index's model, size and counts."""
+    from ..encoders import EncoderIdentity
     from ..storage.collection import Collection
     from ..storage.manifest import FORMAT_VERSION
 
@@ -42,15 +43,15 @@ def info(
         for note in col.notes:
             say(f"mmsearch: warning: {note}", err=True)
         counts = col.catalog.counts()
-        enc = col.encoder_identity or {}
+        enc = col.encoder_identity or EncoderIdentity(key="")  # no model loaded yet
         audio = col.manifest.audio_encoder
         data = {
             "name": index_name,
             "path": str(col.dir.resolve()),
-            "model": enc.get("spec"),
-            "weights": enc.get("weights"),
-            "dim": enc.get("dim"),
-            "audio_model": audio.get("spec") if audio else None,
+            "model": enc.spec,
+            "weights": enc.weights,
+            "dim": enc.dim,
+            "audio_model": audio.spec if audio else None,
             "query_model": (col.manifest.query_tower or {}).get("source"),
             "files": counts["files"],
             "vectors": counts["vectors"],
@@ -121,7 +122,8 @@ def list_(index_dir: IndexDir = None, as_json: Json = False, debug: Debug = Fals
         with Collection.open_reader(root, name) as col:
             counts = col.catalog.counts()
             # an index whose model never loaded still says which one it will use
-            model = (col.encoder_identity or {}).get("spec") or col.manifest.model_spec
+            known = col.encoder_identity
+            model = (known.spec if known else None) or col.manifest.model_spec
         if as_json:
             emit_json(
                 {

@@ -30,6 +30,11 @@ from .app import (
 from .options import TYPE_HELP, Debug, Device, IndexDir, IndexName, Json, Modality
 
 
+def _filter(flag: str, metavar: str, help: str):
+    """The option of a file filter (filters.FileFilter.parse reads its text); none by default."""
+    return typer.Option(flag, metavar=metavar, help=help, show_default=False)
+
+
 @app.command(epilog=EXIT_CODES)
 @handle_errors
 def search(
@@ -76,34 +81,21 @@ def search(
     ] = None,
     after: Annotated[
         str | None,
-        typer.Option(
+        _filter(
             "--after",
-            metavar="DATE",
-            help="Only files taken on or after DATE (YYYY-MM-DD[THH:MM], local time): a "
-            "photo's EXIF date, else the file's mtime.",
-            show_default=False,
+            "DATE",
+            "Only files taken on or after DATE (YYYY-MM-DD[THH:MM], local time): a photo's "
+            "EXIF date, else the file's mtime.",
         ),
     ] = None,
     before: Annotated[
-        str | None,
-        typer.Option(
-            "--before", metavar="DATE", help="Only files taken before DATE.", show_default=False
-        ),
+        str | None, _filter("--before", "DATE", "Only files taken before DATE.")
     ] = None,
     min_size: Annotated[
-        str | None,
-        typer.Option(
-            "--min-size",
-            metavar="SIZE",
-            help="Only files of at least SIZE (e.g. 200k, 2M).",
-            show_default=False,
-        ),
+        str | None, _filter("--min-size", "SIZE", "Only files of at least SIZE (e.g. 200k, 2M).")
     ] = None,
     max_size: Annotated[
-        str | None,
-        typer.Option(
-            "--max-size", metavar="SIZE", help="Only files of at most SIZE.", show_default=False
-        ),
+        str | None, _filter("--max-size", "SIZE", "Only files of at most SIZE.")
     ] = None,
     group: Annotated[
         bool,

@@ -130,11 +130,27 @@ def _address(host: str, sock: socket.socket) -> str:
 def _signals_stop_quietly():
     """uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it found:
     let that be a no-op, so a stop is a clean exit (0), not a KeyboardInterrupt or death by
-    SIGTERM."""
+    SIGTERM. A second Ctrl-C makes uvicorn cancel the app's shutdown, which it logs with a
+    traceback of the CancelledError: that is the stop asked for, not an error."""
     wanted = (signal.SIGINT, signal.SIGTERM)
+    import logging  # here: every cold command imports this module
+
     before = {sig: signal.signal(sig, lambda *_: None) for sig in wanted}
+    log = logging.getLogger("uvicorn.error")
+    log.addFilter(_not_cancelled)
     try:
         yield
     finally:
+        log.removeFilter(_not_cancelled)
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def _not_cancelled(record) -> bool:
+    """False for the cancelled shutdown: starlette sends it to uvicorn as a traceback's text."""
+    import asyncio
+
+    if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        return False
+    text = str(record.msg).rstrip()
+    return not (text.startswith("Traceback") and text.endswith("CancelledError"))

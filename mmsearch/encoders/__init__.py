@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import DEFAULT_MODEL, EncoderOptions, ModelSpec
-from .base import Encoder, Tower, l2_normalize
+from .base import Encoder, EncoderIdentity, Tower, l2_normalize
 
 __all__ = [
     "Encoder",
+    "EncoderIdentity",
     "Tower",
     "attach_audio",
     "create_encoder",
@@ -41,9 +42,7 @@ def export_query_tower(encoder: Encoder, cache_dir: Path) -> bool:
     model, tokenizer = encoder.model, encoder.tokenizer
     if next(model.parameters()).dtype != _float32() or encoder.device != "cpu":
         # the export copies weights as they were published: reload them in fp32 on the CPU
-        fp32 = create_encoder(
-            encoder.identity["spec"], EncoderOptions(device="cpu", precision="fp32")
-        )
+        fp32 = create_encoder(encoder.identity.spec, EncoderOptions(device="cpu", precision="fp32"))
         model, tokenizer = fp32.model, fp32.tokenizer
     return export_open_clip_text(model, tokenizer, target)
 

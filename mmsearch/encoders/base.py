@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,39 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """What an index records about a model its vectors are made with (the manifest's `encoder`
+    and `audio_encoder`, the catalog's meta): two models with equal `key`s make the same vectors.
+
+    `details` holds what else the producing tower records (CLIP: architecture hash, preprocessing,
+    context length; CLAP: projector, windows, features); it is written and read back verbatim, and
+    only ever compared through `key`. `to_dict` writes the fields in the order `from_dict` read
+    them (or the producer listed them), so the JSON on disk stays byte for byte what it was.
+    """
+
+    key: str
+    spec: str | None = None  # the model as named (--model / --audio-model)
+    weights: str | None = None  # a digest of the weights file (or the weights' name)
+    dim: int | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    order: tuple[str, ...] = field(default=(), compare=False, repr=False)  # as recorded
+
+    TYPED = ("key", "spec", "weights", "dim")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EncoderIdentity:
+        if not isinstance(d, Mapping) or not isinstance(d.get("key"), str):
+            raise ValueError(f"an encoder identity needs a key: {d!r}")
+        details = {k: v for k, v in d.items() if k not in cls.TYPED}
+        return cls(d["key"], d.get("spec"), d.get("weights"), d.get("dim"), details, tuple(d))
+
+    def to_dict(self) -> dict:
+        values = {**{k: getattr(self, k) for k in self.TYPED}, **self.details}
+        unread = [k for k, v in values.items() if k not in self.order and v is not None]
+        return {k: values[k] for k in (*self.order, *unread) if k in values}
+
+
 class Tower(ABC):
     """Embeds batches of one modality. Subclasses implement `embed_batch`; batching,
     float32 conversion and L2 normalisation are inherited."""
@@ -65,11 +98,11 @@ class Tower(ABC):
 class Encoder:
     """One vector space: a text tower plus optional image and audio towers mapped into it.
 
-    `identity` is what an index's manifest records; two encoders with equal `identity["key"]`
+    `identity` is what an index's manifest records; two encoders with equal `identity.key`
     produce the same vectors.
     """
 
-    identity: dict
+    identity: EncoderIdentity
     dim: int
     text: Tower | None = None
     image: Tower | None = None
@@ -86,7 +119,7 @@ class Encoder:
         tower = getattr(self, modality)
         if tower is None:
             raise UnsupportedModalityError(
-                f"model {self.identity.get('spec', '?')} cannot embed {modality}"
+                f"model {self.identity.spec or '?'} cannot embed {modality}"
             )
         return tower
 

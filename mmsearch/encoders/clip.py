@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import EncoderOptions, ImagePrep, ModelSpec
 from ..errors import ModelError
-from .base import Encoder, Tower
+from .base import Encoder, EncoderIdentity, Tower
 
 
 def device_type(device: str) -> str:
@@ -329,7 +329,7 @@ def load_clip(spec: ModelSpec, options: EncoderOptions | None = None) -> Encoder
     }
     identity["key"] = f"{identity['arch']}-{identity['weights']}"
     return Encoder(
-        identity=identity,
+        identity=EncoderIdentity.from_dict(identity),
         dim=dim,
         text=text,
         image=image,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError, ModelMismatchError, UsageError
-from .base import Tower, read_versioned
+from .base import EncoderIdentity, Tower, read_versioned
 
 STAMP = "mmsearch_alignment.json"
 STAMP_FORMAT = "mmsearch-query-tower"
@@ -65,13 +65,13 @@ def resolve(source: str) -> str:
     return name
 
 
-def write_stamp(out_dir: Path, aligned_to: dict, student: str, **details) -> Path:
+def write_stamp(out_dir: Path, aligned_to: EncoderIdentity, student: str, **details) -> Path:
     """Stamp a tower directory with the identity (key, spec, dim) of the CLIP model it is
     aligned to."""
     stamp = {
         "format": STAMP_FORMAT,
         "format_version": STAMP_VERSION,
-        "aligned_to": {k: aligned_to[k] for k in ("key", "spec", "dim")},
+        "aligned_to": {"key": aligned_to.key, "spec": aligned_to.spec, "dim": aligned_to.dim},
         "student": student,
         **details,
     }
@@ -97,14 +97,14 @@ def alignment(source: str) -> dict:
     return stamp["aligned_to"]
 
 
-def fits(aligned: dict, identity: dict) -> bool:
+def fits(aligned: dict, identity: EncoderIdentity) -> bool:
     """Whether a tower aligned to `aligned` (`alignment`) fits an index built with `identity`."""
     if "key" in aligned:
-        return aligned["key"] == identity.get("key")
-    return identity.get("spec") in aligned["specs"] and aligned["dim"] == identity.get("dim")
+        return aligned["key"] == identity.key
+    return identity.spec in aligned["specs"] and aligned["dim"] == identity.dim
 
 
-def check_alignment(source: str, identity: dict) -> dict:
+def check_alignment(source: str, identity: EncoderIdentity) -> dict:
     """The manifest record of query tower `source` for an index built with `identity`; raises
     ModelMismatchError when the tower is aligned to another model."""
     aligned = alignment(source)
@@ -115,13 +115,15 @@ def check_alignment(source: str, identity: dict) -> dict:
             theirs = " or ".join(aligned["specs"])
         raise ModelMismatchError(
             f"query tower {source} is aligned to model {theirs}, not to this index's "
-            f"{identity.get('spec')} (weights key {identity.get('key')}); distill one for it: "
-            f"mmsearch distill-text SENTENCES --model {identity.get('spec')} --out DIR"
+            f"{identity.spec} (weights key {identity.key}); distill one for it: "
+            f"mmsearch distill-text SENTENCES --model {identity.spec} --out DIR"
         )
     return {"source": source, "aligned_to": aligned}
 
 
-def load(source: str, identity: dict, device: str = "cpu", cache_dir: Path | None = None) -> Tower:
+def load(
+    source: str, identity: EncoderIdentity, device: str = "cpu", cache_dir: Path | None = None
+) -> Tower:
     """The query tower `source` (checked against `identity`) as a Tower of the index's space:
     its torch-free copy when `export` wrote one in `cache_dir`, else the torch model."""
     check_alignment(source, identity)

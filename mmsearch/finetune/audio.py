@@ -27,7 +27,7 @@ import copy
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +113,7 @@ def window_features(
 ) -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
     """Each file's HTSAT pooled features, one row per window (the frozen trunk's output, computed
     once), and the files that failed with their reason."""
-    settings = asdict(tower.loader_settings())
+    windowing = tower.loader_settings()
     rows: dict[Path, list[np.ndarray]] = {}
     failed: dict[Path, str] = {}
     batch: list[tuple[Path, np.ndarray]] = []  # windows of several short files share a batch
@@ -126,7 +126,7 @@ def window_features(
     for i, path in enumerate(paths):
         n = 0
         try:
-            for _, _, window in iter_windows(path, **settings):  # streamed: long files too
+            for _, _, window in iter_windows(path, windowing):  # streamed: long files too
                 batch.append((path, window))
                 n += 1
                 if len(batch) == tower.batch_size:
@@ -330,8 +330,8 @@ def train_audio_projector(
         progress=lambda stage, done, total: progress("fit", stage=stage, done=done, total=total),
     )
     clap_meta = {
-        "clap": str(clap_tower.identity["weights"]),
-        "clap_spec": clap_tower.identity["spec"],
+        "clap": str(clap_tower.identity.weights),
+        "clap_spec": clap_tower.identity.spec,
     }
     meta = dict(fitted.meta, fit=fitted.meta.get("method", "?"), method="finetuned")
     meta.update(clap_meta, pairs=str(len(train.pairs)))
@@ -362,7 +362,7 @@ def train_audio_projector(
             result.audio_model = saved
     if kept != "head" and tuned_dir.exists():
         # A tuned CLAP model from an earlier run stays only if the kept projector is fitted for it.
-        if clap_tower.identity["spec"] != f"local-dir:{tuned_dir.resolve()}":
+        if clap_tower.identity.spec != f"local-dir:{tuned_dir.resolve()}":
             shutil.rmtree(tuned_dir)
     result.kept = kept
     save_projector(keep, result.projector)

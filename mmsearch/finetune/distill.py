@@ -184,7 +184,7 @@ def distill(
     after = Agreement(**history[best_epoch - 1]["agreement"]) if best_epoch else before
     student.eval()
     result = DistillResult(
-        out, teacher.identity["spec"], config.student, len(train), len(val_src), len(val_tr),
+        out, teacher.identity.spec, config.student, len(train), len(val_src), len(val_tr),
         before, after, best_epoch, history,
     )  # fmt: skip
     if pairs is not None:

@@ -21,6 +21,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from ..config import AudioWindowing
 from ..errors import LoadError
 from ..modalities import AUDIO, BY_NAME
 from .ffmpeg import DEMUXERS, AudioReader, open_media
@@ -33,9 +34,8 @@ PYAV_ONLY = frozenset({".m4a", ".aac"})  # libsndfile reads none of these
 # PyAV decodes when libsndfile cannot (m4a/aac; a damaged ogg or mp3 libsndfile refuses).
 AUDIO_EXTENSIONS = AUDIO_TABLE.extensions
 
-DEFAULT_SAMPLE_RATE = 48_000  # CLAP's rate
-DEFAULT_WINDOW_S = 10.0  # CLAP's input length
-DEFAULT_HOP_S = 7.5  # 2.5 s overlap: an event up to 2.5 s long lies whole inside some window
+DEFAULT_WINDOWING = AudioWindowing()  # CLAP's: 10 s windows at 48 kHz every 7.5 s
+DEFAULT_WINDOW_S, DEFAULT_HOP_S = DEFAULT_WINDOWING.window_s, DEFAULT_WINDOWING.hop_s
 MIN_SECONDS = 0.01  # shorter than this is not a sound anyone searches for
 TAIL_SLACK_S = 0.1  # an end this short past the last full window gets no window of its own
 BLOCK_FRAMES = 1 << 16  # frames read per block at the file's own rate
@@ -59,9 +59,7 @@ class AudioWindows:
 
 def load_audio(
     path: str | os.PathLike | bytes,
-    sample_rate: int = DEFAULT_SAMPLE_RATE,
-    window_s: float = DEFAULT_WINDOW_S,
-    hop_s: float = DEFAULT_HOP_S,
+    windowing: AudioWindowing = DEFAULT_WINDOWING,
     max_seconds: float | None = None,
 ) -> AudioWindows:
     """Decode `path` into windows. Raises LoadError with a reason for audio that cannot be used.
@@ -70,9 +68,9 @@ def load_audio(
     long file yields all its windows, about 1.3 x 192 kB per second of audio at 48 kHz.
     """
     info = _StreamInfo()
-    windows = list(iter_windows(path, sample_rate, window_s, hop_s, max_seconds, info=info))
+    windows = list(iter_windows(path, windowing, max_seconds, info=info))
     return AudioWindows(
-        sample_rate=sample_rate,
+        sample_rate=windowing.sample_rate,
         duration=info.duration,
         windows=windows,
         truncated=info.truncated,
@@ -91,9 +89,7 @@ class _StreamInfo:
 
 def iter_windows(
     path: str | os.PathLike | bytes,
-    sample_rate: int = DEFAULT_SAMPLE_RATE,
-    window_s: float = DEFAULT_WINDOW_S,
-    hop_s: float = DEFAULT_HOP_S,
+    windowing: AudioWindowing = DEFAULT_WINDOWING,
     max_seconds: float | None = None,
     info: _StreamInfo | None = None,
     time_budget_s: float | None = DEFAULT_DECODE_BUDGET_S,
@@ -110,6 +106,7 @@ def iter_windows(
     each block may take at most `time_budget_s` (in a process's main thread; see
     loaders.decode_budget): a file that stalls the decoder fails instead of stalling the run.
     Hours-long files are not limited: the budget is per block, not per file."""
+    sample_rate, window_s, hop_s = windowing.sample_rate, windowing.window_s, windowing.hop_s
     if window_s <= 0 or hop_s <= 0 or hop_s > window_s:
         raise ValueError(f"need 0 < hop_s <= window_s, got window_s={window_s}, hop_s={hop_s}")
     info = info if info is not None else _StreamInfo()

@@ -65,7 +65,7 @@ def embedded_chunks(col, encoder, p: Plan, settings: LoadSettings, options: Inde
         return
     from .ray import ray_chunks
 
-    cache = model_cache_dir(col.root_dir, encoder.identity["key"])
+    cache = model_cache_dir(col.root_dir, encoder.identity.key)
     chunks = ray_chunks(todo, dict(p.vanished), encoder, settings, options, options.ray, cache)
     for loaded, results in chunks:
 

@@ -8,6 +8,7 @@ import numpy as np
 from ..config import DEFAULT_MODEL, IndexOptions, ModelSpec
 from ..encoders import (
     Encoder,
+    EncoderIdentity,
     attach_audio,
     create_encoder,
     export_query_tower,
@@ -23,7 +24,7 @@ def encoder_for(col: Collection, options: IndexOptions) -> Encoder:
     requested = options.encoder.model
     if requested is None:
         known = col.encoder_identity
-        spec = known["spec"] if known else col.manifest.model_spec or DEFAULT_MODEL
+        spec = known.spec if known else col.manifest.model_spec or DEFAULT_MODEL
         requested = ModelSpec.parse(spec)
     if not col.encoder_identity:
         # Remembered before seconds of loading: a run killed now still knows its --model.
@@ -35,7 +36,7 @@ def encoder_for(col: Collection, options: IndexOptions) -> Encoder:
         col.check_encoder(encoder.identity)
     if not col.encoder_identity:
         col.set_encoder(encoder.identity)
-    cache = model_cache_dir(col.root_dir, encoder.identity["key"])
+    cache = model_cache_dir(col.root_dir, encoder.identity.key)
     try:
         export_query_tower(encoder, cache)
     except OSError as e:
@@ -73,19 +74,19 @@ def attach_index_audio(
     if requested is None and from_model_dir:
         requested = model_dir_audio_model(encoder)
     if requested is None and previous:
-        requested = previous["spec"]
+        requested = previous.spec
     stored = col.projector_path
     use_stored = (
         known
         and not from_model_dir
-        and requested == known["spec"]
+        and requested == known.spec
         and stored.is_file()
         and not realign
     )
     attach_audio(
         encoder,
         requested,
-        model_cache_dir(col.root_dir, encoder.identity["key"]),
+        model_cache_dir(col.root_dir, encoder.identity.key),
         projector=stored if use_stored else None,
         refit=realign,
         progress=lambda stage, done, total: progress(f"audio:{stage}", done, total),
@@ -93,7 +94,7 @@ def attach_index_audio(
     identity = encoder.audio.identity
     if realign:
         known = None
-    elif known and known.get("key") != identity["key"]:
+    elif known and known.key != identity.key:
         source = f" (from model directory {model_dir})" if from_model_dir else ""
         raise ModelMismatchError(
             f"index {col.name!r} holds audio embedded with another audio model than the one "
@@ -104,8 +105,9 @@ def attach_index_audio(
         col.set_audio(identity, lambda path: save_projector(encoder.audio.projector, path))
 
 
-def _difference(have: dict, want: dict) -> str:
+def _difference(have: EncoderIdentity, want: EncoderIdentity) -> str:
     """The fields in which two identities differ, as 'field: index has X, requested Y'."""
+    have, want = have.to_dict(), want.to_dict()
     keys = [k for k in sorted(set(have) | set(want)) if k != "key" and have.get(k) != want.get(k)]
     if not keys:
         keys = ["key"]
@@ -119,16 +121,16 @@ def text_embedder(col: Collection, encoder: Encoder, options: IndexOptions):
     def embed(texts: list[str]) -> np.ndarray:
         if encoder.text is not None:
             return encoder.encode_text(texts)
-        tower = query_text_tower(model_cache_dir(col.root_dir, col.encoder_identity["key"]))
+        tower = query_text_tower(model_cache_dir(col.root_dir, col.encoder_identity.key))
         if tower is not None:
             return tower.embed(texts)
-        spec = ModelSpec.parse(col.encoder_identity["spec"])
+        spec = ModelSpec.parse(col.encoder_identity.spec)
         return create_encoder(spec, options.encoder).encode_text(texts)
 
     return embed
 
 
-def query_tower_record(options: IndexOptions, identity: dict) -> dict | None:
+def query_tower_record(options: IndexOptions, identity: EncoderIdentity) -> dict | None:
     """The manifest record of the run's query tower (--query-model) for an index of `identity`;
     refused (ModelMismatchError) when it is aligned to another model."""
     source = options.query_model
@@ -159,7 +161,7 @@ def keep_query_tower(
         notes.append(f"{what}; text queries use the model's own text tower")
         return
     if record is not None:
-        cache = model_cache_dir(col.root_dir, col.encoder_identity["key"])
+        cache = model_cache_dir(col.root_dir, col.encoder_identity.key)
         try:
             query_tower.export(record["source"], cache)
         except OSError as e:

@@ -86,8 +86,8 @@ class EmbedActor:
             attach_audio(self.encoder, audio["spec"], audio["cache_dir"], audio["projector"])
         self.settings = settings
         self.batch_size = batch_size
-        self.key = self.encoder.identity["key"]
-        self.audio_key = self.encoder.audio.identity["key"] if self.encoder.audio else ""
+        self.key = self.encoder.identity.key
+        self.audio_key = self.encoder.audio.identity.key if self.encoder.audio else ""
 
     def __call__(self, batch: dict) -> dict:
         entries = [
@@ -188,7 +188,7 @@ def ray_chunks(todo, vanished, encoder, settings: LoadSettings, options,
     audio = None
     if encoder.audio is not None:
         audio = {
-            "spec": encoder.audio.identity["spec"],
+            "spec": encoder.audio.identity.spec,
             "projector": encoder.audio.projector,
             "cache_dir": str(cache_dir),
         }
@@ -201,7 +201,7 @@ def ray_chunks(todo, vanished, encoder, settings: LoadSettings, options,
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_args=(
-            encoder.identity["spec"],
+            encoder.identity.spec,
             options.encoder.precision,
             audio,
             settings,
@@ -213,13 +213,13 @@ def ray_chunks(todo, vanished, encoder, settings: LoadSettings, options,
         num_cpus=ray_settings.cpus_per_actor,
         batch_format="numpy",
     )
-    want = encoder.identity["key"]
-    want_audio = encoder.audio.identity["key"] if encoder.audio is not None else ""
+    want = encoder.identity.key
+    want_audio = encoder.audio.identity.key if encoder.audio is not None else ""
     for batch in ds.iter_batches(batch_size=max(1, options.commit_every), batch_format="numpy"):
         keys = set(batch["key"].tolist())
         if keys != {want} or (want_audio and set(batch["audio_key"].tolist()) != {want_audio}):
             raise ModelMismatchError(
-                f"a Ray worker loaded {encoder.identity['spec']} with different weights "
+                f"a Ray worker loaded {encoder.identity.spec} with different weights "
                 f"(model key {sorted(keys)} vs the index's {want}); make the same model "
                 "files available to every worker"
             )

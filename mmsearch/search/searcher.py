@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ class Searcher:
             self._text, self._full = towers_from._text, towers_from._full
 
     def _same_model(self, other: Searcher) -> bool:
-        same = other.identity["key"] == self.identity["key"]
+        same = other.identity.key == self.identity.key
         same = same and other._query_source() == self._query_source()
         return same and other.col.manifest.audio_encoder == self.col.manifest.audio_encoder
 
@@ -94,13 +94,13 @@ class Searcher:
         if self._full is None:
             from ..encoders import create_encoder
 
-            spec = ModelSpec.parse(self.identity["spec"])
+            spec = ModelSpec.parse(self.identity.spec)
             enc = create_encoder(spec, EncoderOptions(device=self.options.device))
-            if enc.identity["key"] != self.identity["key"]:
+            if enc.identity.key != self.identity.key:
                 raise ModelMismatchError(
-                    f"the model at {self.identity['spec']} changed since index "
-                    f"{self.options.name!r} was built (weights {enc.identity['weights']}, index "
-                    f"has {self.identity['weights']}); rebuild it with --rebuild"
+                    f"the model at {self.identity.spec} changed since index "
+                    f"{self.options.name!r} was built (weights {enc.identity.weights}, index "
+                    f"has {self.identity.weights}); rebuild it with --rebuild"
                 )
             audio = self.col.manifest.audio_encoder
             if audio:
@@ -109,13 +109,13 @@ class Searcher:
                 stored = self.col.projector_path
                 attach_audio(
                     enc,
-                    audio["spec"],
-                    model_cache_dir(self.col.root_dir, enc.identity["key"]),
+                    audio.spec,
+                    model_cache_dir(self.col.root_dir, enc.identity.key),
                     projector=stored if stored.is_file() else None,
                 )
-                if enc.audio.identity["key"] != audio["key"]:
+                if enc.audio.identity.key != audio.key:
                     raise ModelMismatchError(
-                        f"the audio model {audio['spec']} changed since index "
+                        f"the audio model {audio.spec} changed since index "
                         f"{self.options.name!r} was built; re-align it: mmsearch align-audio"
                     )
             self._full = enc
@@ -132,7 +132,7 @@ class Searcher:
         model's own (already loaded for an image or sound query)."""
         if self._text is None:
             source = self._query_source()
-            cache = model_cache_dir(self.col.root_dir, self.identity["key"])
+            cache = model_cache_dir(self.col.root_dir, self.identity.key)
             if source is not None:
                 from ..encoders import query_tower
 
@@ -170,7 +170,7 @@ class Searcher:
             )
         enc = self._full_encoder()
         try:
-            windows = load_audio(path, **asdict(enc.audio_windows)).windows
+            windows = load_audio(path, enc.audio_windows).windows
         except LoadError as e:
             raise UsageError(f"cannot use {path} as a query sound: {e.reason}") from None
         return combine(list(enc.encode_audio([w for _, _, w in windows])), [1.0] * len(windows))

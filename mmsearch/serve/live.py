@@ -169,8 +169,8 @@ class LiveIndex:
             audio = col.manifest.audio_encoder
             snap.info = {
                 "name": self.name,
-                "model": snap.searcher.identity.get("spec"),
-                "audio_model": audio.get("spec") if audio else None,
+                "model": snap.searcher.identity.spec,
+                "audio_model": audio.spec if audio else None,
                 "files": counts["files"],
                 "vectors": counts["vectors"],
                 "modalities": counts["by_modality"],

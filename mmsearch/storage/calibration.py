@@ -277,8 +277,8 @@ def fit(samples: dict[str, np.ndarray], counts: dict[str, int], key: str, text_p
 
 # --- with an index ----------------------------------------------------------------------------
 def models_key(col) -> str:
-    audio = (col.audio_identity or {}).get("key")
-    return col.encoder_identity["key"] + (f"+{audio}" if audio else "")
+    audio = col.audio_identity.key if col.audio_identity else None
+    return col.encoder_identity.key + (f"+{audio}" if audio else "")
 
 
 def unit_counts(catalog) -> dict[str, int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..encoders.base import EncoderIdentity
 from ..errors import IndexFormatError, IndexWriteError
 from ..filters import FileFilter
 from ..modalities import TABLE
@@ -142,6 +143,14 @@ class Catalog(CatalogWrites):
             self.db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value))
             )
+
+    def get_identity(self, key: str) -> EncoderIdentity | None:
+        """The model identity stored as meta `key` (layout.META_ENCODER, META_AUDIO), or None."""
+        value = self.get_meta(key)
+        return EncoderIdentity.from_dict(value) if value else None
+
+    def set_identity(self, key: str, identity: EncoderIdentity) -> None:
+        self.set_meta(key, identity.to_dict())
 
     def unit_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM units").fetchone()[0]

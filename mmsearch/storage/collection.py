@@ -22,6 +22,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from ..encoders.base import EncoderIdentity
 from ..errors import (
     IndexFormatError,
     IndexLockedError,
@@ -64,7 +65,8 @@ class Collection(VectorFileMixin, GenerationsMixin):
         self.building: Path | None = None
         self.salvage: Catalog | None = None
         self.live: Catalog | None = None  # the live catalog while a rebuild writes another
-        self.new_identity: dict = {}  # the identities of the generation being built
+        # the identities of the generation being built: {"encoder": ..., "audio": ...}
+        self.new_identity: dict[str, EncoderIdentity | None] = {}
         self.damaged: list[Path] = []  # data files a rebuild sets aside
         self.notes: list[str] = []  # what was repaired or found (the CLI shows them)
 
@@ -177,7 +179,7 @@ class Collection(VectorFileMixin, GenerationsMixin):
 
     def _recover_manifest(self) -> None:
         """manifest.json is gone or damaged: the catalog says which model its vectors are from."""
-        identity = self.catalog.get_meta(META_ENCODER)
+        identity = self.catalog.get_identity(META_ENCODER)
         if identity is None:
             if self.catalog.unit_count() == 0:
                 return  # nothing was ever committed: a new, empty index
@@ -189,7 +191,7 @@ class Collection(VectorFileMixin, GenerationsMixin):
         self.manifest = Manifest(name=self.name, encoder=identity)
         if data != self.dir:
             self.manifest.data = data.name
-        audio = self.catalog.get_meta(META_AUDIO)
+        audio = self.catalog.get_identity(META_AUDIO)
         if audio:
             self.manifest.audio_encoder = audio
         self.notes.append(f"manifest.json was missing or damaged; rebuilt it from {CATALOG}")
@@ -283,20 +285,23 @@ class Collection(VectorFileMixin, GenerationsMixin):
         data = d.get("data", ".")
         if data != "." and not (isinstance(data, str) and NAME.match(data)):
             return None  # a data directory outside the index is never followed
-        return Manifest.from_json(d)
+        try:
+            return Manifest.from_json(d)
+        except ValueError:
+            return None  # a model identity without its key: damaged
 
     def write_manifest(self, **updates) -> None:
         self.manifest.update(**updates)
         self.manifest.write(self.dir / MANIFEST)
 
     @property
-    def encoder_identity(self) -> dict | None:
+    def encoder_identity(self) -> EncoderIdentity | None:
         if self.building is not None:
             return self.new_identity["encoder"]
         return self.manifest.encoder
 
     @property
-    def audio_identity(self) -> dict | None:
+    def audio_identity(self) -> EncoderIdentity | None:
         if self.building is not None:
             return self.new_identity.get("audio")
         return self.manifest.audio_encoder
@@ -305,29 +310,29 @@ class Collection(VectorFileMixin, GenerationsMixin):
     def projector_path(self) -> Path:
         return self.target_dir / AUDIO_PROJECTOR
 
-    def set_encoder(self, identity: dict) -> None:
+    def set_encoder(self, identity: EncoderIdentity) -> None:
         """Record the model the vectors are made with: in the catalog first, then the manifest."""
-        self.catalog.set_meta(META_ENCODER, identity)
+        self.catalog.set_identity(META_ENCODER, identity)
         if self.building is None:
             self.write_manifest(encoder=identity, name=self.name)
 
-    def set_audio(self, identity: dict, save_projector) -> None:
+    def set_audio(self, identity: EncoderIdentity, save_projector) -> None:
         """Save the audio projector (through `save_projector(path)`) and record its identity."""
         save_projector(self.projector_path)
-        self.catalog.set_meta(META_AUDIO, identity)
+        self.catalog.set_identity(META_AUDIO, identity)
         if self.building is not None:
             self.new_identity["audio"] = identity
         else:
             self.write_manifest(audio_encoder=identity)
 
-    def check_encoder(self, identity: dict) -> None:
+    def check_encoder(self, identity: EncoderIdentity) -> None:
         """Refuse to mix vectors of two models in one index."""
         mine = self.encoder_identity
-        if mine and mine.get("key") != identity.get("key"):
+        if mine and mine.key != identity.key:
             raise ModelMismatchError(
-                f"index {self.name!r} was built with model {mine.get('spec')} "
-                f"(weights {mine.get('weights')}), not {identity.get('spec')} "
-                f"(weights {identity.get('weights')}). Use the index's model, or re-embed "
+                f"index {self.name!r} was built with model {mine.spec} "
+                f"(weights {mine.weights}), not {identity.spec} "
+                f"(weights {identity.weights}). Use the index's model, or re-embed "
                 f"everything with the new one: mmsearch index PATH --index {self.name} "
-                f"--model {identity.get('spec')} --rebuild"
+                f"--model {identity.spec} --rebuild"
             )

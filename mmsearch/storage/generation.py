@@ -12,13 +12,16 @@ import shutil
 import sqlite3
 import time
 
+from ..encoders.base import EncoderIdentity
 from ..errors import IndexFormatError
 from .catalog import Catalog
 from .layout import CATALOG, DATA_FILES, META_AUDIO, META_ENCODER, META_STATE
 
 
 class GenerationsMixin:
-    def begin_generation(self, identity: dict, audio: dict | None = None) -> None:
+    def begin_generation(
+        self, identity: EncoderIdentity, audio: EncoderIdentity | None = None
+    ) -> None:
         """Start (or resume) a rebuild beside the live generation. The catalog being written is
         the new one; the live one stays open as `salvage` when its vectors are from the same
         model (so intact vectors are copied, not embedded again)."""
@@ -28,9 +31,9 @@ class GenerationsMixin:
             try:
                 cat = Catalog(self.dir / pending / CATALOG)
                 cat.check()
-                same = (cat.get_meta(META_ENCODER) or {}).get("key") == identity.get("key")
+                same = _key(cat.get_identity(META_ENCODER)) == identity.key
                 if audio is not None:  # align-audio: the same new projector too
-                    same = same and (cat.get_meta(META_AUDIO) or {}).get("key") == audio["key"]
+                    same = same and _key(cat.get_identity(META_AUDIO)) == audio.key
                 if same:
                     resumed = cat
                 else:
@@ -43,19 +46,18 @@ class GenerationsMixin:
             (self.dir / pending).mkdir()
             self.write_manifest(pending=pending)
             resumed = Catalog(self.dir / pending / CATALOG)
-            resumed.set_meta(META_ENCODER, identity)
+            resumed.set_identity(META_ENCODER, identity)
             if audio:
-                resumed.set_meta(META_AUDIO, audio)
+                resumed.set_identity(META_AUDIO, audio)
             resumed.set_meta(META_STATE, "building")
         else:
             self.notes.append("resumed an unfinished rebuild")
         self.live = self.catalog
-        live_identity = self.manifest.encoder or {}
-        if self.catalog is not None and live_identity.get("key") == identity.get("key"):
+        if self.catalog is not None and _key(self.manifest.encoder) == identity.key:
             self.salvage = self.catalog
         self.catalog = resumed
         self.building = self.dir / pending
-        self.new_identity = {"encoder": identity, "audio": resumed.get_meta(META_AUDIO)}
+        self.new_identity = {"encoder": identity, "audio": resumed.get_identity(META_AUDIO)}
         self.unload_vectors()
 
     def discard_pending(self) -> None:
@@ -78,8 +80,8 @@ class GenerationsMixin:
         choice = self.manifest.vector_index.choice
         choice = getattr(options, "index_type", None) or choice
         old_dir = self.data_dir
-        identity = self.catalog.get_meta(META_ENCODER)
-        audio = self.catalog.get_meta(META_AUDIO)
+        identity = self.catalog.get_identity(META_ENCODER)
+        audio = self.catalog.get_identity(META_AUDIO)
         self.building = None
         self.manifest.audio_encoder = None
         self.write_manifest(
@@ -101,3 +103,7 @@ class GenerationsMixin:
                 path.unlink(missing_ok=True)
         if old_dir != self.dir and not any(old_dir.iterdir()):
             old_dir.rmdir()
+
+
+def _key(identity: EncoderIdentity | None) -> str | None:
+    return identity.key if identity is not None else None

@@ -1,7 +1,7 @@
 """manifest.json: what an index directory holds, typed.
 
 Written only by `Collection` (one atomic replace per change). Readers get a `Manifest`; the
-encoders' identities stay dicts (they are recorded verbatim in the catalog too, see
+encoders' identities are `EncoderIdentity`s (recorded the same way in the catalog too, see
 `encoders.Encoder.identity`). Keys this version does not know (written by a newer one) are kept
 in `extra` and written back unchanged.
 """
@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..encoders.base import EncoderIdentity
 from ..errors import IndexFormatError
 from .atomic import replace_text
 
 FORMAT_VERSION = 1
+IDENTITIES = ("encoder", "audio_encoder")  # the Manifest fields that are EncoderIdentity
 FLAT = "IDMap2,FlatIP"  # the exact index (storage.vectors.FLAT; not imported: no faiss here)
 
 
@@ -45,8 +47,8 @@ class VectorInfo:
 @dataclass
 class Manifest:
     name: str | None = None
-    encoder: dict | None = None  # the identity of the model the vectors are made with
-    audio_encoder: dict | None = None  # the audio tower's and projector's identity
+    encoder: EncoderIdentity | None = None  # the model the vectors are made with
+    audio_encoder: EncoderIdentity | None = None  # the audio tower and projector
     model_spec: str | None = None  # the --model asked for, recorded before it loads
     data: str = "."  # the live generation's directory, relative to the index directory
     pending: str | None = None  # a rebuild's generation directory while it is being built
@@ -68,6 +70,8 @@ class Manifest:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "vector_index"}
         m = cls(**{k: v for k, v in d.items() if k in known})
         m.vector_index = VectorInfo.from_json(d.get("vector_index"))
+        for key in IDENTITIES:
+            setattr(m, key, EncoderIdentity.from_dict(d[key]) if d.get(key) else None)
         m.extra = {
             k: v for k, v in d.items() if k not in known | {"vector_index", "format_version"}
         }
@@ -79,6 +83,9 @@ class Manifest:
         if self.data == ".":
             out.pop("data")
         out["vector_index"] = self.vector_index.to_json()
+        for key in IDENTITIES:
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key).to_dict()
         return {**self.extra, **out, "format_version": FORMAT_VERSION}
 
     def update(self, **changes) -> None:

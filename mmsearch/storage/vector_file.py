@@ -28,7 +28,7 @@ class VectorFileMixin:
 
     @property
     def dim(self) -> int:
-        return int(self.encoder_identity["dim"])
+        return int(self.encoder_identity.dim)
 
     @property
     def vectors(self) -> VectorIndex:

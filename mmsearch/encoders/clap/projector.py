@@ -163,8 +163,8 @@ def fit_projector(
     proj = fit_projector_from_embeddings(x, y, settings, progress)
     meta = dict(proj.meta)
     meta.update(
-        clip=str(text_encoder.identity.get("key", "?")),
-        clip_spec=str(text_encoder.identity.get("spec", "?")),
+        clip=text_encoder.identity.key,
+        clip_spec=str(text_encoder.identity.spec or "?"),
         clap=clap.weights,
         clap_spec=clap.spec,
         corpus=captions_digest(captions),
@@ -288,7 +288,7 @@ def projector_cache_path(
     captions: Sequence[str],
     settings: FitSettings,
 ) -> Path:
-    clip_key = str(text_encoder.identity.get("key", "unknown"))
+    clip_key = text_encoder.identity.key
     fit = hashlib.sha256(
         f"{FIT_VERSION}|{captions_digest(captions)}|{settings.key()}".encode()
     ).hexdigest()[:12]

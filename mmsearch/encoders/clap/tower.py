@@ -18,7 +18,7 @@ import numpy as np
 from ...config import AudioWindowing
 from ...errors import ModelError
 from ...loaders.audio import DEFAULT_HOP_S, DEFAULT_WINDOW_S
-from ..base import Encoder, Tower
+from ..base import Encoder, EncoderIdentity, Tower
 from .model import DEFAULT_AUDIO_MODEL, Clap, load_clap
 from .projector import (
     PROJECTOR_FILENAME,
@@ -120,7 +120,7 @@ class ClapAudioTower(Tower):
         if clap.device == "cuda":
             self.batch_size = 64
         fe = clap.feature_extractor
-        self.identity = {
+        record = {
             "spec": clap.spec,
             "weights": clap.weights,
             "projector": projector.hash,
@@ -140,8 +140,9 @@ class ClapAudioTower(Tower):
             "dim": self.dim,
         }
         # Weights, projector and everything that shapes the windows: equal keys, equal vectors.
-        shape = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
-        self.identity["key"] = f"{clap.weights}-{projector.hash}-{shape[:8]}"
+        shape = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        record["key"] = f"{clap.weights}-{projector.hash}-{shape[:8]}"
+        self.identity = EncoderIdentity.from_dict(record)
 
     def loader_settings(self) -> AudioWindowing:
         """How `loaders.audio.load_audio` cuts recordings for this tower."""
@@ -228,7 +229,7 @@ def load_audio_tower(
 
 def model_dir_of(text_encoder: Encoder) -> Path | None:
     """The local model directory `text_encoder` was loaded from, if it was."""
-    spec = str(text_encoder.identity.get("spec", ""))
+    spec = text_encoder.identity.spec or ""
     return Path(spec[len("local-dir:") :]) if spec.startswith("local-dir:") else None
 
 

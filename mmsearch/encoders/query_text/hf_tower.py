@@ -21,7 +21,7 @@ from .numpy_ops import (
     linear,
     split_heads,
 )
-from .tower import NumpyTextTower, read_config, read_weights
+from .tower import NumpyTextTower
 
 HF_FORMAT = "mmsearch-fast-text-hf"
 HF_FORMAT_VERSION = 1
@@ -59,15 +59,7 @@ class HFFastTextTower(NumpyTextTower):
     """
 
     def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer: HFTextTokenizer):
-        self.config = config
-        self.w = weights
-        self.tokenizer = tokenizer
-        self.context_length = int(config["context_length"])
-        self.dim = int(config["dim"])
-        self.width, self.heads = int(config["width"]), int(config["heads"])
-        self.layers = int(config["layers"])
-        self.eps = float(config["ln_eps"])
-        self.act = ACTIVATIONS[config["act"]]
+        super().__init__(config, weights, tokenizer)
         self.pre_ln = config["norm"] == "pre"
         self.pad_token_id = int(config["pad_token_id"])
         self.pool = config["pool"]
@@ -79,26 +71,23 @@ class HFFastTextTower(NumpyTextTower):
         if self.pool not in POOLS:
             raise ModelError(f"unknown pooling {self.pool!r} in the fast text tower")
 
-    @classmethod
-    def load(cls, out_dir: Path) -> HFFastTextTower:
-        """Open an export written by `export_hf_text_tower` (memory-mapped; imports no torch)."""
-        out_dir = Path(out_dir)
-        config = read_config(out_dir, HF_FORMAT, HF_FORMAT_VERSION)
+    EXPORT_FORMAT = (HF_FORMAT, HF_FORMAT_VERSION)
+
+    @staticmethod
+    def _read_tokenizer(out_dir: Path, config: dict) -> HFTextTokenizer:
+        tok = config["tokenizer"]
         try:
-            weights = read_weights(out_dir, config["weights"])
-            tok = config["tokenizer"]
-            tokenizer = HFTextTokenizer(
+            return HFTextTokenizer(
                 (out_dir / "tokenizer.json").read_text(encoding="utf-8"),
                 int(config["context_length"]),
                 int(tok["pad_id"]),
                 tok.get("clean"),
                 tok.get("strip_sep_id"),
             )
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"fast text tower in {out_dir} is incomplete: {e}") from e
+        except (OSError, ValueError, KeyError, TypeError):
+            raise  # the export is incomplete (NumpyTextTower.load says so)
         except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception for bad JSON
             raise ModelError(f"fast text tower in {out_dir} has a bad tokenizer: {e}") from e
-        return cls(config, weights, tokenizer)
 
     def _token_batch(self, rows: list) -> tuple[np.ndarray]:
         # Padding keys are masked and pooling skips them, so the batch is cut to its longest row;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,11 @@ from .numpy_ops import (
     ACTIVATIONS,
     SMALL_BATCH_TOKENS,
     attend,
+    halves,
     layer_norm,
+    linear,
     one_blas_thread,
+    second_core_idle,
     split_heads,
 )
 from .tokenizer import ClipBpeTokenizer
@@ -53,6 +57,37 @@ class NumpyTextTower(Tower):
     tokenizer = None
     dim = 0
 
+    def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer):
+        """The transformer's shape from an export's config.json; `weights` memory-mapped."""
+        self.config = config
+        self.w = weights
+        self.tokenizer = tokenizer
+        self.context_length = int(config["context_length"])
+        self.dim = int(config["dim"])
+        self.width, self.heads = int(config["width"]), int(config["heads"])
+        self.layers = int(config["layers"])
+        self.eps = float(config["ln_eps"])
+        self.act = ACTIVATIONS[config["act"]]
+
+    EXPORT_FORMAT: tuple[str, int] = ("", 0)  # the export's format and version (config.json)
+
+    @classmethod
+    def load(cls, out_dir: Path):
+        """Open an export written for this tower (memory-mapped; imports no torch)."""
+        out_dir = Path(out_dir)
+        config = read_config(out_dir, *cls.EXPORT_FORMAT)
+        try:
+            weights = read_weights(out_dir, config["weights"])
+            tokenizer = cls._read_tokenizer(out_dir, config)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"fast text tower in {out_dir} is incomplete: {e}") from e
+        return cls(config, weights, tokenizer)
+
+    @staticmethod
+    def _read_tokenizer(out_dir: Path, config: dict):
+        """The export's tokenizer, from its files and config["tokenizer"]."""
+        raise NotImplementedError
+
     def count_tokens(self, text: str) -> int:
         """Tokens the text occupies, without the special tokens around it."""
         return len(self.tokenizer.encode(text))
@@ -76,40 +111,26 @@ class NumpyTextTower(Tower):
 class FastTextTower(NumpyTextTower):
     """The open_clip text tower in numpy; load with `FastTextTower.load(dir)`."""
 
-    def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer: ClipBpeTokenizer):
-        self.config = config
-        self.w = weights
-        self.tokenizer = tokenizer
-        self.context_length = int(config["context_length"])
-        self.dim = int(config["dim"])
-        self.width = int(config["width"])
-        self.heads = int(config["heads"])
-        self.layers = int(config["layers"])
-        self.eps = float(config["ln_eps"])
-        self.act = ACTIVATIONS[config["act"]]
+    EXPORT_FORMAT = (FORMAT, FORMAT_VERSION)
 
-    @classmethod
-    def load(cls, out_dir: Path) -> FastTextTower:
-        """Open an export written by `export_fast_text` (memory-mapped; imports no torch)."""
-        out_dir = Path(out_dir)
-        config = read_config(out_dir, FORMAT, FORMAT_VERSION)
-        try:
-            weights = read_weights(out_dir, config["weights"])
-            tok = config["tokenizer"]
-            pair_keys = np.load(out_dir / "bpe_pair_keys.npy")
-            pair_ranks = np.load(out_dir / "bpe_pair_ranks.npy")
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"fast text tower in {out_dir} is incomplete: {e}") from e
-        tokenizer = ClipBpeTokenizer(
-            pair_keys,
-            pair_ranks,
+    def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer: ClipBpeTokenizer):
+        super().__init__(config, weights, tokenizer)
+        # A layer runs as two halves (numpy_ops.halves) where heads and hidden units split evenly.
+        hidden = weights["fc_w"].shape[2] if "fc_w" in weights else 0
+        self.parts = 2 if self.heads % 2 == 0 and hidden % 2 == 0 else 1
+
+    @staticmethod
+    def _read_tokenizer(out_dir: Path, config: dict) -> ClipBpeTokenizer:
+        tok = config["tokenizer"]
+        return ClipBpeTokenizer(
+            np.load(out_dir / "bpe_pair_keys.npy"),
+            np.load(out_dir / "bpe_pair_ranks.npy"),
             tok["specials"],
             int(config["context_length"]),
             tok["clean"],
             int(tok["sot_id"]),
             int(tok["eot_id"]),
         )
-        return cls(config, weights, tokenizer)
 
     def _token_batch(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
         # Causal attention plus pooling at the EOT position make every position after the pooled
@@ -123,39 +144,31 @@ class FastTextTower(NumpyTextTower):
         return ids, ids.argmax(axis=1)
 
     def _forward(self, ids: np.ndarray, pool: np.ndarray) -> np.ndarray:
-        w, eps, act = self.w, self.eps, self.act
+        w, eps = self.w, self.eps
         n, length = ids.shape
-        width, heads = self.width, self.heads
+        width = self.width
+        # A small batch runs on one BLAS thread (embed_batch): its halves may use two cores.
+        at_once = ids.size <= SMALL_BATCH_TOKENS and second_core_idle()
         rows = np.arange(n)
         x = w["token_embedding"][ids] + w["positional_embedding"][:length]
         x = x.reshape(n * length, width).astype(np.float32, copy=False)
         mask = np.triu(np.full((length, length), -np.inf, dtype=np.float32), 1)
         for i in range(self.layers):
             h = layer_norm(x, w["ln_1_w"][i], w["ln_1_b"][i], eps)
-            qkv_w, qkv_b = w["qkv_w"][i], w["qkv_b"][i]
-            kv = h @ qkv_w[:, width:]
-            kv += qkv_b[width:]
-            k, v = split_heads(kv[:, :width], n, heads), split_heads(kv[:, width:], n, heads)
-            if i < self.layers - 1:
-                q, m = split_heads(h @ qkv_w[:, :width] + qkv_b[:width], n, heads), mask
-            else:
+            hq, m = h, mask
+            if i == self.layers - 1:
                 # Only the pooled token reaches the output, so the last layer runs its query,
                 # residual stream and MLP for that row alone (attending to all keys before it).
-                h = h.reshape(n, length, width)[rows, pool]
-                q = split_heads(h @ qkv_w[:, :width] + qkv_b[:width], n, heads)
+                hq = h.reshape(n, length, width)[rows, pool]
                 m = mask[pool][:, None, None, :]
                 x = x.reshape(n, length, width)[rows, pool]
-            a = attend(q, k, v, m)
-            a = a @ w["out_w"][i]
+            a = self._parts(partial(self._attention, i, h=h, hq=hq, n=n, mask=m), at_once)
             a += w["out_b"][i]
             if "ls_1" in w:
                 a *= w["ls_1"][i]
             x = x + a
             h = layer_norm(x, w["ln_2_w"][i], w["ln_2_b"][i], eps)
-            h = h @ w["fc_w"][i]
-            h += w["fc_b"][i]
-            h = act(h)
-            h = h @ w["proj_w"][i]
+            h = self._parts(partial(self._mlp, i, h=h), at_once)
             h += w["proj_b"][i]
             if "ls_2" in w:
                 h *= w["ls_2"][i]
@@ -167,6 +180,29 @@ class FastTextTower(NumpyTextTower):
             if "text_projection_b" in w:
                 x = x + w["text_projection_b"]
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _parts(self, fn, at_once: bool) -> np.ndarray:
+        return halves(fn, at_once) if self.parts == 2 else fn(0)
+
+    def _attention(self, i: int, s: int, h, hq, n: int, mask) -> np.ndarray:
+        """Part `s` of layer i's attention (its share of the heads; keys and values from all
+        rows of h, queries from the rows hq) through its rows of the output projection."""
+        w, width = self.w, self.width
+        part, heads = width // self.parts, self.heads // self.parts
+        qkv_w, qkv_b = w["qkv_w"][i], w["qkv_b"][i]
+        q, k, v = (
+            split_heads(linear(src, qkv_w[:, c : c + part], qkv_b[c : c + part]), n, heads)
+            for src, c in ((hq, s * part), (h, width + s * part), (h, 2 * width + s * part))
+        )
+        return attend(q, k, v, mask) @ w["out_w"][i][s * part : (s + 1) * part]
+
+    def _mlp(self, i: int, s: int, h) -> np.ndarray:
+        """Part `s` of layer i's MLP: its share of the hidden units, through their rows of
+        proj_w."""
+        w = self.w
+        part = w["fc_w"].shape[2] // self.parts
+        cols = slice(s * part, (s + 1) * part)
+        return self.act(linear(h, w["fc_w"][i][:, cols], w["fc_b"][i][cols])) @ w["proj_w"][i][cols]
 
 
 def read_config(out_dir: Path, fmt: str, version: int) -> dict:
