@@ -10,8 +10,9 @@ lasts at least 60 / max_per_minute s (a new shot waits until then: a strobe cost
 max_per_minute frames a minute) and at most 60 / min_per_minute s (a static talk still gets a
 frame every 30 s, so every moment has a place to be found at). The first frame of a shot is the
 one kept, turned the way the video is shown (its rotation) and prepared for the image tower like
-a photo. A shot's start and end are times of frames actually decoded; where a group of pictures
-was not decoded inside, a cut is known only to that group's precision (see video_frames).
+a photo (resized by FFmpeg: see `_prepared`). A shot's start and end are times of frames actually
+decoded; where a group of pictures was not decoded inside, a cut is known only to that group's
+precision (see video_frames).
 
 Damage is not fatal: a video that stops decoding halfway keeps the shots before the damage (and
 says so in `VideoInfo.notes`); one that yields no frame at all raises LoadError with the reason.
@@ -25,9 +26,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import LoadError
 from .ffmpeg import check_video_header, ffmpeg_reason, media_origin, open_media
 from .files import DEFAULT_DECODE_BUDGET_S
+from .image import center_crop_or_pad, resize_crop, resized_size
 from .video_frames import FrameSource, thumb_difference
 
 
@@ -115,9 +119,12 @@ def iter_shots(
 
 class _Sampler:
     def __init__(self, source: FrameSource, stream, prep, sampling, info):
+        from av.video.reformatter import VideoReformatter
+
         self.source, self.stream, self.prep = source, stream, prep
         self.sampling, self.info = sampling, info
-        self.reformatter = source.reformatter
+        # Its own reformatters (one per size: FFmpeg rebuilds a scaler to change size).
+        self.reformatter, self.resizer = VideoReformatter(), VideoReformatter()
         self.start = self.anchor = None  # the current shot's start and thumbnail
         source.held_until = self.held_until
 
@@ -164,16 +171,34 @@ class _Sampler:
 
     def _keep(self, frame):
         """The frame as shown (rotation applied), prepared for the image tower."""
-        from .image import resize_crop
-
         w, h = _display_size(frame, self.stream.sample_aspect_ratio)
-        if self.prep is not None and self.prep.draft:
-            # Shrunk by FFmpeg to twice the tower's input first (the exact resize is PIL's, as
-            # for photos; the same bound as JPEG draft mode), which is what costs little at 4K.
-            scale = min(1.0, 2 * min(self.prep.size) / min(w, h))
-            w, h = max(1, round(w * scale)), max(1, round(h * scale))
-        img = _shown(frame, self.reformatter, w, h)
-        return img if self.prep is None else resize_crop(img, self.prep)
+        if self.prep is None:
+            return _shown(frame, self.reformatter, w, h)
+        if not self.prep.draft:
+            return resize_crop(_shown(frame, self.reformatter, w, h), self.prep)
+        # Shrunk by FFmpeg to twice the tower's input first (the same bound as JPEG draft
+        # mode for photos), which is what costs little at 4K; then see _prepared.
+        scale = min(1.0, 2 * min(self.prep.size) / min(w, h))
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+        return _prepared(frame, (self.reformatter, self.resizer), w, h, self.prep)
+
+
+def _prepared(frame, reformatters, w: int, h: int, prep) -> np.ndarray:
+    """open_clip's eval transform of the frame shrunk to w x h by FFmpeg (as `_shown` does),
+    with the bicubic resize done by FFmpeg's swscale as well where it shrinks, and the crop in
+    numpy: a third cheaper than a PIL image and PIL's resize, and within cosine 0.9992 of them
+    with a real model on the test videos (benchmarks/RESULTS.md, issue 12). PIL's path where
+    the frame is enlarged or the model asks for another filter."""
+    first, second = reformatters
+    quarter = _QUARTERS.get(frame.rotation % 360, 0)
+    rw, rh = resized_size(*((h, w) if quarter % 2 else (w, h)), prep)  # as shown
+    rw, rh = (rh, rw) if quarter % 2 else (rw, rh)  # as stored
+    if prep.interpolation != "bicubic" or rw > w or rh > h:
+        return resize_crop(_shown(frame, first, w, h), prep)
+    small = first.reformat(frame, w, h, "rgb24", interpolation="AREA", threads=1)
+    a = second.reformat(small, rw, rh, "rgb24", interpolation="BICUBIC", threads=1).to_ndarray()
+    a = np.rot90(a, quarter) if quarter else a
+    return np.ascontiguousarray(center_crop_or_pad(a, *prep.size, prep.fill_color))
 
 
 def frame_at(path: bytes | str | os.PathLike, seconds: float, side: int):
@@ -210,9 +235,12 @@ def _shown(frame, reformatter, w: int, h: int):
     from PIL import Image
 
     img = reformatter.reformat(frame, w, h, "rgb24", interpolation="AREA").to_image()
-    turn = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
-            270: Image.Transpose.ROTATE_270}.get(frame.rotation % 360)  # fmt: skip
+    turn = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180,
+            3: Image.Transpose.ROTATE_270}.get(_QUARTERS.get(frame.rotation % 360, 0))  # fmt: skip
     return img if turn is None else img.transpose(turn)
+
+
+_QUARTERS = {90: 1, 180: 2, 270: 3}  # a frame's rotation (counter-clockwise) in quarter turns
 
 
 def _display_size(frame, sar) -> tuple[int, int]:

@@ -133,13 +133,15 @@ class FrameSource:
         stream.thread_type = "SLICE"
         num, den = stream.time_base.numerator, stream.time_base.denominator  # no Fractions:
         # they would cost more than the demuxing; int * int / int is rounded once, exactly
-        next_at = last_key = -math.inf
+        next_at = last_key = check_at = -math.inf
         for packet in self.container.demux(stream):
             if packet.size and packet.pts is not None:
                 t = packet.pts * num / den - self.origin
                 self.end = max(self.end, t + ((packet.duration or 0) * num / den or self.frame_s))
-                if self._over_budget(t):  # demuxed on for days without a keyframe
-                    return
+                if t >= check_at:  # once a second of video: this loop runs for every packet
+                    check_at = t + 1.0
+                    if self._over_budget(t):  # demuxed on for days without a keyframe
+                        return
                 key = packet.is_keyframe
                 if key:
                     last_key = max(last_key, t)
