@@ -187,10 +187,23 @@ def test_missing_audio_model_fails_only_the_recordings(tiny_model, tmp_path):
     report = index_paths(options(tiny_model, lib, encoder={"audio_model": str(missing)}))
     assert (report.added, report.failed) == (3, 1)
     path, reason = report.failures[0]
-    assert path.endswith("tone.wav") and "--audio-model" in reason
+    assert path.endswith("tone.wav") and reason.count("--audio-model") == 1, reason
     # retried on the next run although the file did not change
     again = index_paths(options(None, lib, encoder={"audio_model": str(missing)}))
     assert again.failed_now == 1 and again.unchanged == 3
+
+
+def test_offline_audio_model_is_named_once_with_what_to_do(tiny_model, tmp_path, monkeypatch):
+    """A hub id that is not in the cache while offline: the loader's own advice, not twice."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    lib = photos(tmp_path / "lib", 1)
+    make_tone(lib / "tone.wav", 440, 1.0, seed=0)
+    clap = "laion/clap-htsat-unfused"
+    report = index_paths(options(tiny_model, lib, encoder={"audio_model": clap}))
+    ((path, reason),) = report.failures
+    assert path.endswith("tone.wav") and reason.count("--audio-model") == 1, reason
+    assert "HF_HUB_OFFLINE" in reason and reason.endswith("run mmsearch index again")
 
 
 def test_types_choose_what_a_run_indexes_and_leave_the_rest(tiny_model, tmp_path):

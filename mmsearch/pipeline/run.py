@@ -78,10 +78,13 @@ def _run(col: Collection, encoder, roots, options: IndexOptions, types, progress
         except (ModelError, OSError) as e:
             # A missing audio model fails the recordings, not the run; they are retried on
             # every run until it loads. Videos keep their frames, without their sound.
-            reason = (
-                f"audio model could not be loaded ({e}); pass --audio-model with a CLAP model "
-                "that loads (a hub id or a local directory) and run mmsearch index again"
+            advice = (  # once: the loader's own message may already say what to pass
+                "then run mmsearch index again"
+                if "--audio-model" in str(e)
+                else "pass --audio-model with a CLAP model that loads (a hub id or a local "
+                "directory) and run mmsearch index again"
             )
+            reason = f"audio model could not be loaded ({e}); {advice}"
             needs = [x for x in p.todo if BY_NAME[x[0].modality].tower == AUDIO]
             _fail_model(col, needs, reason, report)
             p.todo = [x for x in p.todo if BY_NAME[x[0].modality].tower != AUDIO]
