@@ -554,3 +554,15 @@ def test_halves_in_a_forked_child_start_their_own_helper():
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's halves never came back")
+
+
+def test_no_load_average_means_one_core(monkeypatch):
+    """Windows has no os.getloadavg: the halves run one after the other, never an error."""
+    monkeypatch.setattr(numpy_ops, "PARALLEL", None)
+    monkeypatch.delattr(os, "getloadavg")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert numpy_ops.second_core_idle() is False
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5), raising=False)
+    assert numpy_ops.second_core_idle() is True
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.5, 2.5))
+    assert numpy_ops.second_core_idle() is False

@@ -205,7 +205,7 @@ def second_core_idle() -> bool:
     try:
         # the load counts this process too: under `cores`, a core is free at least part of the time
         return os.getloadavg()[0] < cores
-    except OSError:
+    except (AttributeError, OSError):  # no load average (Windows): one core, as before
         return False
 
 
