@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -556,13 +557,33 @@ def test_halves_in_a_forked_child_start_their_own_helper():
     pytest.fail("the forked child's halves never came back")
 
 
-def test_no_load_average_means_one_core(monkeypatch):
-    """Windows has no os.getloadavg: the halves run one after the other, never an error."""
+@pytest.mark.parametrize(
+    "proc, loadavg, free",
+    [
+        (b"2.50 2.00 1.00 1/300 999", (2.5,) * 3, True),  # only this thread runs now
+        (b"0.10 0.10 0.10 2/300 999", (0.1,) * 3, False),  # another thread runs now
+        (None, (0.5,) * 3, True),  # no /proc: the load average
+        (None, (2.5,) * 3, False),
+        (None, None, False),  # neither (Windows): one core, never an error
+    ],
+)
+def test_second_core_idle_reads_what_runs_now(monkeypatch, proc, loadavg, free):
+    import builtins
+
+    real_open = builtins.open
+
+    def fake_open(path, *a, **kw):
+        if path == "/proc/loadavg":
+            if proc is None:
+                raise FileNotFoundError(path)
+            return io.BytesIO(proc)
+        return real_open(path, *a, **kw)
+
     monkeypatch.setattr(numpy_ops, "PARALLEL", None)
-    monkeypatch.delattr(os, "getloadavg")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert numpy_ops.second_core_idle() is False
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5), raising=False)
-    assert numpy_ops.second_core_idle() is True
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.5, 2.5))
-    assert numpy_ops.second_core_idle() is False
+    monkeypatch.setattr(builtins, "open", fake_open)
+    if loadavg is None:
+        monkeypatch.delattr(os, "getloadavg", raising=False)
+    else:
+        monkeypatch.setattr(os, "getloadavg", lambda: loadavg, raising=False)
+    assert numpy_ops.second_core_idle() is free

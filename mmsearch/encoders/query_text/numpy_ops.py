@@ -193,7 +193,10 @@ if hasattr(os, "register_at_fork"):  # a forked child has no helper thread: it s
 
 
 def second_core_idle() -> bool:
-    """Whether `halves` may use a second core: there is one, and the load leaves it some room."""
+    """Whether `halves` may use a second core: there is one, and nothing else is running on it
+    now (Linux: the kernel's count of runnable threads at this instant, this one included; a
+    load average lags a minute behind, and back-to-back queries would count against
+    themselves). Elsewhere: the 1-minute load average under the core count."""
     if PARALLEL is not None:
         return PARALLEL
     try:
@@ -203,7 +206,11 @@ def second_core_idle() -> bool:
     if cores < 2:
         return False
     try:
-        # the load counts this process too: under `cores`, a core is free at least part of the time
+        with open("/proc/loadavg", "rb") as f:  # "0.52 0.58 0.59 2/517 12345"
+            return int(f.read().split()[3].split(b"/")[0]) < cores
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
         return os.getloadavg()[0] < cores
     except (AttributeError, OSError):  # no load average (Windows): one core, as before
         return False
