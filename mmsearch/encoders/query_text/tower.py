@@ -54,9 +54,6 @@ class NumpyTextTower(Tower):
     """What the numpy text towers share: a tokenizer with `encode` and `token_rows`, and a
     forward pass over a batch of token ids made by `_token_batch`."""
 
-    tokenizer = None
-    dim = 0
-
     def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer):
         """The transformer's shape from an export's config.json; `weights` memory-mapped."""
         self.config = config
@@ -116,8 +113,7 @@ class FastTextTower(NumpyTextTower):
     def __init__(self, config: dict, weights: dict[str, np.ndarray], tokenizer: ClipBpeTokenizer):
         super().__init__(config, weights, tokenizer)
         # A layer runs as two halves (numpy_ops.halves) where heads and hidden units split evenly.
-        hidden = weights["fc_w"].shape[2] if "fc_w" in weights else 0
-        self.parts = 2 if self.heads % 2 == 0 and hidden % 2 == 0 else 1
+        self.parts = 2 if self.heads % 2 == 0 and weights["fc_w"].shape[2] % 2 == 0 else 1
 
     @staticmethod
     def _read_tokenizer(out_dir: Path, config: dict) -> ClipBpeTokenizer:
